@@ -1,0 +1,85 @@
+"""Engine configuration: one frozen, validated dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from choral.errors import ConfigError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine loads the model and sizes its KV cache.
+
+    Attributes:
+        model: a model name (``smollm2-135m-instruct``), a ``.gguf`` file or an HF model directory.
+        dtype: ``auto`` picks bf16 where the device computes it fast, else fp32.
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        block_size: tokens per KV block.
+        kv_cache_tokens: KV capacity in tokens (rounded up to whole blocks).
+        kv_cache_memory_bytes: KV capacity as a memory budget; used when ``kv_cache_tokens`` is None.
+            When both are None the pool holds ``max_model_len`` tokens times ``max_num_seqs``,
+            capped at a quarter of free host memory.
+        max_model_len: the context limit; None means the model's own.
+        max_num_batched_tokens: tokens one forward may carry (prefill chunks + decodes).
+        max_num_seqs: sequences one forward may carry.
+        num_threads: CPU threads for torch; None leaves torch's default.
+        seed: seed of the engine's default random generator.
+        attention_backend: ``auto`` (the C kernel on CPU when it compiles, else torch),
+            ``kernel`` or ``torch``.
+    """
+
+    model: str = DEFAULT_MODEL
+    dtype: str = "auto"
+    device: str = "cpu"
+    block_size: int = 16
+    kv_cache_tokens: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    max_model_len: int | None = None
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    num_threads: int | None = None
+    seed: int = 0
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError("model: must be a non-empty string (a model name or path)")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ConfigError(f"device: {self.device!r} is not 'cpu', 'cuda' or 'cuda:N'")
+        _positive("block_size", self.block_size)
+        _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive("max_num_seqs", self.max_num_seqs)
+        for name in ("kv_cache_tokens", "kv_cache_memory_bytes", "max_model_len", "num_threads"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive(name, value)
+        if self.attention_backend not in ("auto", "kernel", "torch"):
+            raise ConfigError(
+                f"attention_backend: {self.attention_backend!r} is not one of auto, kernel, torch"
+            )
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"seed: must be an int, got {self.seed!r}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Build a config, rejecting unknown option names instead of dropping them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown engine option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**kwargs)
+
+
+def _positive(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name}: must be a positive int, got {value!r}")

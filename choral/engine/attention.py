@@ -1,0 +1,204 @@
+"""Attention over the paged KV cache: the seam between bookkeeping and kernels.
+
+A forward step describes its batch as an :class:`AttentionLayout` (plain Python). A backend turns
+that into tensors once per step (``prepare``) and then runs each layer (``attend``).
+
+Two backends:
+- :class:`TorchPagedAttention`: pure torch, any device. Gathers each sequence's blocks into a
+  contiguous view and runs ``scaled_dot_product_attention``. The reference implementation.
+- :class:`CpuKernelAttention`: the C kernel of ``choral/kernels``, which reads K/V through the
+  block tables directly (no gather copy). Used on CPU when it compiles.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from choral.kernels.build import load_paged_attention
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Where each sequence's query tokens sit in the packed batch and what cache they see.
+
+    For sequence i: its tokens are ``query_start[i] : query_start[i] + query_len[i]`` of the batch,
+    and after this step its cache holds ``context_len[i]`` tokens (the queries' own included, the
+    last query at cache index ``context_len[i] - 1``). ``block_tables[i]`` lists its blocks.
+    """
+
+    query_start: list[int]
+    query_len: list[int]
+    context_len: list[int]
+    block_tables: list[list[int]]
+    block_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_len)
+
+
+class AttentionBackend(Protocol):
+    def prepare(self, layout: AttentionLayout, device: torch.device) -> None: ...
+
+    def attend(
+        self,
+        q: torch.Tensor,  # [T, H, D]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+        v_cache: torch.Tensor,
+        window: int | None,
+        scale: float,
+    ) -> torch.Tensor:  # [T, H, D]
+        ...
+
+
+def _padded_tables(tables: list[list[int]]) -> list[list[int]]:
+    width = max((len(t) for t in tables), default=1) or 1
+    return [t + [0] * (width - len(t)) for t in tables]
+
+
+class TorchPagedAttention:
+    """Reference backend: gather blocks, mask, ``scaled_dot_product_attention``."""
+
+    def prepare(self, layout: AttentionLayout, device: torch.device) -> None:
+        self.layout = layout
+        self.device = device
+        bs = layout.block_size
+        decode = [i for i, n in enumerate(layout.query_len) if n == 1]
+        self.decode_rows = decode
+        if decode:
+            tables = _padded_tables([layout.block_tables[i] for i in decode])
+            self.decode_tokens = torch.tensor([layout.query_start[i] for i in decode], device=device)
+            self.decode_blocks = torch.tensor(tables, device=device)  # [Bd, max_blocks]
+            ctx = torch.tensor([layout.context_len[i] for i in decode], device=device)
+            self.decode_ctx = ctx
+            self.decode_key_pos = torch.arange(len(tables[0]) * bs, device=device)  # [K]
+        self.prefill = []
+        for i, n in enumerate(layout.query_len):
+            if n > 1:
+                ctx_len = layout.context_len[i]
+                blocks = torch.tensor(layout.block_tables[i][: -(-ctx_len // bs)], device=device)
+                self.prefill.append((layout.query_start[i], n, ctx_len, blocks))
+        self._mask_cache: dict[int | None, tuple[torch.Tensor | None, list[torch.Tensor]]] = {}
+
+    def _masks(self, window: int | None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        if window not in self._mask_cache:
+            decode_mask = None
+            if self.decode_rows:
+                kpos = self.decode_key_pos[None, :]
+                qpos = (self.decode_ctx - 1)[:, None]
+                ok = kpos <= qpos
+                if window is not None:
+                    ok &= kpos > qpos - window
+                decode_mask = ok[:, None, None, :]  # [Bd, 1, 1, K]
+            prefill_masks = []
+            for _, n, ctx_len, _ in self.prefill:
+                kpos = torch.arange(ctx_len, device=self.device)[None, :]
+                qpos = torch.arange(ctx_len - n, ctx_len, device=self.device)[:, None]
+                ok = kpos <= qpos
+                if window is not None:
+                    ok &= kpos > qpos - window
+                prefill_masks.append(ok[None, None])  # [1, 1, n, ctx]
+            self._mask_cache[window] = (decode_mask, prefill_masks)
+        return self._mask_cache[window]
+
+    def attend(self, q, k_cache, v_cache, window, scale):  # type: ignore[no-untyped-def]
+        num_tokens, num_heads, head_dim = q.shape
+        kvh = k_cache.shape[2]
+        out = torch.empty_like(q)
+        decode_mask, prefill_masks = self._masks(window)
+        if self.decode_rows:
+            bd = len(self.decode_rows)
+            keys = k_cache.index_select(0, self.decode_blocks.flatten()).view(bd, -1, kvh, head_dim)
+            vals = v_cache.index_select(0, self.decode_blocks.flatten()).view(bd, -1, kvh, head_dim)
+            qd = q.index_select(0, self.decode_tokens).unsqueeze(2)  # [Bd, H, 1, D]
+            o = F.scaled_dot_product_attention(
+                qd, keys.transpose(1, 2), vals.transpose(1, 2),
+                attn_mask=decode_mask, scale=scale, enable_gqa=True,
+            )  # [Bd, H, 1, D]
+            out.index_copy_(0, self.decode_tokens, o.squeeze(2))
+        for (start, n, ctx_len, blocks), mask in zip(self.prefill, prefill_masks, strict=True):
+            keys = k_cache.index_select(0, blocks).view(-1, kvh, head_dim)[:ctx_len]
+            vals = v_cache.index_select(0, blocks).view(-1, kvh, head_dim)[:ctx_len]
+            qp = q[start : start + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+            o = F.scaled_dot_product_attention(
+                qp, keys.transpose(0, 1).unsqueeze(0), vals.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask, scale=scale, enable_gqa=True,
+            )  # [1, H, n, D]
+            out[start : start + n] = o[0].transpose(0, 1)
+        return out
+
+
+_KERNELS = {
+    torch.float32: "paged_attention_f32",
+    torch.bfloat16: "paged_attention_bf16",
+    torch.float16: "paged_attention_f16",
+}
+
+
+class CpuKernelAttention:
+    """The C kernel: each query token reads its own keys via the block table, once."""
+
+    MAX_GROUP = 16
+    MAX_HEAD_DIM = 256
+
+    def __init__(self, lib: ctypes.CDLL, num_threads: int):
+        self.lib = lib
+        self.num_threads = num_threads
+
+    @classmethod
+    def supports(cls, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+        return (
+            device.type == "cpu"
+            and num_heads // num_kv_heads <= cls.MAX_GROUP
+            and head_dim <= cls.MAX_HEAD_DIM
+            and load_paged_attention() is not None
+        )
+
+    def prepare(self, layout: AttentionLayout, device: torch.device) -> None:
+        seq_of_token: list[int] = []
+        limit_of_token: list[int] = []
+        for i, (n, ctx_len) in enumerate(zip(layout.query_len, layout.context_len, strict=True)):
+            seq_of_token.extend([i] * n)
+            limit_of_token.extend(range(ctx_len - n + 1, ctx_len + 1))
+        tables = _padded_tables(layout.block_tables)
+        self.block_tables = torch.tensor(tables, dtype=torch.int32)
+        self.max_blocks = len(tables[0]) if tables else 1
+        self.tok_seq = torch.tensor(seq_of_token, dtype=torch.int32)
+        self.tok_limit = torch.tensor(limit_of_token, dtype=torch.int32)
+        self.block_size = layout.block_size
+
+    def attend(self, q, k_cache, v_cache, window, scale):  # type: ignore[no-untyped-def]
+        q = q.contiguous()
+        num_tokens, num_heads, head_dim = q.shape
+        out = torch.empty_like(q)
+        fn = getattr(self.lib, _KERNELS[q.dtype])
+        fn(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), self.block_tables.data_ptr(),
+            self.max_blocks, self.tok_seq.data_ptr(), self.tok_limit.data_ptr(),
+            num_tokens, num_heads, k_cache.shape[2], head_dim, self.block_size,
+            window or 0, scale, out.data_ptr(), self.num_threads,
+        )
+        return out
+
+
+def make_backend(
+    name: str, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int
+) -> AttentionBackend:
+    """``auto`` picks the C kernel on CPU when it is available, else torch."""
+    if name == "torch":
+        return TorchPagedAttention()
+    kernel_ok = CpuKernelAttention.supports(device, num_heads, num_kv_heads, head_dim)
+    if name == "kernel" and not kernel_ok:
+        from choral.errors import ConfigError
+
+        raise ConfigError("attention_backend: 'kernel' needs a CPU device and a C compiler")
+    if kernel_ok:
+        lib = load_paged_attention()
+        assert lib is not None
+        return CpuKernelAttention(lib, torch.get_num_threads())
+    return TorchPagedAttention()

@@ -1,0 +1,138 @@
+"""The model runner: owns the K/V tensors and every device call.
+
+Callers hand it plain-Python chunks (tokens, where they go, which logits to return); it packs
+them into one batch, runs one forward and hands back logits.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from choral.engine.attention import AttentionLayout, make_backend
+from choral.errors import ConfigError
+from choral.kv.block_pool import KvCacheSize
+from choral.loader.load import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_BYTES = 1 << 30  # 1 GiB, like vLLM's CPU default of a few GiB scaled to this box
+
+
+@dataclass
+class Chunk:
+    """A run of a sequence's tokens to compute in this step.
+
+    ``start`` is the cache index of the first token; tokens land at cache indices
+    ``start .. start + len(token_ids) - 1`` through ``block_table``. ``positions`` are the rope
+    positions (default: the cache indices). ``logits`` says which rows to return:
+    ``"last"``, ``"all"`` (prompt logprobs) or ``"none"``.
+    """
+
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    positions: list[int] | None = None
+    logits: str = "last"
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def plan_kv_size(loaded: LoadedModel, block_size: int, kv_cache_tokens: int | None,
+                 kv_cache_memory_bytes: int | None, max_model_len: int) -> KvCacheSize:
+    """Blocks for the pool from a token count, a byte budget, or the default budget."""
+    spec = loaded.spec
+    elem = torch.empty((), dtype=loaded.model.dtype).element_size()
+    per_token = spec.kv_bytes_per_token * elem
+    if kv_cache_tokens is not None:
+        tokens = kv_cache_tokens
+    else:
+        budget = kv_cache_memory_bytes
+        if budget is None:
+            budget = DEFAULT_CPU_KV_BYTES
+            if loaded.model.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(loaded.model.device)
+                budget = int(free * 0.8)
+        tokens = budget // per_token
+        # The default budget always fits one full-length sequence.
+        if kv_cache_memory_bytes is None:
+            tokens = max(tokens, max_model_len)
+    num_blocks = -(-tokens // block_size)
+    if num_blocks < 1:
+        raise ConfigError(f"kv_cache_memory_bytes: too small for one block of {block_size} tokens "
+                          f"({per_token * block_size} bytes)")
+    return KvCacheSize(num_blocks=num_blocks, block_size=block_size, bytes_per_token=per_token)
+
+
+class ModelRunner:
+    """Runs packed batches of chunks through the model over the paged KV cache."""
+
+    def __init__(self, loaded: LoadedModel, kv_size: KvCacheSize, attention_backend: str = "auto"):
+        self.model = loaded.model
+        spec = loaded.spec
+        self.spec = spec
+        self.device = self.model.device
+        self.block_size = kv_size.block_size
+        self.kv_size = kv_size
+        shape = (kv_size.num_blocks, kv_size.block_size, spec.num_kv_heads, spec.head_dim)
+        self.k_caches = [torch.zeros(shape, dtype=self.model.dtype, device=self.device)
+                         for _ in range(spec.num_layers)]
+        self.v_caches = [torch.zeros(shape, dtype=self.model.dtype, device=self.device)
+                         for _ in range(spec.num_layers)]
+        self.attention = make_backend(attention_backend, self.device, spec.num_heads,
+                                      spec.num_kv_heads, spec.head_dim)
+
+    def execute(self, chunks: list[Chunk]) -> list[torch.Tensor | None]:
+        """One forward for all chunks. Returns per chunk its logits ([1, V] for ``last``,
+        [n, V] for ``all``) or None."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_rows: list[int] = []
+        spans: list[tuple[int, int] | None] = []
+        starts, lens, ctx, tables = [], [], [], []
+        for chunk in chunks:
+            n = len(chunk.token_ids)
+            offset = len(input_ids)
+            input_ids.extend(chunk.token_ids)
+            positions.extend(chunk.positions if chunk.positions is not None
+                             else range(chunk.start, chunk.start + n))
+            table = chunk.block_table
+            slots.extend(table[i // bs] * bs + i % bs for i in range(chunk.start, chunk.start + n))
+            starts.append(offset)
+            lens.append(n)
+            ctx.append(chunk.start + n)
+            tables.append(table)
+            if chunk.logits == "last":
+                spans.append((len(logits_rows), 1))
+                logits_rows.append(offset + n - 1)
+            elif chunk.logits == "all":
+                spans.append((len(logits_rows), n))
+                logits_rows.extend(range(offset, offset + n))
+            else:
+                spans.append(None)
+        dev = self.device
+        layout = AttentionLayout(starts, lens, ctx, tables, bs)
+        self.attention.prepare(layout, dev)
+        logits = self.model.forward(
+            torch.tensor(input_ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            torch.tensor(slots, dtype=torch.long, device=dev),
+            self.attention,
+            self.k_caches,
+            self.v_caches,
+            torch.tensor(logits_rows, dtype=torch.long, device=dev),
+        )
+        return [logits[s : s + n] if span is not None else None
+                for span in spans for (s, n) in [span or (0, 0)]]
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy K/V of block ``src`` into ``dst`` for every (src, dst): copy-on-write."""
+        if not pairs:
+            return
+        src = torch.tensor([p[0] for p in pairs], device=self.device)
+        dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        for cache in (*self.k_caches, *self.v_caches):
+            cache.index_copy_(0, dst, cache.index_select(0, src))

@@ -1,0 +1,79 @@
+"""Load a model end to end: resolve -> read spec -> build weights -> tokenizer."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from choral.errors import ConfigError, ModelLoadError
+from choral.loader.gguf_file import GGUFModelFile
+from choral.loader.hf_dir import HFModelDir
+from choral.loader.resolve import resolve_model_path
+from choral.models.spec import ModelSpec
+from choral.models.transformer import DecoderModel
+from choral.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """What loading produced: the path, spec, weights (forward), tokenizer and eos ids."""
+
+    path: Path
+    spec: ModelSpec
+    model: DecoderModel
+    tokenizer: Tokenizer | None
+    eos_token_ids: tuple[int, ...]
+    weights_digest: str  # identifies the weights (file size + mtime + spec) for fingerprints
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
+
+
+def pick_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' requested but torch sees no CUDA device")
+    return device
+
+
+def load_model(model: str, dtype: str, device: str, max_model_len: int | None) -> LoadedModel:
+    """Resolve and load ``model`` (a bundled name, a .gguf file or an HF directory)."""
+    start = time.perf_counter()
+    path = resolve_model_path(model)
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    source: GGUFModelFile | HFModelDir
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"{path}: a model file must be .gguf (or pass an HF model directory)")
+        source = GGUFModelFile(path)
+    else:
+        source = HFModelDir(path)
+    spec = source.spec
+    max_positions = max_model_len or spec.max_position_embeddings
+    decoder = DecoderModel(spec, torch_dtype, dev, max_positions)
+    decoder.load_weights(source.iter_tensors())
+    tokenizer = Tokenizer.from_model_path(path, source.eos_token_ids)
+    eos = tokenizer.eos_token_ids if tokenizer else tuple(source.eos_token_ids)
+    stat = path.stat()
+    digest = f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}"
+    logger.info("loaded %s (%s, %s) in %.1f s", path, spec.architecture, torch_dtype, time.perf_counter() - start)
+    return LoadedModel(path, spec, decoder, tokenizer, eos, digest)

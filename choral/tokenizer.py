@@ -1,0 +1,74 @@
+"""The model's tokenizer and chat template, behind a small typed interface."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from choral.errors import InvalidRequestError, ModelLoadError
+
+ChatMessage = dict[str, Any]
+
+
+class Tokenizer:
+    """Wraps a transformers tokenizer loaded from the model's own files (never the hub)."""
+
+    def __init__(self, hf_tokenizer: Any, eos_token_ids: Sequence[int]):
+        self._tok = hf_tokenizer
+        ids = set(eos_token_ids)
+        if hf_tokenizer.eos_token_id is not None:
+            ids.add(int(hf_tokenizer.eos_token_id))
+        self.eos_token_ids: tuple[int, ...] = tuple(sorted(ids))
+
+    @classmethod
+    def from_model_path(cls, path: Path, eos_token_ids: Sequence[int]) -> Tokenizer | None:
+        """Load from a GGUF file or an HF directory; None when the directory has no tokenizer."""
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoTokenizer
+
+        try:
+            if path.is_file():
+                tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+            else:
+                names = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+                if not any((path / n).exists() for n in names):
+                    return None
+                tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as e:  # transformers raises many kinds; all mean the same to a user
+            raise ModelLoadError(f"{path}: cannot load the tokenizer ({e})") from e
+        return cls(tok, eos_token_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        value = self._tok.bos_token_id
+        return int(value) if value is not None else None
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self._tok, "chat_template", None))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return str(self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
+
+    def token_to_piece(self, token_id: int) -> str:
+        return str(self._tok.convert_ids_to_tokens(int(token_id)))
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        """Render ``messages`` with the model's template and tokenize the result."""
+        if not self.has_chat_template:
+            raise InvalidRequestError("this model has no chat template; pass a text prompt instead")
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise InvalidRequestError(f"chat message must be a dict with 'role' and 'content', got {m!r}")
+        text = self._tok.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=False)
+        # The template already holds any BOS it wants; do not add special tokens again.
+        return self.encode(str(text), add_special_tokens=False)
