@@ -137,6 +137,8 @@ class BlockPool:
                 raise RuntimeError(f"block {block_id} freed more often than it was owned")
             block.ref_count -= 1
             if block.ref_count == 0:
+                if block.pinned:
+                    continue  # held by the pin, still findable through its hash
                 if block.block_hash is not None:
                     self._evictable[block_id] = None
                 else:

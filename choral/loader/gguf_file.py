@@ -77,10 +77,14 @@ class GGUFModelFile:
         return out
 
     def _dequantize(self, tensor: Any) -> np.ndarray:
+        from gguf import GGMLQuantizationType as Q
         from gguf.quants import dequantize
 
         try:
-            array = dequantize(tensor.data, tensor.tensor_type)
+            if tensor.tensor_type in (Q.F64, Q.I8, Q.I16, Q.I32, Q.I64):
+                array = np.asarray(tensor.data).astype(np.float32)  # plain numbers, no blocks
+            else:
+                array = dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as e:
             raise UnsupportedTensorTypeError(
                 f"{self.path}: tensor {tensor.name} has type {tensor.tensor_type.name}, "

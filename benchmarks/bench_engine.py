@@ -1,0 +1,534 @@
+#!/usr/bin/env python
+"""Benchmark choral's forward on the bundled SmolLM2-135M-Instruct (GGUF), fp32 and bf16.
+
+Measures, in one run:
+
+- decode at batch 1, 8 and 32 with a context of ~256 tokens (one batched forward of one token
+  per sequence plus greedy sampling per step), through ``ModelRunner.execute`` and ``Sampler``;
+- prefill of one 512-token prompt (logits for the last token only);
+- the machine's limits: fp32/bf16 matmul GFLOP/s and read bandwidth GB/s, from which a
+  roofline floor per step is computed;
+- HF transformers on the same weights and the same token ids, for a speed ratio.
+
+Prints a markdown table (see benchmarks/README.md for the columns). Progress goes to stderr.
+
+    python benchmarks/bench_engine.py [--dtypes float32,bfloat16] [--steps 32] [--no-hf]
+                                      [--threads N] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF de-quantization progress bar
+
+import torch  # noqa: E402
+
+from choral.config import EngineConfig  # noqa: E402
+from choral.engine.llm_engine import LLMEngine  # noqa: E402
+from choral.engine.model_runner import Chunk  # noqa: E402
+from choral.kv.block_pool import blocks_for_tokens  # noqa: E402
+from choral.loader.resolve import resolve_model_path  # noqa: E402
+from choral.sampling.params import SamplingParams  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+CONTEXT = 256  # prompt tokens per sequence before the decode steps
+PREFILL_LEN = 512
+BLOCK_SIZE = 16  # KV block size (EngineConfig's default)
+DECODE_BATCHES = (1, 8, 32)
+DECODE_WARMUP = 2  # untimed decode steps after the prefill
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SHORT = {"float32": "fp32", "bfloat16": "bf16"}
+
+# Targets.
+DECODE_FLOOR_TARGET = 2.0  # batch-32 decode within 2x of the roofline floor
+PREFILL_BF16_TARGET = 3000.0  # tok/s
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- machine limits -----------------------------------------------------------------------
+
+def median_time(fn, reps: int, warmup: int = 1) -> float:  # type: ignore[no-untyped-def]
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(dtype)
+    b = torch.randn(n, n, generator=gen).to(dtype)
+    t = median_time(lambda: torch.mm(a, b), reps)
+    return 2 * n**3 / t / 1e9
+
+
+def read_bandwidth_gbs(num_bytes: int = 1 << 30, reps: int = 5) -> float:
+    x = torch.ones(num_bytes // 4, dtype=torch.float32)
+    t = median_time(lambda: x.sum(), reps)
+    return num_bytes / t / 1e9
+
+
+# ---- model arithmetic ---------------------------------------------------------------------
+
+@dataclass
+class ModelCost:
+    layer_params: int  # weights of the per-layer matmuls (qkv, o, gate_up, down), all layers
+    lm_head_params: int
+    weight_bytes: int  # engine.loaded.model.weight_bytes: every weight the engine holds
+    kv_bytes_per_token: int  # already multiplied by the element size
+    num_layers: int
+    num_heads: int
+    head_dim: int
+
+    def attention_flops(self, query_len: int, context: int) -> float:
+        """QK^T and PV for ``query_len`` queries that see ``context`` keys each."""
+        return 4.0 * self.num_layers * self.num_heads * self.head_dim * context * query_len
+
+    def decode_floor(self, batch: int, context: float, gflops: float, gbs: float) -> dict[str, float]:
+        flops = 2.0 * (self.layer_params + self.lm_head_params) * batch
+        flops += self.attention_flops(batch, context)  # type: ignore[arg-type]
+        num_bytes = self.weight_bytes + batch * context * self.kv_bytes_per_token
+        return _floor(flops, num_bytes, gflops, gbs)
+
+    def prefill_floor(self, tokens: int, gflops: float, gbs: float) -> dict[str, float]:
+        # Every token goes through the layers; only the last one through lm_head. Causal
+        # attention: query i sees i + 1 keys.
+        flops = 2.0 * self.layer_params * tokens + 2.0 * self.lm_head_params
+        flops += 4.0 * self.num_layers * self.num_heads * self.head_dim * tokens * (tokens + 1) / 2
+        return _floor(flops, self.weight_bytes, gflops, gbs)
+
+
+def _floor(flops: float, num_bytes: float, gflops: float, gbs: float) -> dict[str, float]:
+    compute_s = flops / (gflops * 1e9)
+    memory_s = num_bytes / (gbs * 1e9)
+    return {"flops": flops, "bytes": num_bytes, "compute_ms": compute_s * 1e3,
+            "memory_ms": memory_s * 1e3, "floor_ms": max(compute_s, memory_s) * 1e3,
+            "bound": "compute" if compute_s >= memory_s else "memory"}
+
+
+def model_cost(engine: LLMEngine) -> ModelCost:
+    model = engine.loaded.model
+    spec = engine.loaded.spec
+    layer_params = sum(w.qkv.numel() + w.o.numel() + w.gate_up.numel() + w.down.numel()
+                       for w in model.layers)
+    elem = model.embed.element_size()
+    return ModelCost(
+        layer_params=layer_params,
+        lm_head_params=model.lm_head.numel(),
+        weight_bytes=model.weight_bytes,
+        kv_bytes_per_token=spec.kv_bytes_per_token * elem,
+        num_layers=spec.num_layers,
+        num_heads=spec.num_heads,
+        head_dim=spec.head_dim,
+    )
+
+
+# ---- choral -------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    dtype: str
+    case: str  # "decode" | "prefill"
+    batch: int
+    context: float  # mean keys per query token during the timed steps (prefill: the prompt length)
+    steps: int  # decode steps timed, or prefill runs
+    ms: float  # ms per decode step (mean over the timed steps) or per prefill (median)
+    tok_s: float
+    sampler_ms: float | None = None  # decode: sampler's ms per step (included in ms)
+    floor: dict[str, float] = field(default_factory=dict)
+    hf_ms: float | None = None
+    hf_tok_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def x_floor(self) -> float:
+        return self.ms / self.floor["floor_ms"] if self.floor else float("nan")
+
+    @property
+    def vs_hf(self) -> float | None:
+        return self.tok_s / self.hf_tok_s if self.hf_tok_s else None
+
+
+def random_prompts(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=gen)
+
+
+def choral_decode(engine: LLMEngine, prompts: torch.Tensor, steps: int) -> tuple[float, float, list[int]]:
+    """Prefill ``prompts`` [B, CONTEXT] (untimed), then time ``steps`` decode steps.
+
+    Returns (total seconds, sampler seconds, the batch-row-0 greedy tokens)."""
+    runner, pool, sampler = engine.runner, engine.pool, engine.sampler
+    batch, ctx = prompts.shape
+    total_tokens = ctx + DECODE_WARMUP + steps  # the prompt, then each step's input token
+    tables = [pool.allocate(blocks_for_tokens(total_tokens, pool.block_size)) for _ in range(batch)]
+    params = [SamplingParams(temperature=0.0)] * batch
+    gens: list[torch.Generator | None] = [None] * batch
+    rows = prompts.tolist()
+    try:
+        # Prefill in forwards of at most max_num_batched_tokens tokens, like the scheduler would.
+        per_fwd = max(1, engine.config.max_num_batched_tokens // ctx)
+        last: list[torch.Tensor] = []
+        for i in range(0, batch, per_fwd):
+            chunks = [Chunk(rows[j], 0, tables[j], logits="last") for j in range(i, min(batch, i + per_fwd))]
+            last.extend(t for t in runner.execute(chunks) if t is not None)
+        next_ids = sampler.sample(torch.cat(last), params, gens).token_ids
+        out = [next_ids[0]]
+        length = ctx  # tokens already in the cache
+        total = sampler_s = 0.0
+        for step in range(DECODE_WARMUP + steps):
+            t0 = time.perf_counter()
+            chunks = [Chunk([next_ids[j]], length, tables[j], logits="last") for j in range(batch)]
+            logits = torch.cat([t for t in runner.execute(chunks) if t is not None])
+            t1 = time.perf_counter()
+            next_ids = sampler.sample(logits, params, gens).token_ids
+            t2 = time.perf_counter()
+            length += 1
+            out.append(next_ids[0])
+            if step >= DECODE_WARMUP:
+                total += t2 - t0
+                sampler_s += t2 - t1
+        return total, sampler_s, out
+    finally:
+        for t in tables:
+            pool.free(t)
+
+
+def choral_prefill(engine: LLMEngine, prompt: list[int], runs: int) -> tuple[float, torch.Tensor]:
+    """Median seconds of one forward over ``prompt`` (last logits only), and those logits."""
+    runner, pool = engine.runner, engine.pool
+    logits: list[torch.Tensor] = []
+
+    def once() -> None:
+        table = pool.allocate(blocks_for_tokens(len(prompt), pool.block_size))
+        try:
+            (out,) = runner.execute([Chunk(prompt, 0, table, logits="last")])
+            assert out is not None
+            logits[:] = [out]
+        finally:
+            pool.free(table)
+
+    return median_time(once, runs), logits[0]
+
+
+# ---- HF transformers ----------------------------------------------------------------------
+
+def load_hf(path) -> tuple[Any, str]:  # type: ignore[no-untyped-def]
+    """The GGUF as an fp32 transformers model. ``from_pretrained(gguf_file=...)`` needs
+    accelerate; without it, build the model from its config and load the de-quantized
+    tensors with transformers' own GGUF reader (the same tensors, no accelerate)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import is_accelerate_available
+
+    if is_accelerate_available():
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                     dtype=torch.float32)
+        how = "from_pretrained(gguf_file=...)"
+    else:
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+        result = model.load_state_dict(tensors, strict=False)
+        tied = config.tie_word_embeddings
+        missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and tied)]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"HF GGUF load: missing {missing}, unexpected {result.unexpected_keys}")
+        model.tie_weights()
+        how = "from_config + load_gguf_checkpoint (accelerate not installed)"
+    model.eval()
+    return model, how
+
+
+@torch.inference_mode()
+def hf_decode(model, prompts: torch.Tensor, steps: int) -> tuple[float, list[int]]:  # type: ignore[no-untyped-def]
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=prompts, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    next_ids = out.logits[:, -1].argmax(-1)
+    tokens = [int(next_ids[0])]
+    total = 0.0
+    for step in range(DECODE_WARMUP + steps):
+        t0 = time.perf_counter()
+        out = model(input_ids=next_ids[:, None], past_key_values=cache, use_cache=True)
+        next_ids = out.logits[:, -1].argmax(-1)
+        tokens.append(int(next_ids[0]))  # .item() syncs like choral's .tolist() does
+        if step >= DECODE_WARMUP:
+            total += time.perf_counter() - t0
+    return total, tokens
+
+
+@torch.inference_mode()
+def hf_prefill(model, prompt: list[int], runs: int) -> tuple[float, torch.Tensor]:  # type: ignore[no-untyped-def]
+    ids = torch.tensor([prompt])
+    logits: list[torch.Tensor] = []
+
+    def once() -> None:
+        out = model(input_ids=ids, logits_to_keep=1)
+        logits[:] = [out.logits[0, -1:].float()]
+
+    return median_time(once, runs), logits[0]
+
+
+# ---- the run ------------------------------------------------------------------------------
+
+def bench_dtype(dtype: str, args: argparse.Namespace, limits: dict[str, float],
+                hf_fp32: Any) -> tuple[list[Row], dict[str, Any]]:
+    steps = args.steps
+    max_len = max(PREFILL_LEN, CONTEXT + DECODE_WARMUP + steps)
+    per_seq = blocks_for_tokens(CONTEXT + DECODE_WARMUP + steps, BLOCK_SIZE) * BLOCK_SIZE
+    config = EngineConfig(model=MODEL, dtype=dtype, max_model_len=max_len, block_size=BLOCK_SIZE,
+                          kv_cache_tokens=max(max(DECODE_BATCHES) * per_seq, max_len),
+                          num_threads=args.threads, seed=0)
+    log(f"{dtype}: loading choral engine")
+    t0 = time.perf_counter()
+    engine = LLMEngine(config)
+    load_s = time.perf_counter() - t0
+    cost = model_cost(engine)
+    vocab = engine.loaded.spec.vocab_size
+    gflops, gbs = limits[f"matmul_gflops_{dtype}"], limits["read_gbs"]
+    info = {"choral_load_s": load_s, "attention_backend": type(engine.runner.attention).__name__,
+            "kv_cache_tokens": engine.kv_size.num_tokens, "weight_bytes": cost.weight_bytes,
+            "matmul_params_per_token": cost.layer_params + cost.lm_head_params}
+
+    # Warm up (first-call allocations, kernel library load).
+    choral_prefill(engine, random_prompts(1, 32, vocab, 99)[0].tolist(), 1)
+
+    hf = None
+    if hf_fp32 is not None:
+        hf = hf_fp32 if dtype == "float32" else copy.deepcopy(hf_fp32).to(TORCH_DTYPES[dtype])
+        hf_prefill(hf, random_prompts(1, 32, vocab, 99)[0].tolist(), 1)
+
+    rows: list[Row] = []
+    for batch in DECODE_BATCHES:
+        prompts = random_prompts(batch, CONTEXT, vocab, seed=batch)
+        log(f"{dtype}: decode batch {batch} (choral)")
+        total, sampler_s, tokens = choral_decode(engine, prompts, steps)
+        # Keys seen per query in timed step s = 1..steps: CONTEXT + DECODE_WARMUP + s.
+        ctx = CONTEXT + DECODE_WARMUP + (steps + 1) / 2
+        row = Row(dtype, "decode", batch, ctx, steps, total / steps * 1e3, batch * steps / total,
+                  sampler_ms=sampler_s / steps * 1e3,
+                  floor=cost.decode_floor(batch, ctx, gflops, gbs))
+        if hf is not None:
+            log(f"{dtype}: decode batch {batch} (HF)")
+            hf_total, hf_tokens = hf_decode(hf, prompts, steps)
+            row.hf_ms = hf_total / steps * 1e3
+            row.hf_tok_s = batch * steps / hf_total
+            # Greedy tokens of sequence 0 that agree with HF's, up to the first divergence.
+            agree = next((i for i, (a, b) in enumerate(zip(tokens, hf_tokens, strict=True)) if a != b),
+                         len(tokens))
+            row.extra["greedy_prefix_agree"] = f"{agree}/{len(tokens)}"
+        rows.append(row)
+        gc.collect()
+
+    log(f"{dtype}: prefill {PREFILL_LEN} (choral)")
+    prompt = random_prompts(1, PREFILL_LEN, vocab, seed=PREFILL_LEN)[0].tolist()
+    secs, logits = choral_prefill(engine, prompt, args.prefill_runs)
+    row = Row(dtype, "prefill", 1, PREFILL_LEN, args.prefill_runs, secs * 1e3, PREFILL_LEN / secs,
+              floor=cost.prefill_floor(PREFILL_LEN, gflops, gbs))
+    if hf is not None:
+        log(f"{dtype}: prefill {PREFILL_LEN} (HF)")
+        hf_secs, hf_logits = hf_prefill(hf, prompt, args.prefill_runs)
+        row.hf_ms = hf_secs * 1e3
+        row.hf_tok_s = PREFILL_LEN / hf_secs
+        row.extra["max_abs_logit_diff_vs_hf"] = float((logits.float() - hf_logits).abs().max())
+        row.extra["argmax_agrees_with_hf"] = bool(logits.argmax() == hf_logits.argmax())
+    rows.append(row)
+
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks, "benchmark leaked KV blocks"
+    del engine, hf
+    gc.collect()
+    return rows, info
+
+
+def targets(rows: list[Row]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        if r.case == "decode" and r.batch == 32:
+            out.append({"dtype": r.dtype, "target": f"batch-32 decode <= {DECODE_FLOOR_TARGET:g}x floor",
+                        "value": f"{r.x_floor:.2f}x", "pass": r.x_floor <= DECODE_FLOOR_TARGET})
+        if r.case == "decode" and r.batch == 1 and r.vs_hf is not None:
+            out.append({"dtype": r.dtype, "target": "batch-1 decode faster than HF",
+                        "value": f"{r.vs_hf:.2f}x HF", "pass": r.vs_hf > 1.0})
+        if r.case == "prefill" and r.dtype == "bfloat16":
+            out.append({"dtype": r.dtype, "target": f"bf16 prefill >= {PREFILL_BF16_TARGET:g} tok/s",
+                        "value": f"{r.tok_s:.0f} tok/s", "pass": r.tok_s >= PREFILL_BF16_TARGET})
+    return out
+
+
+def mark(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def row_target(r: Row) -> str:
+    if r.case == "decode" and r.batch == 32:
+        return f"<= {DECODE_FLOOR_TARGET:g}x floor: {mark(r.x_floor <= DECODE_FLOOR_TARGET)}"
+    if r.case == "decode" and r.batch == 1 and r.vs_hf is not None:
+        return f"> HF: {mark(r.vs_hf > 1.0)}"
+    if r.case == "prefill" and r.dtype == "bfloat16":
+        return f">= {PREFILL_BF16_TARGET:g} tok/s: {mark(r.tok_s >= PREFILL_BF16_TARGET)}"
+    return ""
+
+
+def render(rows: list[Row], limits: dict[str, float], meta: dict[str, Any]) -> str:
+    def f(x: float | None, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    lines = [
+        f"## choral engine benchmark: {meta['model_file']}",
+        "",
+        f"threads {meta['threads']}, torch {meta['torch']}, transformers {meta['transformers']}, "
+        f"decode context {CONTEXT} (+{DECODE_WARMUP} warm-up steps), {meta['steps']} timed decode "
+        f"steps, prefill median of {meta['prefill_runs']}, {meta['cpu']}",
+        "",
+        "| machine limit | value |",
+        "|---|---:|",
+    ]
+    for dtype in meta["dtypes"]:
+        lines.append(f"| matmul {SHORT[dtype]} 2048^3 | {limits[f'matmul_gflops_{dtype}']:.1f} GFLOP/s |")
+    lines.append(f"| read bandwidth (sum of 1 GiB fp32) | {limits['read_gbs']:.1f} GB/s |")
+    lines += [
+        "",
+        "| dtype | case | batch | ctx | ms/step | tok/s | floor ms | bound | x floor | sampler % "
+        "| HF ms/step | HF tok/s | choral/HF | target |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        case = "decode" if r.case == "decode" else f"prefill {PREFILL_LEN}"
+        sampler = f"{100 * r.sampler_ms / r.ms:.1f}" if r.sampler_ms is not None else "-"
+        lines.append(
+            f"| {SHORT[r.dtype]} | {case} | {r.batch} | {r.context:.0f} | {r.ms:.2f} | {r.tok_s:.1f} "
+            f"| {r.floor['floor_ms']:.2f} | {r.floor['bound']} | {r.x_floor:.2f} | {sampler} "
+            f"| {f(r.hf_ms, '.2f')} | {f(r.hf_tok_s, '.1f')} | {f(r.vs_hf, '.2f')} | {row_target(r)} |"
+        )
+    lines += ["", "Targets:", ""]
+    for t in targets(rows):
+        lines.append(f"- [{mark(t['pass'])}] {SHORT[t['dtype']]}: {t['target']} (measured {t['value']})")
+    notes = []
+    for r in rows:
+        if r.case == "decode" and r.batch == 32 and r.sampler_ms is not None:
+            notes.append(f"{SHORT[r.dtype]} batch-32 decode step: sampler {r.sampler_ms:.2f} ms of "
+                         f"{r.ms:.2f} ms ({100 * r.sampler_ms / r.ms:.1f}%)")
+        if "max_abs_logit_diff_vs_hf" in r.extra:
+            notes.append(f"{SHORT[r.dtype]} prefill: last-token logits vs HF max |diff| "
+                         f"{r.extra['max_abs_logit_diff_vs_hf']:.3g}, argmax "
+                         f"{'agrees' if r.extra['argmax_agrees_with_hf'] else 'DIFFERS'}")
+        if "greedy_prefix_agree" in r.extra:
+            notes.append(f"{SHORT[r.dtype]} decode batch {r.batch}: sequence 0 greedy tokens equal to "
+                         f"HF's up to the first difference: {r.extra['greedy_prefix_agree']}")
+    if meta.get("hf_load"):
+        notes.append(f"HF model loaded via {meta['hf_load']}")
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="comma-separated, from: float32, bfloat16 (default: both)")
+    parser.add_argument("--steps", type=int, default=32, help="timed decode steps per case (default 32)")
+    parser.add_argument("--prefill-runs", type=int, default=3,
+                        help="prefill repetitions, the median is reported (default 3)")
+    parser.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for choral, HF and the machine limits (default: torch's)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in TORCH_DTYPES]
+    if bad or not dtypes:
+        parser.error(f"--dtypes: {bad or dtypes} not in {', '.join(TORCH_DTYPES)}")
+    if args.steps < 1 or args.prefill_runs < 1:
+        parser.error("--steps and --prefill-runs must be positive")
+    if args.threads is None:
+        args.threads = torch.get_num_threads()
+    elif args.threads < 1:
+        parser.error("--threads must be positive")
+    torch.set_num_threads(args.threads)
+
+    started = time.perf_counter()
+    path = resolve_model_path(MODEL)
+    log(f"model {path}, {args.threads} threads")
+
+    log("machine limits")
+    limits = {f"matmul_gflops_{d}": matmul_gflops(TORCH_DTYPES[d]) for d in dtypes}
+    limits["read_gbs"] = read_bandwidth_gbs()
+
+    hf_fp32 = None
+    hf_how = None
+    import transformers
+
+    if not args.no_hf:
+        log("loading HF transformers model")
+        hf_fp32, hf_how = load_hf(path)
+
+    rows: list[Row] = []
+    infos: dict[str, Any] = {}
+    # fp32 first: the HF fp32 model is used as loaded, other dtypes get a cast copy.
+    for dtype in sorted(dtypes, key=lambda d: d != "float32"):
+        dtype_rows, infos[dtype] = bench_dtype(dtype, args, limits, hf_fp32)
+        rows.extend(dtype_rows)
+    rows.sort(key=lambda r: dtypes.index(r.dtype))
+    del hf_fp32
+    gc.collect()
+
+    meta = {"model_file": path.name, "threads": args.threads, "torch": torch.__version__,
+            "transformers": transformers.__version__, "steps": args.steps,
+            "prefill_runs": args.prefill_runs, "dtypes": dtypes, "cpu": cpu_name(),
+            "hf_load": hf_how}
+    print(render(rows, limits, meta))
+    elapsed = time.perf_counter() - started
+    log(f"done in {elapsed:.0f} s")
+
+    if args.json:
+        doc = {
+            "meta": {**meta, "context": CONTEXT, "prefill_len": PREFILL_LEN,
+                     "decode_warmup_steps": DECODE_WARMUP, "elapsed_s": elapsed, "engine": infos},
+            "limits": limits,
+            "rows": [{**asdict(r), "x_floor": r.x_floor, "choral_over_hf": r.vs_hf} for r in rows],
+            "targets": targets(rows),
+        }
+        with open(args.json, "w") as fh:
+            json.dump(doc, fh, indent=2)
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

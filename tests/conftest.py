@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny random HF models (made here, never downloaded) and the bundled SmolLM2."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def tiny_config(arch: str):  # type: ignore[no-untyped-def]
+    """A transformers config for one of our architectures, small enough for CPU tests."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    if arch == "llama":
+        return LlamaConfig(**TINY, rope_theta=10000.0)
+    if arch == "llama3":  # llama3 rope scaling, tied embeddings
+        return LlamaConfig(
+            **TINY,
+            tie_word_embeddings=True,
+            rope_scaling={
+                "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+            },
+        )
+    if arch == "mistral":  # a small window so the tests cross it
+        return MistralConfig(**TINY, sliding_window=12)
+    if arch == "qwen2":
+        return Qwen2Config(**TINY)
+    if arch == "qwen3":
+        return Qwen3Config(**TINY, head_dim=32)
+    raise ValueError(arch)
+
+
+def hf_class(arch: str):  # type: ignore[no-untyped-def]
+    from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+
+    return {"llama": LlamaForCausalLM, "llama3": LlamaForCausalLM, "mistral": MistralForCausalLM,
+            "qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}[arch]
+
+
+def make_tiny_model(arch: str, directory: Path):  # type: ignore[no-untyped-def]
+    """Random weights (seeded), saved with save_pretrained as safetensors. Returns the HF model."""
+    torch.manual_seed(1234)
+    model = hf_class(arch)(tiny_config(arch)).eval()
+    # Random init leaves the norms at 1 and biases at 0; perturb them so they are tested.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """arch -> (directory, HF model). Built once per session."""
+    built = {}
+    for arch in ("llama", "llama3", "mistral", "qwen2", "qwen3"):
+        d = tmp_path_factory.mktemp(f"tiny-{arch}")
+        built[arch] = (d, make_tiny_model(arch, d))
+    return built
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> Path:
+    from choral.loader.resolve import resolve_model_path
+
+    return resolve_model_path("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm_fp32():  # type: ignore[no-untyped-def]
+    """The bundled model in fp32, loaded once for the whole session."""
+    from choral import LLM
+
+    return LLM("smollm2-135m-instruct", dtype="float32", kv_cache_tokens=8192, max_model_len=2048)
