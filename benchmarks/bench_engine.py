@@ -174,10 +174,11 @@ def random_prompts(batch: int, length: int, vocab: int, seed: int) -> torch.Tens
     return torch.randint(0, vocab, (batch, length), generator=gen)
 
 
-def choral_decode(engine: LLMEngine, prompts: torch.Tensor, steps: int) -> tuple[float, float, list[int]]:
+def choral_decode(engine: LLMEngine, prompts: torch.Tensor,
+                  steps: int) -> tuple[list[float], float, list[int]]:
     """Prefill ``prompts`` [B, CONTEXT] (untimed), then time ``steps`` decode steps.
 
-    Returns (total seconds, sampler seconds, the batch-row-0 greedy tokens)."""
+    Returns (seconds of each timed step, sampler seconds in all, sequence 0's greedy tokens)."""
     runner, pool, sampler = engine.runner, engine.pool, engine.sampler
     batch, ctx = prompts.shape
     total_tokens = ctx + DECODE_WARMUP + steps  # the prompt, then each step's input token
@@ -195,7 +196,8 @@ def choral_decode(engine: LLMEngine, prompts: torch.Tensor, steps: int) -> tuple
         next_ids = sampler.sample(torch.cat(last), params, gens).token_ids
         out = [next_ids[0]]
         length = ctx  # tokens already in the cache
-        total = sampler_s = 0.0
+        times: list[float] = []
+        sampler_s = 0.0
         for step in range(DECODE_WARMUP + steps):
             t0 = time.perf_counter()
             chunks = [Chunk([next_ids[j]], length, tables[j], logits="last") for j in range(batch)]
@@ -206,9 +208,9 @@ def choral_decode(engine: LLMEngine, prompts: torch.Tensor, steps: int) -> tuple
             length += 1
             out.append(next_ids[0])
             if step >= DECODE_WARMUP:
-                total += t2 - t0
+                times.append(t2 - t0)
                 sampler_s += t2 - t1
-        return total, sampler_s, out
+        return times, sampler_s, out
     finally:
         for t in tables:
             pool.free(t)
@@ -262,22 +264,22 @@ def load_hf(path) -> tuple[Any, str]:  # type: ignore[no-untyped-def]
 
 
 @torch.inference_mode()
-def hf_decode(model, prompts: torch.Tensor, steps: int) -> tuple[float, list[int]]:  # type: ignore[no-untyped-def]
+def hf_decode(model, prompts: torch.Tensor, steps: int) -> tuple[list[float], list[int]]:  # type: ignore[no-untyped-def]
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     out = model(input_ids=prompts, past_key_values=cache, use_cache=True, logits_to_keep=1)
     next_ids = out.logits[:, -1].argmax(-1)
     tokens = [int(next_ids[0])]
-    total = 0.0
+    times: list[float] = []
     for step in range(DECODE_WARMUP + steps):
         t0 = time.perf_counter()
         out = model(input_ids=next_ids[:, None], past_key_values=cache, use_cache=True)
         next_ids = out.logits[:, -1].argmax(-1)
         tokens.append(int(next_ids[0]))  # .item() syncs like choral's .tolist() does
         if step >= DECODE_WARMUP:
-            total += time.perf_counter() - t0
-    return total, tokens
+            times.append(time.perf_counter() - t0)
+    return times, tokens
 
 
 @torch.inference_mode()
@@ -325,15 +327,20 @@ def bench_dtype(dtype: str, args: argparse.Namespace, limits: dict[str, float],
     for batch in DECODE_BATCHES:
         prompts = random_prompts(batch, CONTEXT, vocab, seed=batch)
         log(f"{dtype}: decode batch {batch} (choral)")
-        total, sampler_s, tokens = choral_decode(engine, prompts, steps)
+        times, sampler_s, tokens = choral_decode(engine, prompts, steps)
+        total = sum(times)
         # Keys seen per query in timed step s = 1..steps: CONTEXT + DECODE_WARMUP + s.
         ctx = CONTEXT + DECODE_WARMUP + (steps + 1) / 2
         row = Row(dtype, "decode", batch, ctx, steps, total / steps * 1e3, batch * steps / total,
                   sampler_ms=sampler_s / steps * 1e3,
                   floor=cost.decode_floor(batch, ctx, gflops, gbs))
+        row.extra["median_step_ms"] = statistics.median(times) * 1e3
+        row.extra["min_step_ms"] = min(times) * 1e3
         if hf is not None:
             log(f"{dtype}: decode batch {batch} (HF)")
-            hf_total, hf_tokens = hf_decode(hf, prompts, steps)
+            hf_times, hf_tokens = hf_decode(hf, prompts, steps)
+            hf_total = sum(hf_times)
+            row.extra["hf_median_step_ms"] = statistics.median(hf_times) * 1e3
             row.hf_ms = hf_total / steps * 1e3
             row.hf_tok_s = batch * steps / hf_total
             # Greedy tokens of sequence 0 that agree with HF's, up to the first divergence.
@@ -401,7 +408,8 @@ def render(rows: list[Row], limits: dict[str, float], meta: dict[str, Any]) -> s
         "",
         f"threads {meta['threads']}, torch {meta['torch']}, transformers {meta['transformers']}, "
         f"decode context {CONTEXT} (+{DECODE_WARMUP} warm-up steps), {meta['steps']} timed decode "
-        f"steps, prefill median of {meta['prefill_runs']}, {meta['cpu']}",
+        f"steps, prefill median of {meta['prefill_runs']}, attention backend "
+        f"{meta['attention_backend']}, {meta['cpu']}",
         "",
         "| machine limit | value |",
         "|---|---:|",
@@ -427,17 +435,22 @@ def render(rows: list[Row], limits: dict[str, float], meta: dict[str, Any]) -> s
     for t in targets(rows):
         lines.append(f"- [{mark(t['pass'])}] {SHORT[t['dtype']]}: {t['target']} (measured {t['value']})")
     notes = []
-    for r in rows:
-        if r.case == "decode" and r.batch == 32 and r.sampler_ms is not None:
-            notes.append(f"{SHORT[r.dtype]} batch-32 decode step: sampler {r.sampler_ms:.2f} ms of "
-                         f"{r.ms:.2f} ms ({100 * r.sampler_ms / r.ms:.1f}%)")
-        if "max_abs_logit_diff_vs_hf" in r.extra:
-            notes.append(f"{SHORT[r.dtype]} prefill: last-token logits vs HF max |diff| "
-                         f"{r.extra['max_abs_logit_diff_vs_hf']:.3g}, argmax "
-                         f"{'agrees' if r.extra['argmax_agrees_with_hf'] else 'DIFFERS'}")
-        if "greedy_prefix_agree" in r.extra:
-            notes.append(f"{SHORT[r.dtype]} decode batch {r.batch}: sequence 0 greedy tokens equal to "
-                         f"HF's up to the first difference: {r.extra['greedy_prefix_agree']}")
+    for dtype in meta["dtypes"]:
+        for r in rows:
+            if r.dtype != dtype:
+                continue
+            if r.case == "decode" and r.batch == 32 and r.sampler_ms is not None:
+                notes.append(f"{SHORT[dtype]} batch-32 decode step: sampler {r.sampler_ms:.2f} ms of "
+                             f"{r.ms:.2f} ms ({100 * r.sampler_ms / r.ms:.1f}%)")
+            if "max_abs_logit_diff_vs_hf" in r.extra:
+                notes.append(f"{SHORT[dtype]} prefill: last-token logits vs HF max |diff| "
+                             f"{r.extra['max_abs_logit_diff_vs_hf']:.3g}, argmax "
+                             f"{'agrees' if r.extra['argmax_agrees_with_hf'] else 'DIFFERS'}")
+        agree = [f"batch {r.batch} {r.extra['greedy_prefix_agree']}" for r in rows
+                 if r.dtype == dtype and "greedy_prefix_agree" in r.extra]
+        if agree:
+            notes.append(f"{SHORT[dtype]} decode: sequence 0's greedy tokens equal to HF's up to the "
+                         f"first difference: {', '.join(agree)} (bf16 rounding may diverge early)")
     if meta.get("hf_load"):
         notes.append(f"HF model loaded via {meta['hf_load']}")
     if notes:
@@ -511,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"model_file": path.name, "threads": args.threads, "torch": torch.__version__,
             "transformers": transformers.__version__, "steps": args.steps,
             "prefill_runs": args.prefill_runs, "dtypes": dtypes, "cpu": cpu_name(),
-            "hf_load": hf_how}
+            "hf_load": hf_how,
+            "attention_backend": ", ".join(sorted({i["attention_backend"] for i in infos.values()}))}
     print(render(rows, limits, meta))
     elapsed = time.perf_counter() - started
     log(f"done in {elapsed:.0f} s")

@@ -62,13 +62,17 @@ class Tokenizer:
     def token_to_piece(self, token_id: int) -> str:
         return str(self._tok.convert_ids_to_tokens(int(token_id)))
 
-    def apply_chat_template(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(
+        self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True
+    ) -> list[int]:
         """Render ``messages`` with the model's template and tokenize the result."""
         if not self.has_chat_template:
             raise InvalidRequestError("this model has no chat template; pass a text prompt instead")
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise InvalidRequestError(f"chat message must be a dict with 'role' and 'content', got {m!r}")
-        text = self._tok.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=False)
+        text = self._tok.apply_chat_template(
+            list(messages), add_generation_prompt=add_generation_prompt, tokenize=False
+        )
         # The template already holds any BOS it wants; do not add special tokens again.
         return self.encode(str(text), add_special_tokens=False)

@@ -11,9 +11,9 @@ import torch
 
 from choral.config import EngineConfig
 from choral.engine.attention import CpuKernelAttention, TorchPagedAttention
-from choral.kernels.build import load_paged_attention
 from choral.engine.llm_engine import LLMEngine
 from choral.engine.model_runner import Chunk
+from choral.kernels.build import load_paged_attention
 
 ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
 TOL = 1e-4

@@ -17,9 +17,13 @@ def is_single_prompt(prompts: Any) -> bool:
         return True
     if isinstance(prompts, Sequence) and prompts and all(isinstance(p, dict) for p in prompts):
         return True
-    if isinstance(prompts, Sequence) and prompts and all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+    if isinstance(prompts, Sequence) and prompts and all(_is_token(p) for p in prompts):
         return True
     return False
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def to_token_ids(prompt: Any, tokenizer: Tokenizer | None) -> tuple[str | None, list[int]]:
@@ -32,7 +36,7 @@ def to_token_ids(prompt: Any, tokenizer: Tokenizer | None) -> tuple[str | None, 
         if tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer: chat messages need one")
         return None, tokenizer.apply_chat_template(prompt)
-    if isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    if isinstance(prompt, Sequence) and all(_is_token(t) for t in prompt):
         return None, list(prompt)
     raise InvalidRequestError(
         f"prompt must be a str, a list of token ids or a list of chat messages, got {type(prompt).__name__}"

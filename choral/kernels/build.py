@@ -32,7 +32,7 @@ def load_paged_attention() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
     source = SOURCE.read_bytes()
     # -march=native ties the binary to this CPU, so the machine is part of the key.
-    key = hashlib.sha256(source + os.uname().machine.encode() + _cpu_flags()).hexdigest()[:16]
+    key = hashlib.sha256(source + Path(__file__).read_bytes() + _cpu_flags()).hexdigest()[:16]
     target = cache_dir() / f"paged_attention-{key}.so"
     if not target.exists():
         if compiler is None:
@@ -41,7 +41,10 @@ def load_paged_attention() -> ctypes.CDLL | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / "lib.so"
+            # Reassociation lets gcc vectorize the dot-product reductions; no -ffast-math, so
+            # infinities (the softmax's running max starts at -inf) keep their meaning.
             cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC",
+                   "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
                    "-o", str(out), str(SOURCE), "-lm"]
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode != 0:

@@ -38,6 +38,29 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(x.u >> 16);
 }
 
+/* exp(x) for x <= 0 (scores minus their running max), branch-free so loops over it vectorize:
+ * x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial (relative error ~2e-7), 2^n
+ * built in the exponent bits. Inputs below -87 (including -inf) flush to 0. */
+static inline float exp_nonpos(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = __builtin_roundf(x * 1.44269504088896341f);
+    const float r = x - n * 0.693145751953125f - n * 1.42860682030941723e-06f;
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    union { uint32_t u; float f; } scale;
+    scale.u = (uint32_t)((int32_t)n + 127) << 23;
+    return x <= -87.0f ? 0.0f : p * scale.f;
+}
+
+/* One (query token, kv head) pair: the G query heads that share this kv head walk the sequence's
+ * keys CHUNK at a time: scores (dot products over d; built with -fassociative-math so the
+ * reduction vectorizes), a chunk max, one rescale of the running sums, then P @ V.
+ * K/V rows are converted to fp32 once per chunk (a plain copy for fp32 caches). */
 #define DEFINE_KERNEL(NAME, T_ELEM, LOAD, STORE)                                                   \
 void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int32_t *block_tables,     \
           int max_blocks, const int32_t *tok_seq, const int32_t *tok_limit, int n_tokens,          \
@@ -48,12 +71,12 @@ void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int32_t *bl
     _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) num_threads(n_threads)")            \
     for (int t = 0; t < n_tokens; t++) {                                                           \
         for (int kh = 0; kh < n_kv_heads; kh++) {                                                  \
-            float qf[MAX_GROUP][MAX_D];                                                            \
-            float acc[MAX_GROUP][MAX_D];                                                           \
+            float qf[MAX_GROUP][MAX_D] __attribute__((aligned(64)));                               \
+            float acc[MAX_GROUP][MAX_D] __attribute__((aligned(64)));                              \
+            float kf[CHUNK][MAX_D] __attribute__((aligned(64)));                                   \
+            float vf[CHUNK][MAX_D] __attribute__((aligned(64)));                                   \
             float m[MAX_GROUP], l[MAX_GROUP];                                                      \
-            float s[MAX_GROUP][CHUNK];                                                             \
-            float kf[CHUNK][MAX_D];                                                                \
-            float vf[MAX_D];                                                                       \
+            float s[CHUNK];                                                                        \
             const int32_t *bt = block_tables + (long)tok_seq[t] * max_blocks;                      \
             const int limit = tok_limit[t];                                                        \
             int start = 0;                                                                         \
@@ -69,32 +92,31 @@ void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int32_t *bl
                     const int j = j0 + c;                                                          \
                     const long slot = (long)bt[j / block_size] * block_size + j % block_size;      \
                     const T_ELEM *kr = kc + slot * kv_row + (long)kh * head_dim;                   \
+                    const T_ELEM *vr = vc + slot * kv_row + (long)kh * head_dim;                   \
                     for (int d = 0; d < head_dim; d++) kf[c][d] = LOAD(kr[d]);                     \
+                    for (int d = 0; d < head_dim; d++) vf[c][d] = LOAD(vr[d]);                     \
                 }                                                                                  \
                 for (int g = 0; g < group; g++) {                                                  \
+                    const float *qg = qf[g];                                                       \
                     float cmax = m[g];                                                             \
                     for (int c = 0; c < n; c++) {                                                  \
+                        const float *kr = kf[c];                                                   \
                         float dot = 0.f;                                                           \
-                        for (int d = 0; d < head_dim; d++) dot += qf[g][d] * kf[c][d];             \
-                        s[g][c] = dot;                                                             \
-                        if (dot > cmax) cmax = dot;                                                \
+                        for (int d = 0; d < head_dim; d++) dot += qg[d] * kr[d];                   \
+                        s[c] = dot;                                                                \
+                        cmax = dot > cmax ? dot : cmax;                                            \
                     }                                                                              \
-                    const float corr = expf(m[g] - cmax);                                          \
-                    if (corr != 1.f) {                                                             \
-                        l[g] *= corr;                                                              \
-                        for (int d = 0; d < head_dim; d++) acc[g][d] *= corr;                      \
-                    }                                                                              \
+                    const float corr = exp_nonpos(m[g] - cmax);                                    \
+                    float sum = 0.f;                                                               \
+                    for (int c = 0; c < n; c++) { s[c] = exp_nonpos(s[c] - cmax); sum += s[c]; }   \
+                    l[g] = l[g] * corr + sum;                                                      \
                     m[g] = cmax;                                                                   \
-                    for (int c = 0; c < n; c++) { s[g][c] = expf(s[g][c] - cmax); l[g] += s[g][c]; } \
-                }                                                                                  \
-                for (int c = 0; c < n; c++) {                                                      \
-                    const int j = j0 + c;                                                          \
-                    const long slot = (long)bt[j / block_size] * block_size + j % block_size;      \
-                    const T_ELEM *vr = vc + slot * kv_row + (long)kh * head_dim;                   \
-                    for (int d = 0; d < head_dim; d++) vf[d] = LOAD(vr[d]);                        \
-                    for (int g = 0; g < group; g++) {                                              \
-                        const float p = s[g][c];                                                   \
-                        for (int d = 0; d < head_dim; d++) acc[g][d] += p * vf[d];                 \
+                    float *ag = acc[g];                                                            \
+                    for (int d = 0; d < head_dim; d++) ag[d] *= corr;                              \
+                    for (int c = 0; c < n; c++) {                                                  \
+                        const float p = s[c];                                                      \
+                        const float *vr = vf[c];                                                   \
+                        for (int d = 0; d < head_dim; d++) ag[d] += p * vr[d];                     \
                     }                                                                              \
                 }                                                                                  \
             }                                                                                      \

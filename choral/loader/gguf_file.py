@@ -38,6 +38,9 @@ _LAYER = {
 }
 
 
+_PERMUTED = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
+
+
 class GGUFModelFile:
     """An opened GGUF file: its metadata, its architecture and a ModelSpec."""
 
@@ -101,7 +104,7 @@ class GGUFModelFile:
                 continue
             hf_name = self._hf_name(name)
             array = self._dequantize(tensor)
-            if self.architecture.gguf_qk_permuted and name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
+            if self.architecture.gguf_qk_permuted and name.endswith(_PERMUTED):
                 heads = spec.num_heads if "attn_q" in name else spec.num_kv_heads
                 array = _unpermute(array, heads)
             yield hf_name, torch.from_numpy(np.array(array, copy=True))

@@ -71,7 +71,8 @@ def load_model(model: str, dtype: str, device: str, max_model_len: int | None) -
     max_positions = max_model_len or spec.max_position_embeddings
     decoder = DecoderModel(spec, torch_dtype, dev, max_positions)
     decoder.load_weights(source.iter_tensors())
-    tokenizer = Tokenizer.from_model_path(path, source.eos_token_ids)
+    has_vocab = not isinstance(source, GGUFModelFile) or "tokenizer.ggml.model" in source.metadata
+    tokenizer = Tokenizer.from_model_path(path, source.eos_token_ids) if has_vocab else None
     eos = tokenizer.eos_token_ids if tokenizer else tuple(source.eos_token_ids)
     stat = path.stat()
     digest = f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}"

@@ -36,16 +36,28 @@ class Sampler:
         generators: list[torch.Generator | None],  # per row; None = the sampler's own
         banned: list[list[int]] | None = None,  # per row: token ids masked this step (min_tokens)
     ) -> SampleResult:
-        num_rows, vocab = logits.shape
         raw = logits
-        logits = logits.clone()
-        if banned is not None:
+        if banned is not None and any(banned):
+            logits = logits.clone()
             for row, ids in enumerate(banned):
                 if ids:
                     logits[row, ids] = float("-inf")
-        greedy = torch.tensor([p.greedy for p in params], device=self.device)
-        temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=self.device)
-        logits.div_(temps[:, None])
+        chosen = logits.argmax(-1)  # greedy rows are done here; sampled rows overwrite below
+        rows = [r for r, p in enumerate(params) if not p.greedy]
+        if rows:
+            sub_params = [params[r] for r in rows]
+            index = torch.tensor(rows, device=self.device)
+            picked = self._sample_rows(logits.index_select(0, index), sub_params, [generators[r] for r in rows])
+            chosen.index_copy_(0, index, picked)
+        return SampleResult(chosen.tolist(), self._logprobs(raw, chosen, params))
+
+    def _sample_rows(
+        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    ) -> torch.Tensor:
+        """Temperature, top-k/top-p, min-p, then one draw per row: [R, V] -> [R]."""
+        vocab = logits.shape[-1]
+        temps = torch.tensor([p.temperature for p in params], device=self.device)
+        logits = logits / temps[:, None]
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             logits = _top_k_top_p(logits, params, self.device)
         if any(p.min_p > 0.0 for p in params):
@@ -53,8 +65,9 @@ class Sampler:
             min_p = torch.tensor([p.min_p for p in params], device=self.device)
             cutoff = probs.max(-1, keepdim=True).values * min_p[:, None]
             logits = logits.masked_fill(probs < cutoff, float("-inf"))
-        probs = logits.softmax(-1)  # [B, V]
-        # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p.
+        probs = logits.softmax(-1)  # [R, V]
+        # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p. Seeded rows use
+        # their own generator, so their draws do not depend on the rest of the batch.
         noise = torch.empty_like(probs)
         shared = [r for r, g in enumerate(generators) if g is None]
         if shared:
@@ -64,10 +77,7 @@ class Sampler:
         for row, gen in enumerate(generators):
             if gen is not None:
                 noise[row].exponential_(generator=gen)
-        sampled = (probs / noise).argmax(-1)
-        chosen = torch.where(greedy, logits.argmax(-1), sampled)
-        token_ids = chosen.tolist()
-        return SampleResult(token_ids, self._logprobs(raw, chosen, params))
+        return (probs / noise).argmax(-1)
 
     @staticmethod
     def _logprobs(
