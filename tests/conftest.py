@@ -42,6 +42,8 @@ def tiny_config(arch: str):  # type: ignore[no-untyped-def]
         )
     if arch == "mistral":  # a small window so the tests cross it
         return MistralConfig(**TINY, sliding_window=12)
+    if arch == "mistral-hd64":  # head_dim 64: the C kernel's fast path (with block_size 16)
+        return MistralConfig(**TINY, sliding_window=21, head_dim=64)
     if arch == "qwen2":
         return Qwen2Config(**TINY)
     if arch == "qwen3":
@@ -53,7 +55,7 @@ def hf_class(arch: str):  # type: ignore[no-untyped-def]
     from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
     return {"llama": LlamaForCausalLM, "llama3": LlamaForCausalLM, "mistral": MistralForCausalLM,
-            "qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}[arch]
+            "mistral-hd64": MistralForCausalLM, "qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}[arch]
 
 
 def make_tiny_model(arch: str, directory: Path):  # type: ignore[no-untyped-def]
@@ -73,7 +75,7 @@ def make_tiny_model(arch: str, directory: Path):  # type: ignore[no-untyped-def]
 def tiny_models(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """arch -> (directory, HF model). Built once per session."""
     built = {}
-    for arch in ("llama", "llama3", "mistral", "qwen2", "qwen3"):
+    for arch in ("llama", "llama3", "mistral", "mistral-hd64", "qwen2", "qwen3"):
         d = tmp_path_factory.mktemp(f"tiny-{arch}")
         built[arch] = (d, make_tiny_model(arch, d))
     return built

@@ -15,7 +15,7 @@ from choral.engine.llm_engine import LLMEngine
 from choral.engine.model_runner import Chunk
 from choral.kernels.build import load_paged_attention
 
-ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
+ARCHS = ["llama", "llama3", "mistral", "mistral-hd64", "qwen2", "qwen3"]
 TOL = 1e-4
 
 
@@ -59,7 +59,7 @@ def test_mixed_batch_matches_transformers(tiny_models, arch: str, backend: str) 
     if backend == "kernel" and load_paged_attention() is None:
         pytest.skip("no C compiler: the kernel backend is unavailable")
     directory, hf = tiny_models[arch]
-    engine = make_engine(directory, backend)
+    engine = make_engine(directory, backend, block_size=16 if arch.endswith("hd64") else 4)
     expected = CpuKernelAttention if backend == "kernel" else TorchPagedAttention
     assert isinstance(engine.runner.attention, expected)
     g = torch.Generator().manual_seed(7)

@@ -42,14 +42,51 @@ class AttentionLayout:
         return sum(self.query_len)
 
 
+# The cache layout every backend shares, per layer:
+#   k_cache [num_blocks, KVH, D, block_size]  keys transposed inside a block, so the CPU kernel's
+#                                             scores are vector FMAs over the block's tokens
+#   v_cache [num_blocks, block_size, KVH, D]
+def kv_cache_shapes(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+                    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return (num_blocks, num_kv_heads, head_dim, block_size), (num_blocks, block_size, num_kv_heads, head_dim)
+
+
+def write_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    blocks: torch.Tensor,  # [T] block id of each new token
+    offsets: torch.Tensor,  # [T] its offset inside the block
+    k: torch.Tensor,  # [T, KVH, D]
+    v: torch.Tensor,
+) -> None:
+    """Store this step's keys and values at their cache slots."""
+    k_cache.permute(0, 3, 1, 2).index_put_((blocks, offsets), k)  # view as [NB, BS, KVH, D]
+    v_cache.index_put_((blocks, offsets), v)
+
+
+def gather_keys(k_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Keys of the listed blocks in token order: blocks [..., nb] -> [..., KVH, nb * BS, D]."""
+    kb = k_cache[blocks]  # [..., nb, KVH, D, BS]
+    nd = kb.dim()
+    kb = kb.permute(*range(nd - 4), nd - 3, nd - 4, nd - 1, nd - 2)  # [..., KVH, nb, BS, D]
+    return kb.reshape(*kb.shape[:-3], kb.shape[-3] * kb.shape[-2], kb.shape[-1])
+
+
+def gather_values(v_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Values of the listed blocks in token order: blocks [..., nb] -> [..., KVH, nb * BS, D]."""
+    vb = v_cache[blocks]  # [..., nb, BS, KVH, D]
+    vb = vb.reshape(*vb.shape[:-4], vb.shape[-4] * vb.shape[-3], *vb.shape[-2:])  # [..., T, KVH, D]
+    return vb.transpose(-3, -2)
+
+
 class AttentionBackend(Protocol):
     def prepare(self, layout: AttentionLayout, device: torch.device) -> None: ...
 
     def attend(
         self,
         q: torch.Tensor,  # [T, H, D]
-        k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
-        v_cache: torch.Tensor,
+        k_cache: torch.Tensor,  # [num_blocks, KVH, D, block_size]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
         window: int | None,
         scale: float,
     ) -> torch.Tensor:  # [T, H, D]
@@ -107,27 +144,22 @@ class TorchPagedAttention:
         return self._mask_cache[window]
 
     def attend(self, q, k_cache, v_cache, window, scale):  # type: ignore[no-untyped-def]
-        num_tokens, num_heads, head_dim = q.shape
-        kvh = k_cache.shape[2]
         out = torch.empty_like(q)
         decode_mask, prefill_masks = self._masks(window)
         if self.decode_rows:
-            bd = len(self.decode_rows)
-            keys = k_cache.index_select(0, self.decode_blocks.flatten()).view(bd, -1, kvh, head_dim)
-            vals = v_cache.index_select(0, self.decode_blocks.flatten()).view(bd, -1, kvh, head_dim)
+            keys = gather_keys(k_cache, self.decode_blocks)  # [Bd, KVH, K, D]
+            vals = gather_values(v_cache, self.decode_blocks)
             qd = q.index_select(0, self.decode_tokens).unsqueeze(2)  # [Bd, H, 1, D]
             o = F.scaled_dot_product_attention(
-                qd, keys.transpose(1, 2), vals.transpose(1, 2),
-                attn_mask=decode_mask, scale=scale, enable_gqa=True,
+                qd, keys, vals, attn_mask=decode_mask, scale=scale, enable_gqa=True
             )  # [Bd, H, 1, D]
             out.index_copy_(0, self.decode_tokens, o.squeeze(2))
         for (start, n, ctx_len, blocks), mask in zip(self.prefill, prefill_masks, strict=True):
-            keys = k_cache.index_select(0, blocks).view(-1, kvh, head_dim)[:ctx_len]
-            vals = v_cache.index_select(0, blocks).view(-1, kvh, head_dim)[:ctx_len]
+            keys = gather_keys(k_cache, blocks)[:, :ctx_len]  # [KVH, ctx, D]
+            vals = gather_values(v_cache, blocks)[:, :ctx_len]
             qp = q[start : start + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             o = F.scaled_dot_product_attention(
-                qp, keys.transpose(0, 1).unsqueeze(0), vals.transpose(0, 1).unsqueeze(0),
-                attn_mask=mask, scale=scale, enable_gqa=True,
+                qp, keys.unsqueeze(0), vals.unsqueeze(0), attn_mask=mask, scale=scale, enable_gqa=True
             )  # [1, H, n, D]
             out[start : start + n] = o[0].transpose(0, 1)
         return out
@@ -147,6 +179,7 @@ class CpuKernelAttention:
 
     MAX_GROUP = 16
     MAX_HEAD_DIM = 256
+    MAX_BLOCK = 256
     LONG_CHUNK = 16  # query runs longer than this use the torch path
 
     def __init__(self, lib: ctypes.CDLL, num_threads: int):
@@ -155,11 +188,13 @@ class CpuKernelAttention:
         self.long = TorchPagedAttention()
 
     @classmethod
-    def supports(cls, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    def supports(cls, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int,
+                 block_size: int) -> bool:
         return (
             device.type == "cpu"
             and num_heads // num_kv_heads <= cls.MAX_GROUP
             and head_dim <= cls.MAX_HEAD_DIM
+            and block_size <= cls.MAX_BLOCK
             and load_paged_attention() is not None
         )
 
@@ -196,7 +231,7 @@ class CpuKernelAttention:
             fn(
                 q_short.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), self.block_tables.data_ptr(),
                 self.max_blocks, self.tok_seq.data_ptr(), self.tok_limit.data_ptr(),
-                self.num_short, q.shape[1], k_cache.shape[2], q.shape[2], self.block_size,
+                self.num_short, q.shape[1], k_cache.shape[1], q.shape[2], self.block_size,
                 window or 0, scale, o_short.data_ptr(), self.num_threads,
             )
             if self.all_short:
@@ -217,16 +252,19 @@ def _subset(layout: AttentionLayout, rows: list[int]) -> AttentionLayout:
 
 
 def make_backend(
-    name: str, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int
+    name: str, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int
 ) -> AttentionBackend:
     """``auto`` picks the C kernel on CPU when it is available, else torch."""
     if name == "torch":
         return TorchPagedAttention()
-    kernel_ok = CpuKernelAttention.supports(device, num_heads, num_kv_heads, head_dim)
+    kernel_ok = CpuKernelAttention.supports(device, num_heads, num_kv_heads, head_dim, block_size)
     if name == "kernel" and not kernel_ok:
         from choral.errors import ConfigError
 
-        raise ConfigError("attention_backend: 'kernel' needs a CPU device and a C compiler")
+        raise ConfigError(
+            "attention_backend: 'kernel' needs a CPU device, a C compiler, block_size <= 256, "
+            "head_dim <= 256 and at most 16 query heads per KV head"
+        )
     if kernel_ok:
         lib = load_paged_attention()
         assert lib is not None

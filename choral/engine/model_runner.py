@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from choral.engine.attention import AttentionLayout, make_backend
+from choral.engine.attention import AttentionLayout, kv_cache_shapes, make_backend
 from choral.errors import ConfigError
 from choral.kv.block_pool import KvCacheSize
 from choral.loader.load import LoadedModel
@@ -75,13 +75,14 @@ class ModelRunner:
         self.device = self.model.device
         self.block_size = kv_size.block_size
         self.kv_size = kv_size
-        shape = (kv_size.num_blocks, kv_size.block_size, spec.num_kv_heads, spec.head_dim)
-        self.k_caches = [torch.zeros(shape, dtype=self.model.dtype, device=self.device)
+        k_shape, v_shape = kv_cache_shapes(kv_size.num_blocks, kv_size.block_size, spec.num_kv_heads,
+                                           spec.head_dim)
+        self.k_caches = [torch.zeros(k_shape, dtype=self.model.dtype, device=self.device)
                          for _ in range(spec.num_layers)]
-        self.v_caches = [torch.zeros(shape, dtype=self.model.dtype, device=self.device)
+        self.v_caches = [torch.zeros(v_shape, dtype=self.model.dtype, device=self.device)
                          for _ in range(spec.num_layers)]
         self.attention = make_backend(attention_backend, self.device, spec.num_heads,
-                                      spec.num_kv_heads, spec.head_dim)
+                                      spec.num_kv_heads, spec.head_dim, kv_size.block_size)
 
     def execute(self, chunks: list[Chunk]) -> list[torch.Tensor | None]:
         """One forward for all chunks. Returns per chunk its logits ([1, V] for ``last``,
@@ -89,7 +90,8 @@ class ModelRunner:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
+        blocks: list[int] = []
+        offsets: list[int] = []
         logits_rows: list[int] = []
         spans: list[tuple[int, int] | None] = []
         starts, lens, ctx, tables = [], [], [], []
@@ -100,7 +102,8 @@ class ModelRunner:
             positions.extend(chunk.positions if chunk.positions is not None
                              else range(chunk.start, chunk.start + n))
             table = chunk.block_table
-            slots.extend(table[i // bs] * bs + i % bs for i in range(chunk.start, chunk.start + n))
+            blocks.extend(table[i // bs] for i in range(chunk.start, chunk.start + n))
+            offsets.extend(i % bs for i in range(chunk.start, chunk.start + n))
             starts.append(offset)
             lens.append(n)
             ctx.append(chunk.start + n)
@@ -119,7 +122,8 @@ class ModelRunner:
         logits = self.model.forward(
             torch.tensor(input_ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
-            torch.tensor(slots, dtype=torch.long, device=dev),
+            (torch.tensor(blocks, dtype=torch.long, device=dev),
+             torch.tensor(offsets, dtype=torch.long, device=dev)),
             self.attention,
             self.k_caches,
             self.v_caches,

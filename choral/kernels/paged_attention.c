@@ -8,13 +8,14 @@
  *
  * Layouts (row-major):
  *   q            [T, H, D]              queries (already rope-rotated)
- *   k/v cache    [NB, BS, KVH, D]       the block pool for one layer
+ *   k cache      [NB, KVH, D, BS]       the block pool for one layer; keys transposed per block
+ *   v cache      [NB, BS, KVH, D]
  *   block_tables [S, MAXB] int32        block ids of each sequence in the batch
  *   tok_seq      [T] int32              which sequence (row of block_tables) a token belongs to
  *   tok_limit    [T] int32              how many cached tokens it sees (its cache index + 1)
  *   out          [T, H, D]
  * Query head h reads KV head h / (H / KVH) (grouped-query attention).
- * Softmax is computed online in fp32, one block of keys at a time.
+ * Softmax is computed online in fp32, one block of keys at a time. block_size <= MAX_BLOCK.
  */
 #include <math.h>
 #include <stdint.h>
@@ -22,7 +23,7 @@
 
 #define MAX_GROUP 16
 #define MAX_D 256
-#define CHUNK 32
+#define MAX_BLOCK 256
 
 static inline float bf16_to_f32(uint16_t b) {
     union { uint32_t u; float f; } x;
@@ -57,26 +58,23 @@ static inline float exp_nonpos(float x) {
     return x <= -87.0f ? 0.0f : p * scale.f;
 }
 
-/* One (query token, kv head) pair: the G query heads that share this kv head walk the sequence's
- * keys CHUNK at a time: scores (dot products over d; built with -fassociative-math so the
- * reduction vectorizes), a chunk max, one rescale of the running sums, then P @ V.
- * K/V rows are converted to fp32 once per chunk (a plain copy for fp32 caches). */
+/* Generic path (any block size / head_dim): one (query token, kv head) pair at a time, the G
+ * query heads sharing the kv head walk the keys one block at a time with an online softmax. */
 #define DEFINE_KERNEL(NAME, T_ELEM, LOAD, STORE)                                                   \
-void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int32_t *block_tables,     \
+static void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int32_t *block_tables, \
           int max_blocks, const int32_t *tok_seq, const int32_t *tok_limit, int n_tokens,          \
           int n_heads, int n_kv_heads, int head_dim, int block_size, int window, float scale,      \
           T_ELEM *out, int n_threads) {                                                            \
     const int group = n_heads / n_kv_heads;                                                        \
-    const long kv_row = (long)n_kv_heads * head_dim;                                               \
+    const long k_block = (long)n_kv_heads * head_dim * block_size;                                 \
+    const long v_row = (long)n_kv_heads * head_dim;                                                \
     _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) num_threads(n_threads)")            \
     for (int t = 0; t < n_tokens; t++) {                                                           \
         for (int kh = 0; kh < n_kv_heads; kh++) {                                                  \
-            float qf[MAX_GROUP][MAX_D] __attribute__((aligned(64)));                               \
-            float acc[MAX_GROUP][MAX_D] __attribute__((aligned(64)));                              \
-            float kf[CHUNK][MAX_D] __attribute__((aligned(64)));                                   \
-            float vf[CHUNK][MAX_D] __attribute__((aligned(64)));                                   \
+            float qf[MAX_GROUP][MAX_D];                                                            \
+            float acc[MAX_GROUP][MAX_D];                                                           \
+            float s[MAX_BLOCK];                                                                    \
             float m[MAX_GROUP], l[MAX_GROUP];                                                      \
-            float s[CHUNK];                                                                        \
             const int32_t *bt = block_tables + (long)tok_seq[t] * max_blocks;                      \
             const int limit = tok_limit[t];                                                        \
             int start = 0;                                                                         \
@@ -86,37 +84,29 @@ void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int32_t *bl
                 for (int d = 0; d < head_dim; d++) { qf[g][d] = LOAD(qr[d]) * scale; acc[g][d] = 0.f; } \
                 m[g] = -INFINITY; l[g] = 0.f;                                                      \
             }                                                                                      \
-            for (int j0 = start; j0 < limit; j0 += CHUNK) {                                        \
-                const int n = (limit - j0) < CHUNK ? (limit - j0) : CHUNK;                         \
-                for (int c = 0; c < n; c++) {                                                      \
-                    const int j = j0 + c;                                                          \
-                    const long slot = (long)bt[j / block_size] * block_size + j % block_size;      \
-                    const T_ELEM *kr = kc + slot * kv_row + (long)kh * head_dim;                   \
-                    const T_ELEM *vr = vc + slot * kv_row + (long)kh * head_dim;                   \
-                    for (int d = 0; d < head_dim; d++) kf[c][d] = LOAD(kr[d]);                     \
-                    for (int d = 0; d < head_dim; d++) vf[c][d] = LOAD(vr[d]);                     \
-                }                                                                                  \
+            for (int b = start / block_size; b * block_size < limit; b++) {                        \
+                const int c0 = b * block_size < start ? start - b * block_size : 0;                \
+                const int c1 = (b + 1) * block_size > limit ? limit - b * block_size : block_size; \
+                const T_ELEM *kb = kc + (long)bt[b] * k_block + (long)kh * head_dim * block_size;  \
+                const T_ELEM *vb = vc + (long)bt[b] * block_size * v_row + (long)kh * head_dim;    \
                 for (int g = 0; g < group; g++) {                                                  \
-                    const float *qg = qf[g];                                                       \
                     float cmax = m[g];                                                             \
-                    for (int c = 0; c < n; c++) {                                                  \
-                        const float *kr = kf[c];                                                   \
+                    for (int c = c0; c < c1; c++) {                                                \
                         float dot = 0.f;                                                           \
-                        for (int d = 0; d < head_dim; d++) dot += qg[d] * kr[d];                   \
+                        for (int d = 0; d < head_dim; d++)                                         \
+                            dot += qf[g][d] * LOAD(kb[(long)d * block_size + c]);                  \
                         s[c] = dot;                                                                \
                         cmax = dot > cmax ? dot : cmax;                                            \
                     }                                                                              \
                     const float corr = exp_nonpos(m[g] - cmax);                                    \
                     float sum = 0.f;                                                               \
-                    for (int c = 0; c < n; c++) { s[c] = exp_nonpos(s[c] - cmax); sum += s[c]; }   \
+                    for (int c = c0; c < c1; c++) { s[c] = exp_nonpos(s[c] - cmax); sum += s[c]; } \
                     l[g] = l[g] * corr + sum;                                                      \
                     m[g] = cmax;                                                                   \
-                    float *ag = acc[g];                                                            \
-                    for (int d = 0; d < head_dim; d++) ag[d] *= corr;                              \
-                    for (int c = 0; c < n; c++) {                                                  \
-                        const float p = s[c];                                                      \
-                        const float *vr = vf[c];                                                   \
-                        for (int d = 0; d < head_dim; d++) ag[d] += p * vr[d];                     \
+                    for (int d = 0; d < head_dim; d++) acc[g][d] *= corr;                          \
+                    for (int c = c0; c < c1; c++) {                                                \
+                        const T_ELEM *vr = vb + (long)c * v_row;                                   \
+                        for (int d = 0; d < head_dim; d++) acc[g][d] += s[c] * LOAD(vr[d]);        \
                     }                                                                              \
                 }                                                                                  \
             }                                                                                      \
@@ -129,6 +119,133 @@ void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int32_t *bl
     }                                                                                              \
 }
 
+/* ---- Fast path: block_size 16, head_dim a multiple of 64 (the common case) -------------------
+ * GCC vector types make the accumulators registers: scores use 4 independent FMA chains over d,
+ * P @ V keeps 4 output vectors in registers across the block's 16 keys. */
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef _Float16 f16x16 __attribute__((vector_size(32)));
+
+static inline f32x16 loadv_f32(const float *p) { f32x16 v; __builtin_memcpy(&v, p, 64); return v; }
+static inline f32x16 loadv_bf16(const uint16_t *p) {
+    u16x16 h; __builtin_memcpy(&h, p, 32);
+    return (f32x16)(__builtin_convertvector(h, u32x16) << 16);
+}
+static inline f32x16 loadv_f16(const _Float16 *p) {
+    f16x16 h; __builtin_memcpy(&h, p, 32);
+    return __builtin_convertvector(h, f32x16);
+}
+
+/* exp(x) for x <= 0 lane-wise; same polynomial as exp_nonpos. */
+static inline f32x16 expv_nonpos(f32x16 x) {
+    const f32x16 lo = x - x - 87.0f;
+    const i32x16 keep = x > lo;  /* -1 where x > -87 */
+    x = (f32x16)(((i32x16)x & keep) | ((i32x16)lo & ~keep));
+    /* y <= 0, so truncating y - 0.5 toward zero rounds y to the nearest integer. */
+    const i32x16 n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i32x16);
+    const f32x16 nf = __builtin_convertvector(n, f32x16);
+    const f32x16 r = x - nf * 0.693145751953125f - nf * 1.42860682030941723e-06f;
+    f32x16 p = r * (1.0f / 720.0f) + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const f32x16 scale = (f32x16)((n + 127) << 23);
+    return (f32x16)((i32x16)(p * scale) & keep);
+}
+
+static inline float hmax16(f32x16 v) { float m = v[0]; for (int i = 1; i < 16; i++) m = v[i] > m ? v[i] : m; return m; }
+static inline float hsum16(f32x16 v) { float s = 0.f; for (int i = 0; i < 16; i++) s += v[i]; return s; }
+
+#define DEFINE_FAST(NAME, T_ELEM, LOAD, LOADV, STORE)                                              \
+static void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int32_t *block_tables, \
+                 int max_blocks, const int32_t *tok_seq, const int32_t *tok_limit, int n_tokens,   \
+                 int n_heads, int n_kv_heads, int head_dim, int window, float scale,               \
+                 T_ELEM *out, int n_threads) {                                                     \
+    const int BS = 16;                                                                             \
+    const int group = n_heads / n_kv_heads;                                                        \
+    const int nv = head_dim / 16; /* vectors per head row */                                       \
+    const long k_block = (long)n_kv_heads * head_dim * BS;                                         \
+    const long v_row = (long)n_kv_heads * head_dim;                                                \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(n_threads)")                        \
+    for (int t = 0; t < n_tokens; t++) {                                                           \
+        for (int kh = 0; kh < n_kv_heads; kh++) {                                                  \
+            float qf[MAX_GROUP][MAX_D] __attribute__((aligned(64)));                               \
+            f32x16 acc[MAX_GROUP][MAX_D / 16];                                                     \
+            float m[MAX_GROUP], l[MAX_GROUP];                                                      \
+            const int32_t *bt = block_tables + (long)tok_seq[t] * max_blocks;                      \
+            const int limit = tok_limit[t];                                                        \
+            int start = 0;                                                                         \
+            if (window > 0 && limit > window) start = limit - window;                              \
+            for (int g = 0; g < group; g++) {                                                      \
+                const T_ELEM *qr = q + ((long)t * n_heads + kh * group + g) * head_dim;            \
+                for (int d = 0; d < head_dim; d++) qf[g][d] = LOAD(qr[d]) * scale;                 \
+                for (int j = 0; j < nv; j++) acc[g][j] = (f32x16){0};                              \
+                m[g] = -INFINITY; l[g] = 0.f;                                                      \
+            }                                                                                      \
+            for (int b = start / BS; b * BS < limit; b++) {                                        \
+                const int c0 = b * BS < start ? start - b * BS : 0;                                \
+                const int c1 = (b + 1) * BS > limit ? limit - b * BS : BS;                         \
+                const T_ELEM *kb = kc + (long)bt[b] * k_block + (long)kh * head_dim * BS;          \
+                const T_ELEM *vb = vc + (long)bt[b] * BS * v_row + (long)kh * head_dim;            \
+                if ((b + 1) * BS < limit) {                                                        \
+                    /* The next block comes from DRAM: ask for it while this one computes. */      \
+                    const char *kn = (const char *)(kc + (long)bt[b + 1] * k_block                 \
+                                                    + (long)kh * head_dim * BS);                   \
+                    const char *vn = (const char *)(vc + (long)bt[b + 1] * BS * v_row              \
+                                                    + (long)kh * head_dim);                        \
+                    const int row_bytes = head_dim * (int)sizeof(T_ELEM);                          \
+                    for (int off = 0; off < row_bytes * BS; off += 64) __builtin_prefetch(kn + off); \
+                    for (int c = 0; c < BS; c++)                                                   \
+                        for (int off = 0; off < row_bytes; off += 64)                              \
+                            __builtin_prefetch(vn + (long)c * v_row * sizeof(T_ELEM) + off);       \
+                }                                                                                  \
+                f32x16 lane_ok;                                                                    \
+                for (int c = 0; c < 16; c++) lane_ok[c] = (c >= c0 && c < c1) ? 0.f : -INFINITY;   \
+                for (int g = 0; g < group; g++) {                                                  \
+                    const float *qg = qf[g];                                                       \
+                    f32x16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};                                 \
+                    for (int d = 0; d < head_dim; d += 4) {                                        \
+                        s0 += qg[d] * LOADV(kb + (long)d * BS);                                    \
+                        s1 += qg[d + 1] * LOADV(kb + (long)(d + 1) * BS);                          \
+                        s2 += qg[d + 2] * LOADV(kb + (long)(d + 2) * BS);                          \
+                        s3 += qg[d + 3] * LOADV(kb + (long)(d + 3) * BS);                          \
+                    }                                                                              \
+                    const f32x16 sc = (s0 + s1) + (s2 + s3) + lane_ok;                             \
+                    const float bmax = hmax16(sc);                                                 \
+                    const float cmax = bmax > m[g] ? bmax : m[g];                                  \
+                    const f32x16 e = expv_nonpos(sc - cmax);                                       \
+                    const float corr = exp_nonpos(m[g] - cmax);                                    \
+                    l[g] = l[g] * corr + hsum16(e);                                                \
+                    m[g] = cmax;                                                                   \
+                    for (int j = 0; j < nv; j += 4) {                                              \
+                        f32x16 a0 = acc[g][j] * corr, a1 = acc[g][j + 1] * corr;                   \
+                        f32x16 a2 = acc[g][j + 2] * corr, a3 = acc[g][j + 3] * corr;               \
+                        for (int c = c0; c < c1; c++) {                                            \
+                            const T_ELEM *vr = vb + (long)c * v_row + j * 16;                      \
+                            const float p = e[c];                                                  \
+                            a0 += p * LOADV(vr);                                                   \
+                            a1 += p * LOADV(vr + 16);                                              \
+                            a2 += p * LOADV(vr + 32);                                              \
+                            a3 += p * LOADV(vr + 48);                                              \
+                        }                                                                          \
+                        acc[g][j] = a0; acc[g][j + 1] = a1; acc[g][j + 2] = a2; acc[g][j + 3] = a3; \
+                    }                                                                              \
+                }                                                                                  \
+            }                                                                                      \
+            for (int g = 0; g < group; g++) {                                                      \
+                T_ELEM *orow = out + ((long)t * n_heads + kh * group + g) * head_dim;              \
+                const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;                                   \
+                for (int j = 0; j < nv; j++)                                                       \
+                    for (int i = 0; i < 16; i++) orow[j * 16 + i] = STORE(acc[g][j][i] * inv);     \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+}
+
 #define LOAD_F32(x) (x)
 #define STORE_F32(x) (x)
 #define LOAD_BF16(x) bf16_to_f32(x)
@@ -136,12 +253,33 @@ void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int32_t *bl
 #define LOAD_F16(x) ((float)(x))
 #define STORE_F16(x) ((_Float16)(x))
 
-DEFINE_KERNEL(paged_attention_f32, float, LOAD_F32, STORE_F32)
-DEFINE_KERNEL(paged_attention_bf16, uint16_t, LOAD_BF16, STORE_BF16)
-DEFINE_KERNEL(paged_attention_f16, _Float16, LOAD_F16, STORE_F16)
+DEFINE_KERNEL(generic_f32, float, LOAD_F32, STORE_F32)
+DEFINE_KERNEL(generic_bf16, uint16_t, LOAD_BF16, STORE_BF16)
+DEFINE_KERNEL(generic_f16, _Float16, LOAD_F16, STORE_F16)
+DEFINE_FAST(fast_f32, float, LOAD_F32, loadv_f32, STORE_F32)
+DEFINE_FAST(fast_bf16, uint16_t, LOAD_BF16, loadv_bf16, STORE_BF16)
+DEFINE_FAST(fast_f16, _Float16, LOAD_F16, loadv_f16, STORE_F16)
 
-int choral_kernel_limits(int *max_group, int *max_head_dim) {
+#define DEFINE_DISPATCH(NAME, T_ELEM, SUFFIX)                                                      \
+void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int32_t *block_tables,     \
+          int max_blocks, const int32_t *tok_seq, const int32_t *tok_limit, int n_tokens,          \
+          int n_heads, int n_kv_heads, int head_dim, int block_size, int window, float scale,      \
+          T_ELEM *out, int n_threads) {                                                            \
+    if (block_size == 16 && head_dim % 64 == 0)                                                    \
+        fast_##SUFFIX(q, kc, vc, block_tables, max_blocks, tok_seq, tok_limit, n_tokens, n_heads,  \
+                      n_kv_heads, head_dim, window, scale, out, n_threads);                        \
+    else                                                                                           \
+        generic_##SUFFIX(q, kc, vc, block_tables, max_blocks, tok_seq, tok_limit, n_tokens,        \
+                         n_heads, n_kv_heads, head_dim, block_size, window, scale, out, n_threads);\
+}
+
+DEFINE_DISPATCH(paged_attention_f32, float, f32)
+DEFINE_DISPATCH(paged_attention_bf16, uint16_t, bf16)
+DEFINE_DISPATCH(paged_attention_f16, _Float16, f16)
+
+int choral_kernel_limits(int *max_group, int *max_head_dim, int *max_block) {
     *max_group = MAX_GROUP;
     *max_head_dim = MAX_D;
+    *max_block = MAX_BLOCK;
     return 1;
 }

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from choral.engine.attention import AttentionBackend
+from choral.engine.attention import AttentionBackend, write_kv
 from choral.errors import ModelLoadError
 from choral.models.rope import RotaryTable, apply_rotary
 from choral.models.spec import ModelSpec
@@ -21,16 +21,18 @@ from choral.models.spec import ModelSpec
 
 @dataclass
 class LayerWeights:
+    # Projection weights are stored transposed, [in, out]: x @ w reads them row-major, which
+    # MKL runs faster than F.linear's transposed-B GEMM for the small M of decode steps.
     input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [q_size + 2 * kv_size, hidden]
+    qkv: torch.Tensor  # [hidden, q_size + 2 * kv_size]
     qkv_bias: torch.Tensor | None
     q_norm: torch.Tensor | None  # [head_dim]
     k_norm: torch.Tensor | None
-    o: torch.Tensor  # [hidden, q_size]
+    o: torch.Tensor  # [q_size, hidden]
     o_bias: torch.Tensor | None
     post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor  # [hidden, intermediate]
+    gate_up: torch.Tensor  # [hidden, 2 * intermediate]
+    down: torch.Tensor  # [intermediate, hidden]
 
 
 class DecoderModel:
@@ -89,15 +91,15 @@ class DecoderModel:
             ])
             self.layers.append(LayerWeights(
                 input_norm=take(p + "input_layernorm.weight", (h,)),
-                qkv=qkv,
+                qkv=_t(qkv),
                 qkv_bias=bias,
                 q_norm=maybe(p + "self_attn.q_norm.weight", (d,), spec.qk_norm),
                 k_norm=maybe(p + "self_attn.k_norm.weight", (d,), spec.qk_norm),
-                o=take(p + "self_attn.o_proj.weight", (h, q)),
+                o=_t(take(p + "self_attn.o_proj.weight", (h, q))),
                 o_bias=maybe(p + "self_attn.o_proj.bias", (h,), spec.o_bias),
                 post_norm=take(p + "post_attention_layernorm.weight", (h,)),
-                gate_up=gate_up,
-                down=take(p + "mlp.down_proj.weight", (h, inter)),
+                gate_up=_t(gate_up),
+                down=_t(take(p + "mlp.down_proj.weight", (h, inter))),
             ))
         if spec.tie_word_embeddings or "lm_head.weight" not in named:
             named.pop("lm_head.weight", None)
@@ -125,6 +127,9 @@ class DecoderModel:
     # ---- forward -------------------------------------------------------------------------
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # HF's RMSNorm: statistics in fp32, scaled by the weight in the activations' dtype.
+        # torch's fused rms_norm is one kernel instead of six; in fp32 it is the same math.
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, weight.shape, weight, self.spec.rms_norm_eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.spec.rms_norm_eps)
         return weight * xf.to(x.dtype)
@@ -134,10 +139,10 @@ class DecoderModel:
         self,
         input_ids: torch.Tensor,  # [T] int64
         positions: torch.Tensor,  # [T] int64, rope positions
-        slot_mapping: torch.Tensor,  # [T] int64, cache slot (block * block_size + offset) per token
+        kv_index: tuple[torch.Tensor, torch.Tensor],  # ([T] block id, [T] offset) of each token's K/V
         attention: AttentionBackend,  # already prepared for this batch
-        k_caches: list[torch.Tensor],  # per layer [num_blocks, block_size, KVH, D]
-        v_caches: list[torch.Tensor],
+        k_caches: list[torch.Tensor],  # per layer [num_blocks, KVH, D, block_size]
+        v_caches: list[torch.Tensor],  # per layer [num_blocks, block_size, KVH, D]
         logits_indices: torch.Tensor,  # [L] rows of the batch whose logits are wanted
     ) -> torch.Tensor:  # [L, vocab] fp32
         spec = self.spec
@@ -147,24 +152,31 @@ class DecoderModel:
         hidden = self.embed.index_select(0, input_ids)  # [T, hidden]
         for i, w in enumerate(self.layers):
             x = self._norm(hidden, w.input_norm)
-            qkv = F.linear(x, w.qkv, w.qkv_bias)  # [T, q + 2kv]
-            q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
-            q = q.view(num_tokens, nh, hd)
-            k = k.view(num_tokens, nkv, hd)
-            v = v.view(num_tokens, nkv, hd)
+            qkv = _proj(x, w.qkv, w.qkv_bias)  # [T, q + 2kv]
+            # q and k sit side by side in qkv: view them as H + KVH heads and rotate them in one go.
+            qk = qkv[:, : spec.q_size + spec.kv_size].view(num_tokens, nh + nkv, hd)
+            v = qkv[:, spec.q_size + spec.kv_size :].view(num_tokens, nkv, hd)
             if w.q_norm is not None and w.k_norm is not None:
-                q = self._norm(q, w.q_norm)
-                k = self._norm(k, w.k_norm)
-            q = apply_rotary(q, cos, sin)
-            k = apply_rotary(k, cos, sin)
+                qk = torch.cat([self._norm(qk[:, :nh], w.q_norm), self._norm(qk[:, nh:], w.k_norm)], dim=1)
+            qk = apply_rotary(qk, cos, sin)  # [T, H + KVH, D]
+            q, k = qk[:, :nh], qk[:, nh:]
             k_cache, v_cache = k_caches[i], v_caches[i]
             # Write this step's K/V first: queries then read themselves through the cache.
-            k_cache.view(-1, nkv, hd).index_copy_(0, slot_mapping, k)
-            v_cache.view(-1, nkv, hd).index_copy_(0, slot_mapping, v)
+            write_kv(k_cache, v_cache, kv_index[0], kv_index[1], k, v)
             attn = attention.attend(q, k_cache, v_cache, spec.layer_windows[i], self.scale)
-            hidden = hidden + F.linear(attn.view(num_tokens, nh * hd), w.o, w.o_bias)
+            hidden = hidden + _proj(attn.view(num_tokens, nh * hd), w.o, w.o_bias)
             x = self._norm(hidden, w.post_norm)
-            gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
-            hidden = hidden + F.linear(F.silu(gate) * up, w.down)
+            gate, up = torch.mm(x, w.gate_up).chunk(2, dim=-1)  # [T, inter] each
+            hidden = hidden + torch.mm(F.silu(gate) * up, w.down)
         last = self._norm(hidden.index_select(0, logits_indices), self.final_norm)
         return F.linear(last, self.lm_head).float()
+
+
+def _t(w: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> contiguous [in, out]."""
+    return w.t().contiguous()
+
+
+def _proj(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [T, in] @ w [in, out] (+ bias [out]) -> [T, out]."""
+    return torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
