@@ -129,12 +129,12 @@ def _floor(flops: float, num_bytes: float, gflops: float, gbs: float) -> dict[st
 def model_cost(engine: LLMEngine) -> ModelCost:
     model = engine.loaded.model
     spec = engine.loaded.spec
-    layer_params = sum(w.qkv.numel() + w.o.numel() + w.gate_up.numel() + w.down.numel()
-                       for w in model.layers)
+    layer_params = sum(w.qkv.num_parameters + w.o.num_parameters + w.gate_up.num_parameters
+                       + w.down.num_parameters for w in model.layers)
     elem = model.embed.element_size()
     return ModelCost(
         layer_params=layer_params,
-        lm_head_params=model.lm_head.numel(),
+        lm_head_params=model.lm_head.num_parameters,
         weight_bytes=model.weight_bytes,
         kv_bytes_per_token=spec.kv_bytes_per_token * elem,
         num_layers=spec.num_layers,

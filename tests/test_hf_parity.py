@@ -102,3 +102,16 @@ def test_sliding_window_is_applied(tiny_models) -> None:  # type: ignore[no-unty
     directory, _ = tiny_models["mistral"]
     engine = make_engine(directory, "torch")
     assert engine.loaded.spec.layer_windows == (12, 12)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_stays_close_to_fp32(tiny_models, dtype: str) -> None:  # type: ignore[no-untyped-def]
+    directory, hf = tiny_models["mistral-hd64"]
+    engine = LLMEngine(EngineConfig(model=str(directory), dtype=dtype, block_size=16, kv_cache_tokens=512))
+    tokens = list(range(3, 40))
+    table = engine.pool.allocate(3)
+    (logits,) = engine.runner.execute([Chunk(tokens, 0, table, logits="all")])
+    ref = hf_logits(hf, tokens)
+    scale = ref.abs().max().item()
+    assert (logits - ref).abs().max().item() <= 0.05 * scale
+    engine.pool.free(table)

@@ -157,8 +157,14 @@ static inline f32x16 expv_nonpos(f32x16 x) {
     return (f32x16)((i32x16)(p * scale) & keep);
 }
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+static inline float hmax16(f32x16 v) { return _mm512_reduce_max_ps((__m512)v); }
+static inline float hsum16(f32x16 v) { return _mm512_reduce_add_ps((__m512)v); }
+#else
 static inline float hmax16(f32x16 v) { float m = v[0]; for (int i = 1; i < 16; i++) m = v[i] > m ? v[i] : m; return m; }
 static inline float hsum16(f32x16 v) { float s = 0.f; for (int i = 0; i < 16; i++) s += v[i]; return s; }
+#endif
 
 #define DEFINE_FAST(NAME, T_ELEM, LOAD, LOADV, STORE)                                              \
 static void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int32_t *block_tables, \
@@ -203,8 +209,9 @@ static void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int3
                         for (int off = 0; off < row_bytes; off += 64)                              \
                             __builtin_prefetch(vn + (long)c * v_row * sizeof(T_ELEM) + off);       \
                 }                                                                                  \
-                f32x16 lane_ok;                                                                    \
-                for (int c = 0; c < 16; c++) lane_ok[c] = (c >= c0 && c < c1) ? 0.f : -INFINITY;   \
+                f32x16 lane_ok = {0}; /* -inf on keys outside [c0, c1): partial first/last block */ \
+                if (c0 > 0 || c1 < BS)                                                             \
+                    for (int c = 0; c < 16; c++) lane_ok[c] = (c >= c0 && c < c1) ? 0.f : -INFINITY; \
                 for (int g = 0; g < group; g++) {                                                  \
                     const float *qg = qf[g];                                                       \
                     f32x16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};                                 \

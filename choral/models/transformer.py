@@ -15,24 +15,21 @@ import torch.nn.functional as F
 
 from choral.engine.attention import AttentionBackend, write_kv
 from choral.errors import ModelLoadError
+from choral.models.linear import Projection, onednn_packing_works
 from choral.models.rope import RotaryTable, apply_rotary
 from choral.models.spec import ModelSpec
 
 
 @dataclass
 class LayerWeights:
-    # Projection weights are stored transposed, [in, out]: x @ w reads them row-major, which
-    # MKL runs faster than F.linear's transposed-B GEMM for the small M of decode steps.
     input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [hidden, q_size + 2 * kv_size]
-    qkv_bias: torch.Tensor | None
+    qkv: Projection  # hidden -> q_size + 2 * kv_size
     q_norm: torch.Tensor | None  # [head_dim]
     k_norm: torch.Tensor | None
-    o: torch.Tensor  # [q_size, hidden]
-    o_bias: torch.Tensor | None
+    o: Projection  # q_size -> hidden
     post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [hidden, 2 * intermediate]
-    down: torch.Tensor  # [intermediate, hidden]
+    gate_up: Projection  # hidden -> 2 * intermediate
+    down: Projection  # intermediate -> hidden
 
 
 class DecoderModel:
@@ -46,8 +43,9 @@ class DecoderModel:
         self.scale = spec.head_dim**-0.5
         self.embed: torch.Tensor
         self.final_norm: torch.Tensor
-        self.lm_head: torch.Tensor
+        self.lm_head: Projection
         self.layers: list[LayerWeights] = []
+        self.packed = onednn_packing_works(dtype, device)
 
     # ---- loading -------------------------------------------------------------------------
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -89,36 +87,45 @@ class DecoderModel:
                 take(p + "mlp.gate_proj.weight", (inter, h)),
                 take(p + "mlp.up_proj.weight", (inter, h)),
             ])
+            o_weight = take(p + "self_attn.o_proj.weight", (h, q))
             self.layers.append(LayerWeights(
                 input_norm=take(p + "input_layernorm.weight", (h,)),
-                qkv=_t(qkv),
-                qkv_bias=bias,
+                qkv=self._projection(qkv, bias),
                 q_norm=maybe(p + "self_attn.q_norm.weight", (d,), spec.qk_norm),
                 k_norm=maybe(p + "self_attn.k_norm.weight", (d,), spec.qk_norm),
-                o=_t(take(p + "self_attn.o_proj.weight", (h, q))),
-                o_bias=maybe(p + "self_attn.o_proj.bias", (h,), spec.o_bias),
+                o=self._projection(o_weight, maybe(p + "self_attn.o_proj.bias", (h,), spec.o_bias)),
                 post_norm=take(p + "post_attention_layernorm.weight", (h,)),
-                gate_up=_t(gate_up),
-                down=_t(take(p + "mlp.down_proj.weight", (h, inter))),
+                gate_up=self._projection(gate_up, None),
+                down=self._projection(take(p + "mlp.down_proj.weight", (h, inter)), None),
             ))
         if spec.tie_word_embeddings or "lm_head.weight" not in named:
             named.pop("lm_head.weight", None)
-            self.lm_head = self.embed
+            self.lm_head = self._projection(self.embed, None)
+            self.tied = True
         else:
-            self.lm_head = take("lm_head.weight", (spec.vocab_size, h))
+            self.lm_head = self._projection(take("lm_head.weight", (spec.vocab_size, h)), None)
+            self.tied = False
         # Rotary tables some exporters save as buffers are recomputed, not loaded.
         leftovers = [n for n in named if not n.endswith("rotary_emb.inv_freq")]
         if leftovers:
             raise ModelLoadError(f"weights: unexpected tensors {sorted(leftovers)[:5]}")
 
+    def _projection(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Projection:
+        return Projection(weight, bias, self.packed)
+
     @property
     def num_parameters(self) -> int:
-        tensors = [self.embed, self.final_norm]
-        if self.lm_head is not self.embed:
-            tensors.append(self.lm_head)
+        """Parameters as the checkpoint counts them (a tied lm_head counts once)."""
+        total = self.embed.numel() + self.final_norm.numel()
+        if not self.tied:
+            total += self.lm_head.num_parameters
         for layer in self.layers:
-            tensors.extend(t for t in vars(layer).values() if t is not None)
-        return sum(t.numel() for t in tensors)
+            for value in vars(layer).values():
+                if isinstance(value, Projection):
+                    total += value.num_parameters
+                elif value is not None:
+                    total += value.numel()
+        return total
 
     @property
     def weight_bytes(self) -> int:
@@ -126,13 +133,9 @@ class DecoderModel:
 
     # ---- forward -------------------------------------------------------------------------
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # HF's RMSNorm: statistics in fp32, scaled by the weight in the activations' dtype.
-        # torch's fused rms_norm is one kernel instead of six; in fp32 it is the same math.
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, weight.shape, weight, self.spec.rms_norm_eps)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.spec.rms_norm_eps)
-        return weight * xf.to(x.dtype)
+        # torch's fused RMSNorm (one kernel instead of six) reduces in fp32 like HF's; in fp32 it
+        # is the same math, in bf16/fp16 it differs from HF only by where the last rounding falls.
+        return F.rms_norm(x, weight.shape, weight, self.spec.rms_norm_eps)
 
     @torch.inference_mode()
     def forward(
@@ -152,7 +155,7 @@ class DecoderModel:
         hidden = self.embed.index_select(0, input_ids)  # [T, hidden]
         for i, w in enumerate(self.layers):
             x = self._norm(hidden, w.input_norm)
-            qkv = _proj(x, w.qkv, w.qkv_bias)  # [T, q + 2kv]
+            qkv = w.qkv(x)  # [T, q + 2kv]
             # q and k sit side by side in qkv: view them as H + KVH heads and rotate them in one go.
             qk = qkv[:, : spec.q_size + spec.kv_size].view(num_tokens, nh + nkv, hd)
             v = qkv[:, spec.q_size + spec.kv_size :].view(num_tokens, nkv, hd)
@@ -164,19 +167,10 @@ class DecoderModel:
             # Write this step's K/V first: queries then read themselves through the cache.
             write_kv(k_cache, v_cache, kv_index[0], kv_index[1], k, v)
             attn = attention.attend(q, k_cache, v_cache, spec.layer_windows[i], self.scale)
-            hidden = hidden + _proj(attn.view(num_tokens, nh * hd), w.o, w.o_bias)
+            hidden = hidden + w.o(attn.view(num_tokens, nh * hd))
             x = self._norm(hidden, w.post_norm)
-            gate, up = torch.mm(x, w.gate_up).chunk(2, dim=-1)  # [T, inter] each
-            hidden = hidden + torch.mm(F.silu(gate) * up, w.down)
+            gate, up = w.gate_up(x).chunk(2, dim=-1)  # [T, inter] each
+            hidden = hidden + w.down(F.silu(gate) * up)
         last = self._norm(hidden.index_select(0, logits_indices), self.final_norm)
-        return F.linear(last, self.lm_head).float()
+        return self.lm_head(last).float()
 
-
-def _t(w: torch.Tensor) -> torch.Tensor:
-    """[out, in] -> contiguous [in, out]."""
-    return w.t().contiguous()
-
-
-def _proj(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [T, in] @ w [in, out] (+ bias [out]) -> [T, out]."""
-    return torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
