@@ -45,3 +45,15 @@ class PromptTooLongError(InvalidRequestError):
 
 class KvCacheExhaustedError(ChoralError):
     """The KV block pool has no free block for the requested allocation."""
+
+
+class QueueFull(ChoralError):
+    """The executor's queue holds ``max_queue_size`` requests; retry later."""
+
+
+class ProcessorStopped(ChoralError):
+    """The executor has been shut down and accepts no more requests."""
+
+
+class UnknownRequestError(ChoralError, KeyError):
+    """No request with this id is known to the executor (or its responses were all taken)."""

@@ -94,3 +94,13 @@ def smollm_fp32():  # type: ignore[no-untyped-def]
     from choral import LLM
 
     return LLM("smollm2-135m-instruct", dtype="float32", kv_cache_tokens=8192, max_model_len=2048)
+
+
+@pytest.fixture(scope="session")
+def smollm_executor(smollm_fp32):  # type: ignore[no-untyped-def]
+    """An Executor over the session's SmolLM2 engine (fp32)."""
+    from choral.executor import Executor
+
+    ex = Executor(smollm_fp32.engine)
+    yield ex
+    ex.shutdown()

@@ -17,7 +17,7 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two sequences with equal tokens are still two sequences
 class Sequence:
     """One generation stream. Owns its tokens and block table; the pool owns the blocks."""
 

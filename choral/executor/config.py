@@ -1,0 +1,74 @@
+"""ExecutorConfig: batching strategy, KV policy, queue and cache options (frozen, validated)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from choral.errors import ConfigError
+
+
+class BatchingStrategy(enum.Enum):
+    """When requests join a batch (zigllama's four plus TRT-LLM's static batching).
+
+    - CONTINUOUS: every step admits waiting requests while budgets allow (in-flight batching).
+    - STATIC: a batch is admitted only when nothing runs; it runs to completion.
+    - FIXED_SIZE: like STATIC, but a batch starts only once ``batch_size`` requests wait.
+    - DYNAMIC_TIMEOUT: like STATIC, but a batch starts when ``batch_size`` requests wait or the
+      oldest has waited ``timeout_ms``.
+    - ADAPTIVE: CONTINUOUS with a sequence cap that follows load: after each step, if the step
+      took longer than ``latency_target_ms`` the cap shrinks to 3/4 (not below
+      ``adaptive_min_batch``); else, if requests are waiting, it grows by 1 (up to
+      ``max_num_seqs``). The cap is reported in the iteration stats.
+    """
+
+    CONTINUOUS = "continuous"
+    STATIC = "static"
+    FIXED_SIZE = "fixed_size"
+    DYNAMIC_TIMEOUT = "dynamic_timeout"
+    ADAPTIVE = "adaptive"
+
+
+class KvPolicy(enum.Enum):
+    """How admission treats the KV cache (TRT-LLM's capacity scheduler policies).
+
+    - MAX_UTILIZATION: admit while the prompt's blocks fit; when a running sequence needs a
+      block and none is free, preempt the lowest-priority (then newest) sequence: its blocks are
+      freed and it is recomputed later (its full blocks usually come back from the prefix cache).
+    - GUARANTEED_NO_EVICT: admit only when prompt + max_tokens fit next to what every running
+      request may still need; nothing is ever preempted.
+    """
+
+    MAX_UTILIZATION = "max_utilization"
+    GUARANTEED_NO_EVICT = "guaranteed_no_evict"
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    strategy: BatchingStrategy = BatchingStrategy.CONTINUOUS
+    kv_policy: KvPolicy = KvPolicy.MAX_UTILIZATION
+    max_queue_size: int = 1024
+    batch_size: int = 8  # FIXED_SIZE / DYNAMIC_TIMEOUT batch size
+    timeout_ms: float = 100.0  # DYNAMIC_TIMEOUT
+    latency_target_ms: float = 250.0  # ADAPTIVE
+    adaptive_min_batch: int = 1
+    priority_aging_per_s: float = 0.1  # priority a waiting request gains per second waited
+    enable_prefix_cache: bool = True
+    iteration_stats_max: int = 1000
+    record_kv_events: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.strategy, BatchingStrategy):
+            raise ConfigError(f"strategy: must be a BatchingStrategy, got {self.strategy!r}")
+        if not isinstance(self.kv_policy, KvPolicy):
+            raise ConfigError(f"kv_policy: must be a KvPolicy, got {self.kv_policy!r}")
+        for name in ("max_queue_size", "batch_size", "adaptive_min_batch", "iteration_stats_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}: must be a positive int, got {value!r}")
+        for name in ("timeout_ms", "latency_target_ms"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value <= 0:
+                raise ConfigError(f"{name}: must be a positive number, got {value!r}")
+        if not isinstance(self.priority_aging_per_s, int | float) or self.priority_aging_per_s < 0:
+            raise ConfigError(f"priority_aging_per_s: must be >= 0, got {self.priority_aging_per_s!r}")

@@ -1,0 +1,139 @@
+"""Requests in, responses out: the executor's public data types (TensorRT-LLM's shape)."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from choral.errors import InvalidRequestError
+from choral.sampling.params import SamplingParams
+
+
+class FinishReason(enum.Enum):
+    NOT_FINISHED = "not_finished"
+    END_ID = "end_id"  # the model's EOS (or the request's end_id)
+    STOP_WORDS = "stop_words"  # a stop token id, stop token sequence or stop string
+    LENGTH = "length"  # max_tokens or the context limit
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"  # allotted_time elapsed
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation request.
+
+    Sampling and most stop conditions (temperature, top-p, stop strings, stop token ids,
+    min_tokens, logprobs...) live in ``sampling``. The fields here are per request:
+
+    Attributes:
+        prompt: text, token ids, or chat messages (rendered with the model's chat template).
+        max_tokens: overrides ``sampling.max_tokens`` when given.
+        streaming: deliver a response per new token (deltas) instead of one at the end.
+        priority: higher runs first; equal priorities are FIFO; waiting requests age upwards.
+        allotted_time: seconds from arrival; past it the request ends with TIMED_OUT.
+        end_id: an extra end-of-sequence token id (TRT-LLM's ``end_id``).
+        stop_words: token sequences that end generation (removed from the output).
+        n: independent sequences sampled from one prompt; the prompt's KV is shared by fork.
+        exclude_input_from_output: False prepends the prompt tokens to the (non-streamed) output.
+        client_id: an opaque id echoed in every response.
+        callback: called with each Response for this request (from the executor's thread).
+    """
+
+    prompt: str | Sequence[int] | Sequence[dict[str, Any]]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int | None = None
+    streaming: bool = False
+    priority: float = 0.0
+    allotted_time: float | None = None
+    end_id: int | None = None
+    stop_words: tuple[tuple[int, ...], ...] = ()
+    n: int = 1
+    exclude_input_from_output: bool = True
+    client_id: Any = None
+    callback: Callable[[Response], None] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sampling, SamplingParams):
+            raise InvalidRequestError("sampling: must be a SamplingParams")
+        if self.max_tokens is not None and (
+            isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
+            raise InvalidRequestError(f"max_tokens: must be a positive int, got {self.max_tokens!r}")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int | float):
+            raise InvalidRequestError(f"priority: must be a number, got {self.priority!r}")
+        if self.allotted_time is not None and (
+            not isinstance(self.allotted_time, int | float) or self.allotted_time <= 0
+        ):
+            raise InvalidRequestError(
+                f"allotted_time: must be a positive number of seconds, got {self.allotted_time!r}"
+            )
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= 64:
+            raise InvalidRequestError(f"n: must be an int in [1, 64], got {self.n!r}")
+        words = tuple(tuple(w) for w in self.stop_words)
+        for w in words:
+            if not w or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in w):
+                raise InvalidRequestError(f"stop_words: each must be a non-empty list of token ids, got {list(w)!r}")
+        object.__setattr__(self, "stop_words", words)
+        if self.end_id is not None and (not isinstance(self.end_id, int) or self.end_id < 0):
+            raise InvalidRequestError(f"end_id: must be a token id, got {self.end_id!r}")
+        if self.callback is not None and not callable(self.callback):
+            raise InvalidRequestError("callback: must be callable")
+
+    @property
+    def effective_max_tokens(self) -> int:
+        return self.max_tokens if self.max_tokens is not None else self.sampling.max_tokens
+
+
+@dataclass
+class Timing:
+    """Seconds, measured on the executor's monotonic clock."""
+
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.first_scheduled is None else self.first_scheduled - self.arrival
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def latency(self) -> float | None:
+        return None if self.finished is None else self.finished - self.arrival
+
+
+@dataclass
+class Result:
+    """What one response carries for one sequence of a request."""
+
+    is_final: bool  # the whole request is done (every sequence)
+    is_sequence_final: bool
+    sequence_index: int
+    output_token_ids: list[int]  # deltas when streaming, else everything
+    text: str  # likewise
+    finish_reason: FinishReason
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None
+    num_prompt_tokens: int
+    num_output_tokens: int  # so far, for this sequence
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+    timing: Timing
+
+
+@dataclass
+class Response:
+    """A response for request ``request_id``: an error or a result."""
+
+    request_id: int
+    client_id: Any = None
+    result: Result | None = None
+    error: str | None = None
+
+    @property
+    def has_error(self) -> bool:
+        return self.error is not None
