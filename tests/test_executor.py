@@ -362,3 +362,16 @@ def test_two_thousand_random_requests_with_cancels(tiny_models) -> None:  # type
     assert ex.aggregate.total_requests == 2000
     assert ex.aggregate.cancelled > 0
     assert_no_leak(ex)
+
+
+def test_kv_events_and_input_in_output(tiny_models) -> None:  # type: ignore[no-untyped-def]
+    cfg = ExecutorConfig(record_kv_events=True)
+    with make(tiny_models, cfg, kv_cache_tokens=64, max_model_len=64) as ex:
+        done = ex.submit(Request(list(range(3, 20)), GREEDY, max_tokens=3, exclude_input_from_output=False))
+        assert done.token_ids[:17] == list(range(3, 20)) and len(done.token_ids) == 20
+        events = ex.get_kv_cache_events()
+        assert [k for k, _, _ in events] == ["stored"] * 4  # 17 + 3 tokens: 4 full blocks of 4 (+ 3 computed)
+        ex.submit(Request(list(range(40, 100)), GREEDY, max_tokens=2))  # needs the whole pool
+        kinds = [k for k, _, _ in ex.get_kv_cache_events()]
+        assert "evicted" in kinds and "stored" in kinds
+        assert ex.get_kv_cache_events() == []
