@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from choral.config import DEFAULT_MODEL
 from choral.errors import ChoralError
@@ -66,6 +68,54 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from choral.config import EngineConfig
+    from choral.engine.llm_engine import LLMEngine
+    from choral.executor import BatchingStrategy, Executor, ExecutorConfig, KvPolicy
+    from choral.server.app import create_app
+
+    engine = LLMEngine(EngineConfig.from_kwargs(**engine_options(args)))
+    config = ExecutorConfig(strategy=BatchingStrategy(args.strategy), kv_policy=KvPolicy(args.kv_policy),
+                            max_queue_size=args.max_queue_size, enable_prefix_cache=not args.no_prefix_cache)
+    executor = Executor(engine, config)
+    name = args.served_model_name or args.model
+    app = create_app(executor, name, api_key=args.api_key)
+    kv = engine.kv_size
+    print(f"choral: serving {name!r} on http://{args.host}:{args.port}/v1 (KV cache {kv.num_tokens} tokens, "
+          f"{kv.num_bytes / 2**20:.0f} MiB; {engine.loaded.model.dtype})", flush=True)
+    # SIGTERM/SIGINT: stop accepting, let in-flight requests finish for up to --graceful-timeout
+    # seconds, cancel whatever still runs, exit 0.
+    server_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                   timeout_graceful_shutdown=args.graceful_timeout)
+    _GracefulServer(server_config).run()
+    executor.shutdown(wait=False)
+    return 0
+
+
+class _GracefulServer:
+    """uvicorn's Server, minus re-raising the signal after shutdown (which would exit non-zero)."""
+
+    def __init__(self, config: object):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+                try:
+                    yield
+                finally:
+                    for sig, handler in previous.items():
+                        signal.signal(sig, handler)
+
+        self.server = Server(config)  # type: ignore[arg-type]
+
+    def run(self) -> None:
+        self.server.run()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="choral",
@@ -93,6 +143,32 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the OpenAI-compatible HTTP server",
+        description="Serve the model over an OpenAI-compatible API (/v1/completions, /v1/chat/completions, "
+                    "/v1/models, /health, /metrics, /tokenize, /detokenize). Example:\n"
+                    "  choral serve --model smollm2-135m-instruct --port 8000\n"
+                    "  then: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='x')",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
+    serve.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
+    serve.add_argument("--max-queue-size", type=int, default=1024, help="queued requests before 429 (default: 1024)")
+    serve.add_argument("--strategy", default="continuous",
+                       choices=["continuous", "static", "fixed_size", "dynamic_timeout", "adaptive"],
+                       help="batching strategy (default: continuous)")
+    serve.add_argument("--kv-policy", default="max_utilization", choices=["max_utilization", "guaranteed_no_evict"],
+                       help="KV admission policy (default: max_utilization)")
+    serve.add_argument("--no-prefix-cache", action="store_true", help="disable the automatic prefix cache")
+    serve.add_argument("--graceful-timeout", type=int, default=10,
+                       help="seconds in-flight requests may finish after SIGTERM (default: 10)")
+    serve.add_argument("--log-level", default="warning", help="uvicorn log level (default: warning)")
+    add_engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -49,6 +49,10 @@ def test_cancelling_the_task_cancels_the_request(tiny_models) -> None:  # type: 
             except asyncio.CancelledError:
                 pass
             ex = ax.executor
+            for _ in range(1000):  # the loop thread ends it before its next step
+                if ex.aggregate.cancelled == 1:
+                    break
+                await asyncio.sleep(0.01)
             assert ex.aggregate.cancelled == 1
             gen_task = asyncio.create_task(ax.generate(long))
             await asyncio.sleep(0.01)

@@ -24,6 +24,12 @@ class AsyncExecutor:
 
     async def stream(self, request: Request) -> AsyncIterator[Result]:
         """Yield each streamed Result (token and text deltas) until the request's final one."""
+        async for result in self.start_stream(request):
+            yield result
+
+    def start_stream(self, request: Request) -> AsyncIterator[Result]:
+        """Queue ``request`` now (QueueFull / InvalidRequestError raise here, synchronously) and
+        return the iterator of its streamed Results. Must be called inside a running event loop."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Response] = asyncio.Queue()
         user_callback = request.callback
@@ -33,8 +39,10 @@ class AsyncExecutor:
                 user_callback(response)
             loop.call_soon_threadsafe(queue.put_nowait, response)
 
-        streamed = dataclasses.replace(request, streaming=True, callback=deliver)
-        rid = self.executor.submit_async(streamed)
+        rid = self.executor.submit_async(dataclasses.replace(request, streaming=True, callback=deliver))
+        return self._drain(rid, queue)
+
+    async def _drain(self, rid: int, queue: asyncio.Queue[Response]) -> AsyncIterator[Result]:
         finished = False
         try:
             while True:
@@ -45,10 +53,11 @@ class AsyncExecutor:
                     finished = True
                     break
         finally:
+            # Synchronous on purpose: this also runs when the consuming task is being cancelled
+            # (a client disconnect), where no further await would run.
             if not finished:
                 self.executor.cancel(rid)
-            # Collect the completion so the executor forgets the request.
-            await asyncio.to_thread(self.executor.poll, rid, None)
+            self.executor.release(rid)
 
     async def generate(self, request: Request) -> Completion:
         """Run a request to completion without blocking the event loop."""
@@ -67,7 +76,7 @@ class AsyncExecutor:
             await done
         except asyncio.CancelledError:
             self.executor.cancel(rid)
-            await asyncio.to_thread(self.executor.poll, rid, None)
+            self.executor.release(rid)
             raise
         completion = self.executor.poll(rid, timeout=None)
         assert completion is not None

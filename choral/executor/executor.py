@@ -130,6 +130,17 @@ class Executor:
             job = self._jobs.get(request_id)
             return len(job.responses) if job is not None else 0
 
+    def release(self, request_id: int) -> None:
+        """The caller will not collect this request's results: forget it once it is done."""
+        with self._cond:
+            job = self._jobs.get(request_id)
+            if job is None:
+                return
+            if job.done:
+                del self._jobs[request_id]
+            else:
+                job.released = True
+
     def cancel(self, request_id: int) -> None:
         """Cancel a request: it ends with CANCELLED and what it generated so far; its blocks are
         freed before the next step. Cancelling a finished or unknown request does nothing."""
@@ -189,7 +200,12 @@ class Executor:
 
     @property
     def is_running(self) -> bool:
-        return not self._stopped
+        return not self._stopped and self._error is None
+
+    @property
+    def num_queued_not_scheduled(self) -> int:
+        """Requests accepted but not yet handed to the scheduler (racy read, for metrics)."""
+        return len(self._incoming)
 
     def get_latest_iteration_stats(self) -> list[IterationStats]:
         """Iteration stats since the last call (TRT-LLM semantics)."""
@@ -515,6 +531,8 @@ class Executor:
                 job.responses.append(response)
             if all_final:
                 job.done = True
+                if job.released:
+                    self._jobs.pop(job.request_id, None)
             self._cond.notify_all()
         if request.callback is not None:
             try:

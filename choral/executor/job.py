@@ -40,6 +40,7 @@ class Job:
     cancelled: bool = False
     done: bool = False
     forked: bool = False  # the n-1 siblings have been forked off sequence 0
+    released: bool = False  # nobody will collect it: forget it as soon as it is done
 
     def effective_priority(self, now: float, aging_per_s: float) -> float:
         """Priority plus what waiting has earned: a stream of high-priority arrivals cannot

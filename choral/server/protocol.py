@@ -1,0 +1,111 @@
+"""OpenAI request bodies (pydantic) and their translation to choral Requests.
+
+Unknown fields are rejected with a 400 that names them (never silently dropped). choral's extra
+sampling fields (top_k, min_p, priority, ...) are accepted as vLLM accepts them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from choral.errors import InvalidRequestError
+from choral.executor.request import Request
+from choral.sampling.params import SamplingParams
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: dict[str, Any] | None = None
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # choral / vLLM extras
+    top_k: int = Field(default=0, ge=-1)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    min_tokens: int = Field(default=0, ge=0)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    priority: float = 0.0
+    skip_special_tokens: bool = True
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+
+
+_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+def _optional(name: str, value: Any, default: Any) -> dict[str, Any]:
+    """A sampling field the engine may not have: pass it on, or refuse a non-default value."""
+    if value == default or value is None:
+        return {}
+    if name not in _SAMPLING_FIELDS:
+        raise InvalidRequestError(f"{name}: not supported by this server")
+    return {name: value}
+
+
+def sampling_params(body: _Common, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    options: dict[str, Any] = dict(
+        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+        seed=body.seed, max_tokens=max_tokens, min_tokens=min(body.min_tokens, max_tokens),
+        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos, logprobs=logprobs,
+        skip_special_tokens=body.skip_special_tokens,
+    )
+    options.update(_optional("presence_penalty", body.presence_penalty, 0.0))
+    options.update(_optional("frequency_penalty", body.frequency_penalty, 0.0))
+    options.update(_optional("repetition_penalty", body.repetition_penalty, 1.0))
+    if body.logit_bias:
+        try:
+            bias = {int(k): float(v) for k, v in body.logit_bias.items()}
+        except ValueError:
+            raise InvalidRequestError("logit_bias: keys must be token ids") from None
+        options.update(_optional("logit_bias", bias, None))
+    return SamplingParams(**options)
+
+
+def to_request(body: _Common, prompt: Any, max_tokens: int, logprobs: int | None, streaming: bool) -> Request:
+    return Request(prompt, sampling_params(body, max_tokens, logprobs), streaming=streaming, n=body.n,
+                   priority=body.priority, client_id=body.user)
