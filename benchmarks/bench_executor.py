@@ -173,8 +173,9 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
 
-def choral_warmup(ex: Executor, vocab_ok: list[int]) -> None:
-    ex.submit(Request(vocab_ok[:64], greedy(4)), timeout=600)
+def choral_warmup(ex: Executor, tokens: list[int]) -> None:
+    # Reversed, so the warm-up leaves no prefix-cache blocks that a benchmark prompt could hit.
+    ex.submit(Request(list(reversed(tokens[:64])), greedy(4)), timeout=600)
     ex.get_latest_iteration_stats()  # drop the warm-up's steps
 
 
@@ -182,6 +183,7 @@ def choral_throughput(ex: Executor, work: Workload, dtype: str) -> tuple[Row, li
     requests = [Request(p, greedy(n)) for p, n in zip(work.prompts, work.output_lens, strict=True)]
     log(f"{dtype}: choral, {len(requests)} requests, {work.total_output} output tokens")
     ex.get_latest_iteration_stats()
+    wall0 = time.time()  # IterationStats.timestamp is time.time(), Timing is time.monotonic()
     t0 = time.monotonic()
     ids = ex.enqueue_many(requests)
     responses = ex.await_responses(ids, timeout=24 * 3600)
@@ -200,7 +202,10 @@ def choral_throughput(ex: Executor, work: Workload, dtype: str) -> tuple[Row, li
             bad += 1
         first_arrival = min(first_arrival, res.timing.arrival)
         last_finish = max(last_finish, res.timing.finished or t1)
-    steps = ex.get_latest_iteration_stats()
+    # A step's stats are recorded after the responses it produced are delivered: give the last
+    # step a moment, and drop any step that started before the enqueue (the warm-up's last one).
+    time.sleep(0.2)
+    steps = [s for s in ex.get_latest_iteration_stats() if s.timestamp - s.step_latency_s >= wall0]
     generated = sum(len(o) for o in outputs)
     row = Row("choral", dtype, len(requests), generated, generated, t1 - t0)
     row.extra.update({
@@ -210,6 +215,7 @@ def choral_throughput(ex: Executor, work: Workload, dtype: str) -> tuple[Row, li
         "mean_seqs_per_step": sum(s.num_scheduled_sequences for s in steps) / max(1, len(steps)),
         "max_running": max((s.num_running for s in steps), default=0),
         "preemptions": sum(s.num_preemptions for s in steps),
+        "prefix_hit_blocks": sum(s.prefix_hit_blocks for s in steps),
         "prefill_tokens": sum(s.num_prefill_tokens for s in steps),
         "decode_tokens": sum(s.num_decode_tokens for s in steps),
         "busy_s": sum(s.step_latency_s for s in steps),
@@ -501,6 +507,7 @@ def render(rows: list[Row], lat: list[LatencyRow], meta: dict[str, Any]) -> str:
             e = r.extra
             notes.append(f"{SHORT[r.dtype]} choral: {e['steps']} steps, {e['mean_seqs_per_step']:.1f} sequences per "
                          f"step on average, at most {e['max_running']} running, {e['preemptions']} preemptions, "
+                         f"{e['prefix_hit_blocks']} prefix-cache block hits, "
                          f"busy {e['busy_s']:.1f} s of {r.wall_s:.1f} s"
                          + (f", {e['wrong_length_or_reason']} requests with the WRONG length or finish reason"
                             if e["wrong_length_or_reason"] else ""))

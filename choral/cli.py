@@ -116,6 +116,46 @@ class _GracefulServer:
         self.server.run()
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from choral.bench import plot, run_bench, table, to_json
+
+    levels = [int(x) for x in str(args.concurrency).split(",") if x]
+    if not levels or min(levels) < 1:
+        print("choral bench: --concurrency needs positive integers, e.g. 1,4,16", file=sys.stderr)
+        return 2
+    executor = None
+    vocab = 32000
+    if args.url is None:
+        from choral.executor import Executor, ExecutorConfig
+
+        executor = Executor(config=ExecutorConfig(max_queue_size=max(1024, args.num_prompts)),
+                            **engine_options(args))  # type: ignore[arg-type]
+        vocab = executor.engine.loaded.spec.vocab_size
+    try:
+        results = run_bench(levels, args.num_prompts, args.input_len, args.output_len, args.seed,
+                            executor=executor, url=args.url, model=args.served_model_name,
+                            vocab=args.vocab or vocab, progress=not args.quiet)
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=False)
+    target = args.url or f"in-process {args.model}"
+    print(f"\n## choral bench: {target}, {args.num_prompts} requests per level, "
+          f"input {args.input_len} / output {args.output_len} tokens\n")
+    print(table(results))
+    meta = {"target": target, "num_prompts": args.num_prompts, "input_len": args.input_len,
+            "output_len": args.output_len, "seed": args.seed}
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            _json.dump(to_json(results, meta), f, indent=1)
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        plot(results, args.plot, f"choral bench: {target}")
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="choral",
@@ -169,6 +209,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="warning", help="uvicorn log level (default: warning)")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure throughput and latency at several concurrency levels",
+        description="Run N streaming requests per concurrency level (random prompt ids, fixed output length, "
+                    "EOS ignored) against the in-process executor, or a server with --url, and print "
+                    "throughput plus TTFT / TPOT / latency percentiles. Examples:\n"
+                    "  choral bench --concurrency 1,4,16 --num-prompts 32 --plot bench.png --json bench.json\n"
+                    "  choral bench --url http://127.0.0.1:8000 --concurrency 1,8",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("--url", default=None, help="benchmark a running server (its base URL) instead")
+    bench.add_argument("--concurrency", default="1,4,16", help="comma-separated levels (default: 1,4,16)")
+    bench.add_argument("--num-prompts", type=int, default=32, help="requests per level (default: 32)")
+    bench.add_argument("--input-len", type=int, default=128, help="prompt tokens (default: 128)")
+    bench.add_argument("--output-len", type=int, default=64, help="generated tokens (default: 64)")
+    bench.add_argument("--seed", type=int, default=0, help="prompt generator seed (default: 0)")
+    bench.add_argument("--vocab", type=int, default=None, help="token id range for --url runs (default: 32000)")
+    bench.add_argument("--served-model-name", default=None, help="model field sent to the server")
+    bench.add_argument("--json", default=None, help="write results (and per-request samples) as JSON")
+    bench.add_argument("--plot", default=None, help="write a PNG: throughput and latency vs concurrency")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_engine_args(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

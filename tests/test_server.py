@@ -215,6 +215,16 @@ def test_load_with_disconnects(server: str) -> None:
     wait_idle(server)
 
 
+def test_bench_against_the_server(server: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    from choral.cli import main
+
+    rc = main(["bench", "--url", server, "--concurrency", "2", "--num-prompts", "4", "--input-len", "16",
+               "--output-len", "6", "--vocab", "49152", "--quiet"])
+    assert rc == 0
+    assert "| 2 | 4 |" in capsys.readouterr().out
+    wait_idle(server)
+
+
 def test_api_key_and_queue_full(tiny_models) -> None:  # type: ignore[no-untyped-def]
     from choral.executor import BatchingStrategy, Executor, ExecutorConfig, Request
     from choral.server.app import create_app

@@ -66,6 +66,7 @@ class Executor:
         self._incoming: list[Job] = []
         self._cancels: set[int] = set()
         self._commands: list[tuple[Callable[[], int], Future[int]]] = []
+        self._pending: list[tuple[Job, Response, bool]] = []  # responses of the current step
         self._jobs: dict[int, Job] = {}
         self._ids = itertools.count()
         self._arrivals = itertools.count()
@@ -334,6 +335,7 @@ class Executor:
                         future.set_exception(e)
                 self._end_jobs(cancels, FinishReason.CANCELLED)
                 self._expire()
+                self._deliver()
                 if self._stopping and not (self.scheduler.running or self.scheduler.waiting or self._incoming):
                     break
                 started = time.perf_counter()
@@ -346,6 +348,7 @@ class Executor:
                 elapsed = time.perf_counter() - started
                 self.scheduler.after_step(elapsed)
                 self._record(step, elapsed)
+                self._deliver()
         except BaseException as e:  # a bug in the loop: fail every request loudly, never hang
             logger.exception("choral executor loop failed")
             with self._cond:
@@ -526,19 +529,29 @@ class Executor:
         response = Response(job.request_id, request.client_id, result=result)
         if all_final:
             self._account(job)
+        self._pending.append((job, response, all_final))
+
+    def _deliver(self) -> None:
+        """Hand out this step's responses: after its stats are recorded, so a caller woken by a
+        response always finds the step that produced it in ``iteration_stats``."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
         with self._cond:
-            if not job.collect:
-                job.responses.append(response)
-            if all_final:
-                job.done = True
-                if job.released:
-                    self._jobs.pop(job.request_id, None)
+            for job, response, all_final in pending:
+                if not job.collect:
+                    job.responses.append(response)
+                if all_final:
+                    job.done = True
+                    if job.released:
+                        self._jobs.pop(job.request_id, None)
             self._cond.notify_all()
-        if request.callback is not None:
-            try:
-                request.callback(response)
-            except Exception:  # a user's callback must not kill the loop
-                logger.exception("request %d: callback raised", job.request_id)
+        for job, response, _ in pending:
+            if job.request.callback is not None:
+                try:
+                    job.request.callback(response)
+                except Exception:  # a user's callback must not kill the loop
+                    logger.exception("request %d: callback raised", job.request_id)
 
     def _account(self, job: Job) -> None:
         agg = self.aggregate
