@@ -30,7 +30,7 @@ class Tokenizer:
 
         try:
             if path.is_file():
-                tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+                tok = _gguf_tokenizer(path)
             else:
                 names = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
                 if not any((path / n).exists() for n in names):
@@ -39,6 +39,11 @@ class Tokenizer:
         except Exception as e:  # transformers raises many kinds; all mean the same to a user
             raise ModelLoadError(f"{path}: cannot load the tokenizer ({e})") from e
         return cls(tok, eos_token_ids)
+
+    @property
+    def hf_tokenizer(self) -> Any:
+        """The underlying transformers tokenizer (for grammar engines and the like)."""
+        return self._tok
 
     @property
     def vocab_size(self) -> int:
@@ -76,3 +81,40 @@ class Tokenizer:
         )
         # The template already holds any BOS it wants; do not add special tokens again.
         return self.encode(str(text), add_special_tokens=False)
+
+
+def _gguf_tokenizer(path: Path) -> Any:
+    """transformers' GGUF tokenizer conversion takes seconds; do it once per file and keep the
+    result as HF tokenizer files under ~/.cache/choral/tokenizers (keyed by file identity and the
+    transformers version)."""
+    import hashlib
+
+    import transformers
+    from transformers import AutoTokenizer
+
+    from choral.kernels.build import cache_dir
+
+    stat = path.stat()
+    key = hashlib.sha256(
+        f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}".encode()
+    ).hexdigest()[:16]
+    cached = cache_dir().parent / "tokenizers" / key
+    if (cached / "tokenizer_config.json").exists():
+        try:
+            return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
+        except Exception:  # a damaged cache entry: rebuild it below
+            pass
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    try:
+        import shutil
+        import tempfile
+
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
+            tok.save_pretrained(tmp)
+            shutil.rmtree(cached, ignore_errors=True)
+            os.replace(tmp, cached)
+            os.makedirs(tmp, exist_ok=True)  # let TemporaryDirectory clean up an empty dir
+    except OSError:
+        pass  # no writable cache: convert again next time
+    return tok
