@@ -1,0 +1,15 @@
+"""Conversations over one shared KV cache: BatchedExecutor, Conversation, ChatSession."""
+
+from choral.conversation.batched_executor import BatchedExecutor, CancelToken, DecodeResult
+from choral.conversation.conversation import ContextShift, Conversation
+from choral.conversation.state import FORMAT_VERSION, State
+
+__all__ = [
+    "FORMAT_VERSION",
+    "BatchedExecutor",
+    "CancelToken",
+    "ContextShift",
+    "Conversation",
+    "DecodeResult",
+    "State",
+]
