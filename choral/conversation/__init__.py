@@ -1,6 +1,7 @@
 """Conversations over one shared KV cache: BatchedExecutor, Conversation, ChatSession."""
 
 from choral.conversation.batched_executor import BatchedExecutor, CancelToken, DecodeResult
+from choral.conversation.chat_session import ChatResponse, ChatSession
 from choral.conversation.conversation import ContextShift, Conversation
 from choral.conversation.state import FORMAT_VERSION, State
 
@@ -8,6 +9,8 @@ __all__ = [
     "FORMAT_VERSION",
     "BatchedExecutor",
     "CancelToken",
+    "ChatResponse",
+    "ChatSession",
     "ContextShift",
     "Conversation",
     "DecodeResult",
