@@ -28,8 +28,8 @@ OPS = ["create", "prompt", "grow", "grow", "grow", "infer", "infer", "sample", "
 
 @pytest.fixture(scope="module")
 def small(tiny_models):  # type: ignore[no-untyped-def]
-    # 10 blocks of 4 tokens, 32-token context, 8-token batches: NO_KV_SLOT and queueing happen often.
-    ex = make_executor(tiny_models["llama"][0], kv_cache_tokens=40, max_model_len=32, max_num_batched_tokens=8)
+    # 12 blocks of 4 tokens, 16-token context, 8-token batches: NO_KV_SLOT and queueing happen often.
+    ex = make_executor(tiny_models["llama"][0], kv_cache_tokens=48, max_model_len=16, max_num_batched_tokens=8)
     yield ex
     ex.close()
 
