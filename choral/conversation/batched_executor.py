@@ -25,7 +25,13 @@ from choral.conversation.kv_table import KvTable
 from choral.conversation.state import State, decode_state, model_fingerprint
 from choral.engine.llm_engine import LLMEngine
 from choral.engine.model_runner import Chunk
-from choral.errors import ConfigError, CorruptStateError, ExecutorClosedError, KvCacheExhaustedError
+from choral.errors import (
+    ConfigError,
+    CorruptStateError,
+    ExecutorClosedError,
+    InvalidRequestError,
+    KvCacheExhaustedError,
+)
 from choral.tokenizer import Tokenizer
 
 
@@ -163,6 +169,8 @@ class BatchedExecutor:
         StateLoadError for another model, a damaged file or a newer format; nothing is allocated."""
         with self._lock:
             self._check_open()
+            if not isinstance(source, State | str | Path):
+                raise InvalidRequestError(f"load: expected a path or a State, got {type(source).__name__}")
             state = source if isinstance(source, State) else State.from_file(source)
             saved = decode_state(state, self.fingerprint, self._engine.loaded.spec.num_layers)
             spec = self._engine.loaded.spec
@@ -241,8 +249,11 @@ class BatchedExecutor:
         thread. Coroutines waiting together share each batch: before starting a forward this
         yields to the event loop so every session prompted in the meantime joins it.
         Raises KvCacheExhaustedError on ``NO_KV_SLOT``."""
+        loop = asyncio.get_running_loop()
         while conversation.requires_inference:
             future = self._inflight
+            if future is not None and future.get_loop() is not loop:
+                future = self._inflight = None  # left over from another (finished) event loop
             if future is None:
                 for _ in range(3):
                     await asyncio.sleep(0)  # let the other sessions queue their tokens

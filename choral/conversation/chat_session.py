@@ -9,13 +9,14 @@ waits in ``BatchedExecutor.wait_for_logits``, which runs one ``infer()`` for all
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from choral.conversation.batched_executor import CancelToken, DecodeResult
 from choral.conversation.conversation import Conversation
-from choral.errors import InvalidRequestError, KvCacheExhaustedError
+from choral.errors import InvalidRequestError, KvCacheExhaustedError, PromptTooLongError
 from choral.sampling.params import SamplingParams
 from choral.tokenizer import Tokenizer
 
@@ -66,6 +67,8 @@ class _Turn:
         self.emit(text)
         if len(self.response.token_ids) >= self.max_tokens:
             return self.stop("max_tokens")
+        if self.cancel is not None and self.cancel.cancelled:  # set during on_text: no extra forward
+            return self.stop("abort")
         conversation.prompt(token)
         return False
 
@@ -98,12 +101,12 @@ class ChatSession:
     """
 
     def __init__(self, conversation: Conversation, system_prompt: str | None = None):
-        tokenizer = conversation._executor.tokenizer
+        tokenizer = conversation.executor.tokenizer
         if tokenizer is None or not tokenizer.has_chat_template:
             raise InvalidRequestError("ChatSession needs a model with a tokenizer and a chat template")
         self.conversation = conversation
         self.tokenizer: Tokenizer = tokenizer
-        self.eos_token_ids = conversation._executor.engine.eos_token_ids
+        self.eos_token_ids = conversation.executor.engine.eos_token_ids
         self.messages: list[dict[str, Any]] = []
         if system_prompt is not None:
             self.messages.append({"role": "system", "content": system_prompt})
@@ -116,7 +119,7 @@ class ChatSession:
         """Answer ``text``; returns the answer (greedy unless ``params`` says otherwise).
         ``cancel`` stops after the current token and keeps the partial answer."""
         turn = self._begin(text, max_tokens, params, on_text, cancel)
-        executor = self.conversation._executor
+        executor = self.conversation.executor
         while True:
             while self.conversation.requires_inference:
                 if executor.infer() is DecodeResult.NO_KV_SLOT:
@@ -133,16 +136,16 @@ class ChatSession:
         Cancelling the task stops after the current token, keeps the partial answer in the
         history (``last_response``) and re-raises CancelledError."""
         turn = self._begin(text, max_tokens, params, on_text, cancel)
-        executor = self.conversation._executor
+        executor = self.conversation.executor
         try:
             while True:
                 await executor.wait_for_logits(self.conversation)
                 if turn.step():
                     return turn.finish()
-        except BaseException:
+        except BaseException as e:
             with executor._lock:  # waits for a forward in flight, then drops what it did not compute
                 self.conversation._discard_pending()
-            turn.stop("abort")
+            turn.stop("abort" if isinstance(e, asyncio.CancelledError) else "error")
             turn.finish()
             raise
 
@@ -159,6 +162,9 @@ class ChatSession:
         common = 0
         while common < min(len(held), len(target) - 1) and held[common] == target[common]:
             common += 1
+        limit = self.conversation.executor.max_context
+        if len(target) > limit and self.conversation.context_shift is None:
+            raise PromptTooLongError(f"the chat history has {len(target)} tokens; the context holds {limit}")
         if common < len(held):
             self.conversation.rewind(len(held) - common)
         self.conversation.prompt(target[common:])

@@ -83,6 +83,10 @@ class Conversation:
         return self._id
 
     @property
+    def executor(self) -> BatchedExecutor:
+        return self._executor
+
+    @property
     def tokens(self) -> list[int]:
         """Every token of the conversation, pending ones included (a copy)."""
         return list(self._tokens)
