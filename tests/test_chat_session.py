@@ -134,3 +134,11 @@ def test_bad_chat_input(executor: BatchedExecutor) -> None:
     with pytest.raises(InvalidRequestError, match="str"):
         session.prompt(["hi"])  # type: ignore[arg-type]
     assert session.conversation.token_count == 0 and session.history == []
+
+
+def test_chat_needs_a_chat_template(tiny_models) -> None:  # type: ignore[no-untyped-def]
+    from tests.test_conversations import make_executor
+
+    with make_executor(tiny_models["llama"][0]) as executor:  # no tokenizer at all
+        with pytest.raises(InvalidRequestError, match="chat template"):
+            ChatSession(executor.create())

@@ -157,3 +157,10 @@ def test_save_while_pending_is_refused(executor: BatchedExecutor) -> None:
     c.prompt(PROMPT)
     with pytest.raises(RequiresInferenceError, match="save"):
         c.save()
+
+
+def test_load_rejects_a_bad_source_type(executor: BatchedExecutor) -> None:
+    from choral import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="path or a State"):
+        executor.load(42)  # type: ignore[arg-type]
