@@ -35,25 +35,27 @@ def small(tiny_models):  # type: ignore[no-untyped-def]
 
 
 def _step(ex: BatchedExecutor, convs: list[Conversation], model: dict[int, list[int]], op: str,
-          data: st.DataObject) -> None:
+          data: st.DataObject, exact: dict[int, bool]) -> None:
     if op == "create" or not convs:
         shift = ContextShift(keep=2) if data.draw(st.booleans()) else None
         c = ex.create(context_shift=shift)
         convs.append(c)
         model[c.id] = []
+        exact[c.id] = True
         return
     c = convs[data.draw(st.integers(0, len(convs) - 1))]
     before = list(model[c.id])
     try:
         if op in ("prompt", "grow"):
             tokens = data.draw(st.lists(st.integers(0, 127), min_size=1, max_size=12))
-            c.prompt(tokens)
+            c.prompt(tokens, all_logits=data.draw(st.booleans()))
             expected = [*before, *tokens]
             if len(expected) > ex.max_context:  # the automatic shift made room
                 assert c.context_shift is not None
                 event("automatic context shift")
                 assert c.tokens[:2] == before[:2] and c.tokens[-len(tokens):] == tokens
                 expected = c.tokens
+                exact[c.id] = False
             model[c.id] = expected
             if op == "grow":  # prompt and compute: conversations get long, the pool fills up
                 event(f"grow: {ex.infer()}")
@@ -64,11 +66,12 @@ def _step(ex: BatchedExecutor, convs: list[Conversation], model: dict[int, list[
             assert result in (DecodeResult.OK, DecodeResult.NO_KV_SLOT)
         elif op == "sample":
             token = c.sample()
-            assert 0 <= token < 128
+            assert 0 <= token < 128 and c.logits().shape == (128,)
         elif op == "fork":
             child = c.fork()
             convs.append(child)
             model[child.id] = list(before)
+            exact[child.id] = exact[c.id]
         elif op == "rewind":
             n = data.draw(st.integers(0, len(before)))
             c.rewind(n)
@@ -78,15 +81,18 @@ def _step(ex: BatchedExecutor, convs: list[Conversation], model: dict[int, list[
                 return
             start = data.draw(st.integers(0, len(before) - 1))
             end = data.draw(st.integers(start + 1, len(before)))
+            recompute = op == "remove" and data.draw(st.booleans())
             if op == "remove":
-                c.remove(start, end, recompute=data.draw(st.booleans()))
+                c.remove(start, end, recompute=recompute)
             else:
                 c.shift_left(start, end - start)
             model[c.id] = before[:start] + before[end:]
+            exact[c.id] = exact[c.id] and recompute
         elif op == "save_load":
             loaded = ex.load(c.save())
             convs.append(loaded)
             model[loaded.id] = list(before)
+            exact[loaded.id] = exact[c.id]
         elif op == "close":
             c.close()
             convs.remove(c)
@@ -98,21 +104,53 @@ def _step(ex: BatchedExecutor, convs: list[Conversation], model: dict[int, list[
         raise AssertionError(f"{op}: unexpected {e!r}") from e
 
 
+def _finish(ex: BatchedExecutor) -> bool:
+    while ex.batched_token_count:
+        if ex.infer() is DecodeResult.NO_KV_SLOT:
+            return False
+    return True
+
+
+def _check_logits_against_fresh(ex: BatchedExecutor, convs: list[Conversation]) -> None:
+    """Whatever forks, copies-on-write, rewinds, exact removes and loads happened, re-computing a
+    conversation's last token must give the logits of a fresh conversation with its tokens."""
+    if not _finish(ex):
+        return
+    for c in convs:
+        tokens = c.tokens
+        if not tokens:
+            continue
+        c.rewind(1)
+        c.prompt(tokens[-1])
+        fresh = ex.create()
+        try:
+            fresh.prompt(tokens)
+            if not _finish(ex):
+                return
+            assert (c.logits() - fresh.logits()).abs().max() <= 1e-4
+            event("logits checked against a fresh conversation")
+        finally:
+            fresh.close()
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_operations_keep_the_pool_consistent(small: BatchedExecutor, data: st.DataObject) -> None:
     convs: list[Conversation] = []
     model: dict[int, list[int]] = {}
+    exact: dict[int, bool] = {}  # False once a shift kept K/V computed with dropped tokens in view
     pool = small.engine.pool
     try:
         for _ in range(data.draw(st.integers(1, 40))):
             op = data.draw(st.sampled_from(OPS))
-            _step(small, convs, model, op, data)
+            _step(small, convs, model, op, data, exact)
             small.check_invariants()
             for c in convs:
                 assert c.tokens == model[c.id]
                 assert c.token_count <= small.max_context
                 assert len(c.block_table) <= -(-c.token_count // pool.block_size)
+        _check_logits_against_fresh(small, [c for c in convs if exact[c.id]])
+        small.check_invariants()
     finally:
         for c in convs:
             c.close()
