@@ -2,7 +2,8 @@
 
 from choral.conversation.batched_executor import BatchedExecutor, CancelToken, DecodeResult
 from choral.conversation.chat_session import ChatResponse, ChatSession
-from choral.conversation.conversation import ContextShift, Conversation
+from choral.conversation.context_shift import ContextShift
+from choral.conversation.conversation import Conversation
 from choral.conversation.state import FORMAT_VERSION, State
 
 __all__ = [

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from choral.config import DEFAULT_MODEL, EngineConfig
-from choral.conversation.conversation import ContextShift, Conversation
+from choral.conversation.context_shift import ContextShift
+from choral.conversation.conversation import Conversation
 from choral.conversation.kv_table import KvTable
 from choral.conversation.state import State, decode_state, model_fingerprint
 from choral.engine.llm_engine import LLMEngine

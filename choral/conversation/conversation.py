@@ -14,18 +14,17 @@ Every method takes the executor's lock, so calls from several threads are serial
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, overload
 
 import torch
 
+from choral.conversation.context_shift import ContextShift, plan_shift
 from choral.conversation.kv_table import KvTable
 from choral.conversation.state import SavedConversation, State, encode_state
 from choral.errors import (
     ConversationClosedError,
     InvalidRequestError,
-    PromptTooLongError,
     RequiresInferenceError,
     RequiresPromptError,
     TokenIdOutOfRangeError,
@@ -36,23 +35,6 @@ if TYPE_CHECKING:
     from choral.conversation.batched_executor import BatchedExecutor
 
 GREEDY = SamplingParams(temperature=0.0)
-
-
-@dataclass(frozen=True)
-class ContextShift:
-    """Automatic context shift: when a prompt would pass the context limit, drop ``discard``
-    tokens after the first ``keep`` (default: half of the tokens after ``keep``, or more if the
-    prompt needs it) with :meth:`Conversation.shift_left`."""
-
-    keep: int = 0
-    discard: int | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 0:
-            raise InvalidRequestError(f"context_shift.keep: must be an int >= 0, got {self.keep!r}")
-        if self.discard is not None and (isinstance(self.discard, bool) or not isinstance(self.discard, int)
-                                         or self.discard < 1):
-            raise InvalidRequestError(f"context_shift.discard: must be an int >= 1, got {self.discard!r}")
 
 
 def _is_int(value: object) -> bool:
@@ -171,20 +153,10 @@ class Conversation:
         return ids
 
     def _make_room(self, num_new: int) -> None:
-        limit = self._executor.max_context
-        overflow = len(self._tokens) + num_new - limit
-        if overflow <= 0:
-            return
-        shift = self.context_shift
-        rest = len(self._tokens) - (shift.keep if shift else 0)
-        if shift is None or overflow > rest:
-            hint = "" if shift else "; enable context_shift or shift_left() first"
-            raise PromptTooLongError(
-                f"conversation {self._id} holds {len(self._tokens)} tokens; {num_new} more pass the "
-                f"context limit {limit}{hint}"
-            )
-        discard = min(rest, max(overflow, shift.discard or rest // 2))
-        self._shift(shift.keep, shift.keep + discard)
+        discard = plan_shift(self.context_shift, len(self._tokens), num_new, self._executor.max_context)
+        if discard:
+            keep = self.context_shift.keep if self.context_shift else 0
+            self._shift(keep, keep + discard)
 
     # ---- logits and sampling -----------------------------------------------------------------
     def logits(self, offset: int = 0) -> torch.Tensor:
