@@ -20,6 +20,7 @@ from choral import (
     DecodeResult,
     ExecutorClosedError,
     InvalidRequestError,
+    KvCacheExhaustedError,
     PromptTooLongError,
     RequiresInferenceError,
     RequiresPromptError,
@@ -439,3 +440,61 @@ def test_threads_prompting_and_inferring_concurrently(llama: BatchedExecutor) ->
         ref.prompt(p)
         run(llama)
         assert greedy(llama, ref, 6) == results[i]
+
+
+def test_torch_backend_gives_the_same_conversation(tiny_models) -> None:  # type: ignore[no-untyped-def]
+    outs = []
+    for backend in ("auto", "torch"):
+        with make_executor(tiny_models["mistral"][0], attention_backend=backend) as executor:
+            c = executor.create()
+            c.prompt(PROMPT)
+            run(executor)
+            f = c.fork()
+            out = greedy(executor, c, 6) + greedy(executor, f, 6)
+            c.shift_left(2, 5)
+            c.prompt(9)
+            run(executor)
+            outs.append((out, c.logits().clone()))
+    assert outs[0][0] == outs[1][0]
+    assert (outs[0][1] - outs[1][1]).abs().max() <= TOL
+
+
+def test_wait_for_logits_shares_batches_and_reports_no_kv_slot(tiny_models) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    with make_executor(tiny_models["llama"][0], kv_cache_tokens=32, max_model_len=32) as executor:
+        runner = executor.engine.runner
+        sizes: list[int] = []
+        real_execute = runner.execute
+        runner.execute = lambda chunks: sizes.append(len(chunks)) or real_execute(chunks)  # type: ignore[method-assign]
+
+        async def decode(c: Conversation, tokens: list[int]) -> list[int]:
+            c.prompt(tokens)
+            out = []
+            for _ in range(4):
+                await executor.wait_for_logits(c)
+                out.append(c.sample())
+                c.prompt(out[-1])
+            await executor.wait_for_logits(c)
+            return out
+
+        async def main() -> list[list[int]]:
+            return list(await asyncio.gather(decode(executor.create(), PROMPT[:5]),
+                                             decode(executor.create(), PROMPT[5:])))
+
+        outs = asyncio.run(main())
+        assert sizes == [2] * 5
+        for c in executor.conversations:
+            c.close()
+        hog = executor.create()
+        hog.prompt(list(range(3, 31)))  # 7 of the 8 blocks
+        run(executor)
+        with pytest.raises(KvCacheExhaustedError, match="close a conversation"):
+            asyncio.run(decode(executor.create(), PROMPT))
+        runner.execute = real_execute  # type: ignore[method-assign]
+    with make_executor(tiny_models["llama"][0]) as ref:
+        for tokens, out in zip((PROMPT[:5], PROMPT[5:]), outs, strict=True):
+            r = ref.create()
+            r.prompt(tokens)
+            run(ref)
+            assert greedy(ref, r, 4) == out
