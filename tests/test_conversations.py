@@ -498,3 +498,16 @@ def test_wait_for_logits_shares_batches_and_reports_no_kv_slot(tiny_models) -> N
             r.prompt(tokens)
             run(ref)
             assert greedy(ref, r, 4) == out
+
+
+def test_bad_executor_arguments(llama: BatchedExecutor) -> None:
+    with pytest.raises(InvalidRequestError, match="context_shift"):
+        llama.create(context_shift=3)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="cancel"):
+        llama.infer(cancel=True)  # type: ignore[arg-type]
+    c = llama.create()
+    c.prompt(PROMPT)
+    run(llama)
+    with pytest.raises(InvalidRequestError, match="SamplingParams"):
+        c.sample({"temperature": 0})  # type: ignore[arg-type]
+    assert len(llama.conversations) == 1

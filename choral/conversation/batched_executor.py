@@ -191,6 +191,10 @@ class BatchedExecutor:
             return conversation
 
     def _adopt(self, kv: KvTable, context_shift: ContextShift | None) -> Conversation:
+        if context_shift is not None and not isinstance(context_shift, ContextShift):
+            raise InvalidRequestError(
+                f"context_shift: expected a ContextShift or None, got {type(context_shift).__name__}"
+            )
         conversation = Conversation(self, self._next_id, kv, context_shift)
         self._next_id += 1
         self._conversations[conversation.id] = conversation
@@ -217,6 +221,8 @@ class BatchedExecutor:
         """
         with self._lock:
             self._check_open()
+            if cancel is not None and not isinstance(cancel, CancelToken):
+                raise InvalidRequestError(f"cancel: expected a CancelToken or None, got {type(cancel).__name__}")
             if cancel is not None and cancel.cancelled:
                 return DecodeResult.CANCELLED
             batch: list[tuple[Conversation, int, int]] = []  # (conversation, start, count)

@@ -157,6 +157,10 @@ class ChatSession:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise InvalidRequestError(f"max_tokens: must be an int >= 1, got {max_tokens!r}")
         params = params or DEFAULT_CHAT_PARAMS
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params: expected SamplingParams, got {type(params).__name__}")
+        if cancel is not None and not isinstance(cancel, CancelToken):
+            raise InvalidRequestError(f"cancel: expected a CancelToken or None, got {type(cancel).__name__}")
         target = self.tokenizer.apply_chat_template([*self.messages, {"role": "user", "content": text}])
         held = self.conversation.tokens
         common = 0
