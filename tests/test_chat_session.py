@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from choral import BatchedExecutor, CancelToken, ChatSession, InvalidRequestError, SamplingParams
+from choral import BatchedExecutor, CancelToken, ChatSession, InvalidRequestError, PromptTooLongError, SamplingParams
 
 SYSTEM = "You are a helpful assistant."
 GREEDY = SamplingParams(temperature=0)
@@ -142,3 +142,21 @@ def test_chat_needs_a_chat_template(tiny_models) -> None:  # type: ignore[no-unt
     with make_executor(tiny_models["llama"][0]) as executor:  # no tokenizer at all
         with pytest.raises(InvalidRequestError, match="chat template"):
             ChatSession(executor.create())
+
+
+def test_long_chat_drops_the_oldest_exchanges(smollm_fp32) -> None:  # type: ignore[no-untyped-def]
+    with BatchedExecutor(smollm_fp32, max_model_len=96, kv_cache_tokens=640) as executor:
+        session = ChatSession(executor.create(), system_prompt="Be brief.")
+        questions = ["Name a colour.", "Name a fruit.", "Name an animal.", "Name a city.", "Name a tree."]
+        for q in questions:
+            session.prompt(q, max_tokens=24)
+            assert session.conversation.token_count <= 96
+            assert session.last_response is not None and session.last_response.stop_reason != "error"
+        history = session.history
+        assert history[0] == {"role": "system", "content": "Be brief."}
+        assert history[-2] == {"role": "user", "content": "Name a tree."}
+        assert len(history) < 1 + 2 * len(questions)  # older exchanges were dropped
+        executor.check_invariants()
+    with pytest.raises(PromptTooLongError):
+        with BatchedExecutor(smollm_fp32, max_model_len=64, kv_cache_tokens=640) as executor:
+            ChatSession(executor.create()).prompt("word " * 80, max_tokens=4)

@@ -16,7 +16,7 @@ from typing import Any
 
 from choral.conversation.batched_executor import CancelToken, DecodeResult
 from choral.conversation.conversation import Conversation
-from choral.errors import InvalidRequestError, KvCacheExhaustedError, PromptTooLongError
+from choral.errors import InvalidRequestError, KvCacheExhaustedError, PromptTooLongError, RequiresInferenceError
 from choral.sampling.params import SamplingParams
 from choral.tokenizer import Tokenizer
 
@@ -69,6 +69,8 @@ class _Turn:
             return self.stop("max_tokens")
         if self.cancel is not None and self.cancel.cancelled:  # set during on_text: no extra forward
             return self.stop("abort")
+        if conversation.token_count >= conversation.executor.max_context and conversation.context_shift is None:
+            return self.stop("max_context")
         conversation.prompt(token)
         return False
 
@@ -161,19 +163,40 @@ class ChatSession:
             raise InvalidRequestError(f"params: expected SamplingParams, got {type(params).__name__}")
         if cancel is not None and not isinstance(cancel, CancelToken):
             raise InvalidRequestError(f"cancel: expected a CancelToken or None, got {type(cancel).__name__}")
-        target = self.tokenizer.apply_chat_template([*self.messages, {"role": "user", "content": text}])
+        if self.conversation.requires_inference:
+            raise RequiresInferenceError("the conversation has tokens waiting for infer(); finish that turn first")
+        kept, target = self._render(text, max_tokens)
         held = self.conversation.tokens
         common = 0
         while common < min(len(held), len(target) - 1) and held[common] == target[common]:
             common += 1
-        limit = self.conversation.executor.max_context
-        if len(target) > limit and self.conversation.context_shift is None:
-            raise PromptTooLongError(f"the chat history has {len(target)} tokens; the context holds {limit}")
         if common < len(held):
             self.conversation.rewind(len(held) - common)
         self.conversation.prompt(target[common:])
+        self.messages = kept
         self._pending_user = text
         return _Turn(self, max_tokens, params, on_text, cancel)
+
+    def _render(self, text: str, max_tokens: int) -> tuple[list[dict[str, Any]], list[int]]:
+        """(the history to keep, token ids of it plus ``text``). When they leave less than ``max_tokens`` (at
+        most half the context) for the answer, the oldest exchanges are dropped, the system
+        prompt kept (node-llama-cpp's "erase the first response" strategy); the conversation
+        then recomputes from the first difference."""
+        limit = self.conversation.executor.max_context
+        reserve = min(max_tokens, limit // 2)
+        user = {"role": "user", "content": text}
+        kept = list(self.messages)
+        while True:
+            target = self.tokenizer.apply_chat_template([*kept, user])
+            droppable = [i for i, m in enumerate(kept) if m["role"] != "system"]
+            if len(target) + reserve <= limit or not droppable:
+                break
+            # Drop the oldest user message with the answers that follow it.
+            end = next((i for i in droppable[1:] if kept[i]["role"] == "user"), len(kept))
+            del kept[droppable[0]:end]
+        if len(target) >= limit:
+            raise PromptTooLongError(f"the chat prompt has {len(target)} tokens; the context holds {limit}")
+        return kept, target
 
     def _end_turn(self, response: ChatResponse) -> None:
         self.messages.append({"role": "user", "content": self._pending_user})
