@@ -511,3 +511,15 @@ def test_bad_executor_arguments(llama: BatchedExecutor) -> None:
     with pytest.raises(InvalidRequestError, match="SamplingParams"):
         c.sample({"temperature": 0})  # type: ignore[arg-type]
     assert len(llama.conversations) == 1
+
+
+def test_logits_are_live_and_editable(llama: BatchedExecutor) -> None:
+    c = llama.create()
+    c.prompt(PROMPT)
+    run(llama)
+    first = c.sample()
+    c.logits()[first] = float("-inf")  # steer the sampler (e.g. a ban, guidance)
+    assert c.sample() != first
+    fork = c.fork()  # the fork got its own copy
+    fork.logits()[:] = 0.0
+    assert c.sample() != first and fork.logits().abs().max() == 0

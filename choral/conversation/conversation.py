@@ -322,11 +322,12 @@ class Conversation:
         if logits is not None and self._all_logits:
             self._logit_chunks.append(logits)
         if not self.requires_inference:
+            # A copy made outside inference mode: an ordinary tensor the caller may edit in place.
             if self._all_logits:
                 self._logits = torch.cat(self._logit_chunks)
                 self._logit_chunks = []
             else:
-                self._logits = logits
+                self._logits = logits.clone() if logits is not None else None
 
     def _discard_pending(self) -> None:
         """Drop tokens not yet computed (an aborted chat turn)."""
