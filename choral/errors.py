@@ -57,3 +57,39 @@ class ProcessorStopped(ChoralError):
 
 class UnknownRequestError(ChoralError, KeyError):
     """No request with this id is known to the executor (or its responses were all taken)."""
+
+
+class ExecutorClosedError(ChoralError):
+    """The BatchedExecutor was closed; it and its conversations can no longer be used."""
+
+
+class ConversationStateError(ChoralError):
+    """A conversation was used in a state that does not allow the call; nothing was changed."""
+
+
+class ConversationClosedError(ConversationStateError):
+    """The conversation was closed (or its executor was)."""
+
+
+class RequiresInferenceError(ConversationStateError):
+    """The conversation has tokens waiting for ``BatchedExecutor.infer()``."""
+
+
+class RequiresPromptError(ConversationStateError):
+    """The conversation has no logits to sample from: prompt it (then infer) first."""
+
+
+class StateLoadError(ChoralError):
+    """A saved conversation state cannot be loaded; nothing was allocated."""
+
+
+class IncompatibleStateError(StateLoadError):
+    """The saved state was made by a different model (or dtype); the message names the difference."""
+
+
+class CorruptStateError(StateLoadError):
+    """The saved state is truncated, malformed, or fails its checksum."""
+
+
+class UnsupportedStateVersionError(StateLoadError):
+    """The saved state uses a format version newer than this choral understands."""

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from choral.engine.attention import AttentionLayout, kv_cache_shapes, make_backend
+from choral.engine.attention import AttentionLayout, kv_cache_shapes, make_backend, write_kv
 from choral.errors import ConfigError
 from choral.kv.block_pool import KvCacheSize
 from choral.loader.load import LoadedModel
+from choral.models.rope import apply_rotary
 
 logger = logging.getLogger(__name__)
 
@@ -140,3 +141,45 @@ class ModelRunner:
         dst = torch.tensor([p[1] for p in pairs], device=self.device)
         for cache in (*self.k_caches, *self.v_caches):
             cache.index_copy_(0, dst, cache.index_select(0, src))
+
+    # ---- direct K/V access (conversations: context shift, save and load) --------------------
+    def _slots(self, block_table: list[int], start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([count] block ids, [count] offsets) of cache indices ``start .. start + count - 1``."""
+        bs = self.block_size
+        idx = range(start, start + count)
+        return (torch.tensor([block_table[i // bs] for i in idx], dtype=torch.long, device=self.device),
+                torch.tensor([i % bs for i in idx], dtype=torch.long, device=self.device))
+
+    def read_tokens(self, block_table: list[int], count: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """K and V of cache indices ``0 .. count - 1``: per layer two [count, KVH, D] tensors."""
+        blocks, offsets = self._slots(block_table, 0, count)
+        keys = [k.permute(0, 3, 1, 2)[blocks, offsets] for k in self.k_caches]  # view k as [NB, BS, KVH, D]
+        values = [v[blocks, offsets] for v in self.v_caches]
+        return keys, values
+
+    def write_tokens(self, block_table: list[int], start: int, keys: list[torch.Tensor],
+                     values: list[torch.Tensor]) -> None:
+        """Store per-layer K/V ([count, KVH, D] each) at cache indices ``start ..``."""
+        blocks, offsets = self._slots(block_table, start, keys[0].shape[0])
+        for k_cache, v_cache, k, v in zip(self.k_caches, self.v_caches, keys, values, strict=True):
+            write_kv(k_cache, v_cache, blocks, offsets, k.to(self.device, k_cache.dtype),
+                     v.to(self.device, v_cache.dtype))
+
+    def move_tokens(self, block_table: list[int], src_start: int, dst_start: int, count: int) -> None:
+        """Move the K/V of ``count`` tokens from cache index ``src_start`` to ``dst_start`` (same
+        table), re-rotating keys by ``dst_start - src_start`` positions: the context shift.
+
+        Every source is read before any destination is written, so the ranges may overlap. The
+        caller makes the destination blocks private (copy-on-write) first.
+        """
+        if count <= 0:
+            return
+        cos, sin = self.model.rotary.shift(dst_start - src_start)  # [1, 1, D] fp32
+        src_blocks, src_offsets = self._slots(block_table, src_start, count)
+        dst_blocks, dst_offsets = self._slots(block_table, dst_start, count)
+        for k_cache, v_cache in zip(self.k_caches, self.v_caches, strict=True):
+            k_view = k_cache.permute(0, 3, 1, 2)  # [NB, BS, KVH, D]
+            k = k_view[src_blocks, src_offsets].float()  # [count, KVH, D] (a copy)
+            v = v_cache[src_blocks, src_offsets]
+            k = apply_rotary(k, cos.to(self.device), sin.to(self.device)).to(k_cache.dtype)
+            write_kv(k_cache, v_cache, dst_blocks, dst_offsets, k, v)

@@ -60,6 +60,16 @@ class RotaryTable:
             self.sin.index_select(0, positions).to(dtype).unsqueeze(1),
         )
 
+    def shift(self, delta: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos and sin [1, 1, head_dim] that move a key rotated at position p to p + delta.
+
+        RoPE rotations compose (R(a) R(b) = R(a + b) per frequency pair), so re-rotating a cached
+        key by ``delta`` equals rotating the raw key at its new position. ``delta`` may be negative.
+        """
+        freqs = float(delta) * self.inv_freq  # [head_dim // 2]
+        emb = torch.cat((freqs, freqs))[None, None, :]
+        return emb.cos(), emb.sin()
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE (HF layout): x [T, heads, head_dim] -> same shape."""

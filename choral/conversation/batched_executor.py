@@ -1,0 +1,305 @@
+"""BatchedExecutor: many conversations over one model and one shared paged KV cache.
+
+The user drives the loop (as in LLamaSharp): ``create()`` conversations, ``prompt()`` them,
+``infer()`` once to compute every pending token of every conversation in one batched forward,
+then ``sample()`` each and prompt the chosen token. A batch carries at most
+``max_num_batched_tokens`` tokens; what does not fit stays queued for the next ``infer()``.
+
+Thread safety: every executor and conversation method takes one re-entrant lock, so calls
+from several threads are *serialized* (a prompt issued during an ``infer()`` waits for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from choral.config import DEFAULT_MODEL, EngineConfig
+from choral.conversation.context_shift import ContextShift
+from choral.conversation.conversation import Conversation
+from choral.conversation.kv_table import KvTable
+from choral.conversation.state import State, decode_state, model_fingerprint
+from choral.engine.llm_engine import LLMEngine
+from choral.engine.model_runner import Chunk
+from choral.errors import (
+    ConfigError,
+    CorruptStateError,
+    ExecutorClosedError,
+    InvalidRequestError,
+    KvCacheExhaustedError,
+)
+from choral.tokenizer import Tokenizer
+
+
+class DecodeResult(enum.Enum):
+    """What ``infer()`` did. On anything but OK nothing changed: the batch stays queued."""
+
+    OK = "ok"
+    NO_KV_SLOT = "no_kv_slot"  # not enough free blocks: close a conversation, call infer() again
+    CANCELLED = "cancelled"  # the cancel token was set before the forward started
+
+
+class CancelToken:
+    """A thread-safe flag for ``infer(cancel=...)`` and chat turns."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+# Options that describe the loaded weights: an executor built on a loaded model cannot change them.
+_WEIGHT_OPTIONS = ("model", "dtype", "device")
+
+
+def _build_engine(model: Any, options: dict[str, Any]) -> LLMEngine:
+    from choral.llm import LLM
+
+    if isinstance(model, LLM):
+        model = model.engine
+    if isinstance(model, str):
+        return LLMEngine(EngineConfig.from_kwargs(model=model, **options))
+    if not isinstance(model, LLMEngine):
+        raise ConfigError(f"model: expected a model name or path, an LLM or an LLMEngine, got {type(model).__name__}")
+    if not options:
+        return model  # share its pool, runner and sampler
+    EngineConfig.from_kwargs(**options)  # unknown names are an error
+    fixed = sorted(set(options) & set(_WEIGHT_OPTIONS))
+    if fixed:
+        raise ConfigError(f"{', '.join(fixed)}: fixed by the loaded model; load a new one to change it")
+    config = dataclasses.replace(model.config, **options)
+    positions = model.loaded.model.rotary.cos.shape[0]
+    if config.max_model_len is not None and config.max_model_len > positions:
+        raise ConfigError(f"max_model_len: the loaded model was prepared for {positions} positions")
+    return LLMEngine(config, loaded=model.loaded)
+
+
+class BatchedExecutor:
+    """Runs many conversations in shared batches over one KV cache.
+
+    Args:
+        model: a model name or path (loaded here with ``options``), or an ``LLM`` / ``LLMEngine``.
+            Given a loaded one and no options, the executor shares its KV cache; with options
+            (``kv_cache_tokens``, ``block_size``, ``max_num_batched_tokens``...) it reuses the
+            weights and builds its own cache.
+    """
+
+    def __init__(self, model: Any = DEFAULT_MODEL, **options: Any):
+        self._engine = _build_engine(model, options)
+        self._lock = threading.RLock()
+        self._conversations: dict[int, Conversation] = {}
+        self._queue: list[Conversation] = []  # conversations with pending tokens, in prompt order
+        self._next_id = 0
+        self._closed = False
+        self._inflight: asyncio.Future[DecodeResult] | None = None
+        loaded = self._engine.loaded
+        layers = loaded.model.layers
+        sample = [loaded.model.embed[:16], loaded.model.final_norm, layers[0].input_norm, layers[-1].post_norm]
+        self.fingerprint = model_fingerprint(loaded.spec.fingerprint(), loaded.model.dtype, sample)
+
+    # ---- properties --------------------------------------------------------------------------
+    @property
+    def engine(self) -> LLMEngine:
+        return self._engine
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self._engine.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self._engine.loaded.spec.vocab_size
+
+    @property
+    def max_context(self) -> int:
+        """Tokens one conversation may hold (the engine's ``max_model_len``)."""
+        return self._engine.max_model_len
+
+    @property
+    def max_batch_tokens(self) -> int:
+        return self._engine.config.max_num_batched_tokens
+
+    @property
+    def _sampler(self) -> Any:
+        return self._engine.sampler
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    @property
+    def batched_token_count(self) -> int:
+        """Tokens waiting for ``infer()``, over all conversations."""
+        with self._lock:
+            return sum(c.num_pending_tokens for c in self._queue)
+
+    @property
+    def batch_queue_count(self) -> int:
+        """``infer()`` calls needed to compute everything pending."""
+        return -(-self.batched_token_count // self.max_batch_tokens)
+
+    @property
+    def conversations(self) -> list[Conversation]:
+        """The open conversations, oldest first."""
+        with self._lock:
+            return list(self._conversations.values())
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ExecutorClosedError("the BatchedExecutor is closed")
+
+    # ---- conversations -----------------------------------------------------------------------
+    def create(self, context_shift: ContextShift | None = None) -> Conversation:
+        """A new, empty conversation (optionally with automatic context shift)."""
+        with self._lock:
+            self._check_open()
+            return self._adopt(KvTable(self._engine.pool, self._engine.runner), context_shift)
+
+    def load(self, source: str | Path | State, context_shift: ContextShift | None = None) -> Conversation:
+        """A conversation from ``Conversation.save`` (a file path or a :class:`State`). Raises a
+        StateLoadError for another model, a damaged file or a newer format; nothing is allocated."""
+        with self._lock:
+            self._check_open()
+            if not isinstance(source, State | str | Path):
+                raise InvalidRequestError(f"load: expected a path or a State, got {type(source).__name__}")
+            state = source if isinstance(source, State) else State.from_file(source)
+            saved = decode_state(state, self.fingerprint, self._engine.loaded.spec.num_layers)
+            spec = self._engine.loaded.spec
+            shape = (len(saved.tokens), spec.num_kv_heads, spec.head_dim)
+            if any(tuple(t.shape) != shape for t in (*saved.keys, *saved.values)):
+                raise CorruptStateError(f"saved conversation: K/V shapes differ from {shape}")
+            if len(saved.tokens) > self.max_context:
+                raise CorruptStateError(
+                    f"saved conversation holds {len(saved.tokens)} tokens, more than the context {self.max_context}"
+                )
+            conversation = self._adopt(KvTable(self._engine.pool, self._engine.runner), context_shift)
+            try:
+                conversation._load(saved)
+            except BaseException:
+                conversation.close()
+                raise
+            return conversation
+
+    def _adopt(self, kv: KvTable, context_shift: ContextShift | None) -> Conversation:
+        if context_shift is not None and not isinstance(context_shift, ContextShift):
+            raise InvalidRequestError(
+                f"context_shift: expected a ContextShift or None, got {type(context_shift).__name__}"
+            )
+        conversation = Conversation(self, self._next_id, kv, context_shift)
+        self._next_id += 1
+        self._conversations[conversation.id] = conversation
+        return conversation
+
+    def _enqueue(self, conversation: Conversation) -> None:
+        if conversation not in self._queue:
+            self._queue.append(conversation)
+
+    def _dequeue(self, conversation: Conversation) -> None:
+        if conversation in self._queue:
+            self._queue.remove(conversation)
+
+    def _forget(self, conversation: Conversation) -> None:
+        self._dequeue(conversation)
+        self._conversations.pop(conversation.id, None)
+
+    # ---- inference ---------------------------------------------------------------------------
+    def infer(self, cancel: CancelToken | None = None) -> DecodeResult:
+        """Compute the next batch of pending tokens (all of them when they fit the budget).
+
+        Returns ``NO_KV_SLOT`` without changing anything when the batch needs more free blocks
+        than the pool has, and ``CANCELLED`` when ``cancel`` is set before the forward starts.
+        """
+        with self._lock:
+            self._check_open()
+            if cancel is not None and not isinstance(cancel, CancelToken):
+                raise InvalidRequestError(f"cancel: expected a CancelToken or None, got {type(cancel).__name__}")
+            if cancel is not None and cancel.cancelled:
+                return DecodeResult.CANCELLED
+            batch: list[tuple[Conversation, int, int]] = []  # (conversation, start, count)
+            budget = self.max_batch_tokens
+            for conversation in self._queue:
+                if budget == 0:
+                    break
+                start, count = conversation._pending_slice(budget)
+                batch.append((conversation, start, count))
+                budget -= count
+            if not batch:
+                return DecodeResult.OK
+            released: Counter[int] = Counter()
+            need = sum(c._kv.blocks_to_write(s, s + n, released) for c, s, n in batch)
+            if not self._engine.pool.can_allocate(need):
+                return DecodeResult.NO_KV_SLOT
+            chunks = []
+            for conversation, start, count in batch:
+                conversation._kv.prepare_write(start, start + count)
+                chunks.append(Chunk(conversation._tokens[start : start + count], start, conversation._kv.blocks,
+                                    logits=conversation._logits_mode(start, count)))
+            results = self._engine.runner.execute(chunks)
+            for (conversation, _, count), logits in zip(batch, results, strict=True):
+                conversation._computed(count, logits)
+                if not conversation.requires_inference:
+                    self._dequeue(conversation)
+            return DecodeResult.OK
+
+    async def wait_for_logits(self, conversation: Conversation) -> None:
+        """Await until ``conversation`` has no pending tokens, running ``infer()`` in a worker
+        thread. Coroutines waiting together share each batch: before starting a forward this
+        yields to the event loop so every session prompted in the meantime joins it.
+        Raises KvCacheExhaustedError on ``NO_KV_SLOT``."""
+        loop = asyncio.get_running_loop()
+        while conversation.requires_inference:
+            future = self._inflight
+            if future is not None and future.get_loop() is not loop:
+                future = self._inflight = None  # left over from another (finished) event loop
+            if future is None:
+                for _ in range(3):
+                    await asyncio.sleep(0)  # let the other sessions queue their tokens
+                if not conversation.requires_inference:
+                    return
+                future = self._inflight
+            if future is None:
+                future = asyncio.ensure_future(asyncio.to_thread(self.infer))
+                self._inflight = future
+                future.add_done_callback(self._clear_inflight)
+            result = await asyncio.shield(future)
+            if result is DecodeResult.NO_KV_SLOT:
+                raise KvCacheExhaustedError(
+                    f"KV cache exhausted: the batch needs more than the {self._engine.pool.num_free_blocks} "
+                    "free block(s); close a conversation and retry"
+                )
+
+    def _clear_inflight(self, future: asyncio.Future[DecodeResult]) -> None:
+        if self._inflight is future:
+            self._inflight = None
+
+    # ---- lifetime ----------------------------------------------------------------------------
+    def check_invariants(self) -> None:
+        """Assert the pool's ref counts equal the open conversations' block tables (tests)."""
+        with self._lock:
+            owners: Counter[int] = Counter()
+            for conversation in self._conversations.values():
+                owners.update(conversation._kv.blocks)
+            self._engine.pool.check_invariants(dict(owners))
+
+    def close(self) -> None:
+        """Close every conversation (their blocks go back) and refuse further use. Idempotent."""
+        with self._lock:
+            for conversation in list(self._conversations.values()):
+                conversation.close()
+            self._closed = True
+
+    def __enter__(self) -> BatchedExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

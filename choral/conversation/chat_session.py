@@ -1,0 +1,210 @@
+"""ChatSession: a chat (node-llama-cpp's LlamaChatSession) on top of one Conversation.
+
+The history lives in the conversation's KV cache. Each turn renders the whole history with the
+model's chat template, keeps the longest prefix the conversation already holds (rewinding past
+anything that differs, e.g. an answer that re-tokenizes differently) and feeds only the rest.
+Sessions on one executor prompted together with ``asyncio.gather`` share every batch: each
+waits in ``BatchedExecutor.wait_for_logits``, which runs one ``infer()`` for all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from choral.conversation.batched_executor import CancelToken, DecodeResult
+from choral.conversation.conversation import Conversation
+from choral.errors import InvalidRequestError, KvCacheExhaustedError, PromptTooLongError, RequiresInferenceError
+from choral.sampling.params import SamplingParams
+from choral.tokenizer import Tokenizer
+
+DEFAULT_CHAT_PARAMS = SamplingParams(temperature=0.0)
+
+
+@dataclass
+class ChatResponse:
+    """The last turn's answer: text, tokens and why it stopped (eos, stop, max_tokens, abort)."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    stop_reason: str | None = None
+
+
+class _Turn:
+    """One answer being generated: sampling, stop checks and text streaming."""
+
+    def __init__(self, session: ChatSession, max_tokens: int, params: SamplingParams,
+                 on_text: Callable[[str], None] | None, cancel: CancelToken | None):
+        self.session = session
+        self.max_tokens = max_tokens
+        self.params = params
+        self.on_text = on_text
+        self.cancel = cancel
+        self.response = ChatResponse()
+        self.emitted = ""
+
+    def step(self) -> bool:
+        """Sample one token from fresh logits; True when the answer is complete."""
+        conversation, tokenizer = self.session.conversation, self.session.tokenizer
+        if self.cancel is not None and self.cancel.cancelled:
+            return self.stop("abort")
+        token = conversation.sample(self.params)
+        stop_ids = set(self.params.stop_token_ids)
+        if not self.params.ignore_eos:
+            stop_ids.update(self.session.eos_token_ids)
+        if token in stop_ids:
+            return self.stop("eos")
+        self.response.token_ids.append(token)
+        text = tokenizer.decode(self.response.token_ids, self.params.skip_special_tokens)
+        for stop in self.params.stop:
+            cut = text.find(stop)
+            if cut >= 0:
+                self.response.text = text[:cut]
+                self.emit(text[:cut])
+                return self.stop("stop")
+        self.emit(text)
+        if len(self.response.token_ids) >= self.max_tokens:
+            return self.stop("max_tokens")
+        if self.cancel is not None and self.cancel.cancelled:  # set during on_text: no extra forward
+            return self.stop("abort")
+        if conversation.token_count >= conversation.executor.max_context and conversation.context_shift is None:
+            return self.stop("max_context")
+        conversation.prompt(token)
+        return False
+
+    def emit(self, text: str) -> None:
+        # Hold back a trailing replacement char: the next token may complete a multi-byte character.
+        if text.endswith("\ufffd") or len(text) <= len(self.emitted):
+            return
+        if self.on_text is not None:
+            self.on_text(text[len(self.emitted):])
+        self.emitted = text
+
+    def stop(self, reason: str) -> bool:
+        self.response.stop_reason = reason
+        return True
+
+    def finish(self) -> str:
+        r = self.response
+        if r.stop_reason != "stop":
+            r.text = self.session.tokenizer.decode(r.token_ids, self.params.skip_special_tokens)
+        self.session._end_turn(r)
+        return r.text
+
+
+class ChatSession:
+    """A chat over ``conversation`` with the model's chat template.
+
+    Args:
+        conversation: an idle conversation of a BatchedExecutor (usually a new one).
+        system_prompt: the system message, if any.
+    """
+
+    def __init__(self, conversation: Conversation, system_prompt: str | None = None):
+        tokenizer = conversation.executor.tokenizer
+        if tokenizer is None or not tokenizer.has_chat_template:
+            raise InvalidRequestError("ChatSession needs a model with a tokenizer and a chat template")
+        self.conversation = conversation
+        self.tokenizer: Tokenizer = tokenizer
+        self.eos_token_ids = conversation.executor.engine.eos_token_ids
+        self.messages: list[dict[str, Any]] = []
+        if system_prompt is not None:
+            self.messages.append({"role": "system", "content": system_prompt})
+        self.last_response: ChatResponse | None = None
+        self._pending_user: str | None = None
+
+    # ---- sync and async turns ----------------------------------------------------------------
+    def prompt(self, text: str, max_tokens: int = 256, params: SamplingParams | None = None,
+               on_text: Callable[[str], None] | None = None, cancel: CancelToken | None = None) -> str:
+        """Answer ``text``; returns the answer (greedy unless ``params`` says otherwise).
+        ``cancel`` stops after the current token and keeps the partial answer."""
+        turn = self._begin(text, max_tokens, params, on_text, cancel)
+        executor = self.conversation.executor
+        while True:
+            while self.conversation.requires_inference:
+                if executor.infer() is DecodeResult.NO_KV_SLOT:
+                    self.conversation._discard_pending()
+                    turn.stop("no_kv_slot")
+                    turn.finish()
+                    raise KvCacheExhaustedError("KV cache exhausted during the chat turn; close a conversation")
+            if turn.step():
+                return turn.finish()
+
+    async def aprompt(self, text: str, max_tokens: int = 256, params: SamplingParams | None = None,
+                      on_text: Callable[[str], None] | None = None, cancel: CancelToken | None = None) -> str:
+        """``prompt`` for asyncio: sessions awaited together are decoded in the same batches.
+        Cancelling the task stops after the current token, keeps the partial answer in the
+        history (``last_response``) and re-raises CancelledError."""
+        turn = self._begin(text, max_tokens, params, on_text, cancel)
+        executor = self.conversation.executor
+        try:
+            while True:
+                await executor.wait_for_logits(self.conversation)
+                if turn.step():
+                    return turn.finish()
+        except BaseException as e:
+            with executor._lock:  # waits for a forward in flight, then drops what it did not compute
+                self.conversation._discard_pending()
+            turn.stop("abort" if isinstance(e, asyncio.CancelledError) else "error")
+            turn.finish()
+            raise
+
+    # ---- history -----------------------------------------------------------------------------
+    def _begin(self, text: str, max_tokens: int, params: SamplingParams | None,
+               on_text: Callable[[str], None] | None, cancel: CancelToken | None) -> _Turn:
+        if not isinstance(text, str):
+            raise InvalidRequestError(f"chat prompt must be a str, got {type(text).__name__}")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens: must be an int >= 1, got {max_tokens!r}")
+        params = params or DEFAULT_CHAT_PARAMS
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params: expected SamplingParams, got {type(params).__name__}")
+        if cancel is not None and not isinstance(cancel, CancelToken):
+            raise InvalidRequestError(f"cancel: expected a CancelToken or None, got {type(cancel).__name__}")
+        if self.conversation.requires_inference:
+            raise RequiresInferenceError("the conversation has tokens waiting for infer(); finish that turn first")
+        kept, target = self._render(text, max_tokens)
+        held = self.conversation.tokens
+        common = 0
+        while common < min(len(held), len(target) - 1) and held[common] == target[common]:
+            common += 1
+        if common < len(held):
+            self.conversation.rewind(len(held) - common)
+        self.conversation.prompt(target[common:])
+        self.messages = kept
+        self._pending_user = text
+        return _Turn(self, max_tokens, params, on_text, cancel)
+
+    def _render(self, text: str, max_tokens: int) -> tuple[list[dict[str, Any]], list[int]]:
+        """(the history to keep, token ids of it plus ``text``). When they leave less than ``max_tokens`` (at
+        most half the context) for the answer, the oldest exchanges are dropped, the system
+        prompt kept (node-llama-cpp's "erase the first response" strategy); the conversation
+        then recomputes from the first difference."""
+        limit = self.conversation.executor.max_context
+        reserve = min(max_tokens, limit // 2)
+        user = {"role": "user", "content": text}
+        kept = list(self.messages)
+        while True:
+            target = self.tokenizer.apply_chat_template([*kept, user])
+            droppable = [i for i, m in enumerate(kept) if m["role"] != "system"]
+            if len(target) + reserve <= limit or not droppable:
+                break
+            # Drop the oldest user message with the answers that follow it.
+            end = next((i for i in droppable[1:] if kept[i]["role"] == "user"), len(kept))
+            del kept[droppable[0]:end]
+        if len(target) >= limit:
+            raise PromptTooLongError(f"the chat prompt has {len(target)} tokens; the context holds {limit}")
+        return kept, target
+
+    def _end_turn(self, response: ChatResponse) -> None:
+        self.messages.append({"role": "user", "content": self._pending_user})
+        self.messages.append({"role": "assistant", "content": response.text})
+        self.last_response = response
+        self._pending_user = None
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The messages so far (a copy)."""
+        return [dict(m) for m in self.messages]

@@ -1,0 +1,344 @@
+"""Conversation: one token stream in a BatchedExecutor's shared KV cache.
+
+A conversation is in one of three states, derived from its tokens:
+
+- *requires inference*: it holds prompted tokens not yet in the KV cache; only
+  ``BatchedExecutor.infer()`` moves it on (prompt, fork, sample, edits and save raise
+  :class:`~choral.errors.RequiresInferenceError`);
+- *requires sampling*: its last prompt was computed, so ``logits()`` / ``sample()`` work;
+- *idle*: nothing pending and no logits (new, or just edited): prompt it.
+
+Every method takes the executor's lock, so calls from several threads are serialized.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, overload
+
+import torch
+
+from choral.conversation.context_shift import ContextShift, plan_shift
+from choral.conversation.kv_table import KvTable
+from choral.conversation.state import SavedConversation, State, encode_state
+from choral.errors import (
+    ConversationClosedError,
+    InvalidRequestError,
+    RequiresInferenceError,
+    RequiresPromptError,
+    TokenIdOutOfRangeError,
+)
+from choral.sampling.params import SamplingParams
+
+if TYPE_CHECKING:
+    from choral.conversation.batched_executor import BatchedExecutor
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class Conversation:
+    """A token stream with its own block table; create with ``BatchedExecutor.create()``."""
+
+    def __init__(self, executor: BatchedExecutor, conversation_id: int, kv: KvTable,
+                 context_shift: ContextShift | None = None):
+        self._executor = executor
+        self._id = conversation_id
+        self._kv = kv
+        self.context_shift = context_shift
+        self._tokens: list[int] = []
+        self._num_computed = 0  # tokens whose K/V are in the cache
+        self._logits: torch.Tensor | None = None  # [rows, V] of the last prompt, once computed
+        self._all_logits = False
+        self._logit_chunks: list[torch.Tensor] = []
+        self._generator: torch.Generator | None = None
+        self._generator_seed: int | None = None
+        self._closed = False
+
+    # ---- state -------------------------------------------------------------------------------
+    @property
+    def id(self) -> int:
+        return self._id
+
+    @property
+    def executor(self) -> BatchedExecutor:
+        return self._executor
+
+    @property
+    def tokens(self) -> list[int]:
+        """Every token of the conversation, pending ones included (a copy)."""
+        return list(self._tokens)
+
+    @property
+    def token_count(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def num_pending_tokens(self) -> int:
+        return len(self._tokens) - self._num_computed
+
+    @property
+    def requires_inference(self) -> bool:
+        return self.num_pending_tokens > 0
+
+    @property
+    def requires_sampling(self) -> bool:
+        return self._logits is not None and not self.requires_inference
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    @property
+    def block_table(self) -> list[int]:
+        """The block ids holding this conversation's K/V (a copy; for tests and tools)."""
+        return list(self._kv.blocks)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConversationClosedError(f"conversation {self._id} is closed")
+
+    def _check_idle(self, action: str) -> None:
+        self._check_open()
+        if self.requires_inference:
+            raise RequiresInferenceError(
+                f"cannot {action} conversation {self._id}: {self.num_pending_tokens} token(s) wait for "
+                "BatchedExecutor.infer()"
+            )
+
+    # ---- prompting ---------------------------------------------------------------------------
+    def prompt(self, prompt: str | Sequence[int] | int, all_logits: bool = False,
+               add_special_tokens: bool | None = None) -> None:
+        """Queue text, token ids or one token for the next ``infer()``.
+
+        ``all_logits`` keeps the logits of every prompted token (``logits(offset)`` then reaches
+        back ``offset`` tokens). Text gets the tokenizer's special tokens (BOS) only when the
+        conversation is empty, unless ``add_special_tokens`` says otherwise.
+        """
+        with self._executor._lock:
+            self._check_idle("prompt")
+            new = self._to_token_ids(prompt, add_special_tokens)
+            self._make_room(len(new))
+            self._tokens.extend(new)
+            self._logits = None
+            self._all_logits = bool(all_logits)
+            self._logit_chunks = []
+            self._executor._enqueue(self)
+
+    def _to_token_ids(self, prompt: str | Sequence[int] | int, add_special_tokens: bool | None) -> list[int]:
+        if isinstance(prompt, str):
+            tokenizer = self._executor.tokenizer
+            if tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer: prompt with token ids")
+            add = not self._tokens if add_special_tokens is None else add_special_tokens
+            ids = tokenizer.encode(prompt, add_special_tokens=add)
+        elif _is_int(prompt):
+            ids = [int(prompt)]  # type: ignore[arg-type]
+        elif isinstance(prompt, Sequence) and all(_is_int(t) for t in prompt):
+            ids = [int(t) for t in prompt]
+        else:
+            raise InvalidRequestError(
+                f"prompt must be a str, a token id or a list of token ids, got {type(prompt).__name__}"
+            )
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        vocab = self._executor.vocab_size
+        for t in ids:
+            if t < 0 or t >= vocab:
+                raise TokenIdOutOfRangeError(f"token id {t} is out of range [0, {vocab})")
+        return ids
+
+    def _make_room(self, num_new: int) -> None:
+        discard = plan_shift(self.context_shift, len(self._tokens), num_new, self._executor.max_context)
+        if discard:
+            keep = self.context_shift.keep if self.context_shift else 0
+            self._shift(keep, keep + discard)
+
+    # ---- logits and sampling -----------------------------------------------------------------
+    def logits(self, offset: int = 0) -> torch.Tensor:
+        """Next-token logits [vocab] (fp32) after the last prompted token, or ``offset`` tokens
+        before it (needs ``all_logits``). The tensor is live: edits change what ``sample`` sees."""
+        with self._executor._lock:
+            self._check_idle("read logits of")
+            if self._logits is None:
+                raise RequiresPromptError(
+                    f"conversation {self._id} has no logits: prompt it and run infer() first"
+                )
+            rows = self._logits.shape[0]
+            if not _is_int(offset) or offset < 0 or offset >= rows:
+                hint = "" if self._all_logits else " (offsets > 0 need prompt(..., all_logits=True))"
+                raise InvalidRequestError(f"logits offset {offset!r} is outside [0, {rows}){hint}")
+            return self._logits[rows - 1 - offset]
+
+    def sample(self, params: SamplingParams | None = None, offset: int = 0) -> int:
+        """Pick the next token from ``logits(offset)`` (greedy by default). Does not prompt it."""
+        with self._executor._lock:
+            row = self.logits(offset)
+            params = params or GREEDY
+            if not isinstance(params, SamplingParams):
+                raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
+            generator = None
+            if params.seed is not None:
+                if self._generator is None or self._generator_seed != params.seed:
+                    self._generator = torch.Generator(device=row.device)
+                    self._generator.manual_seed(params.seed)
+                    self._generator_seed = params.seed
+                generator = self._generator
+            result = self._executor._sampler.sample(row[None, :], [params], [generator])
+            return int(result.token_ids[0])
+
+    # ---- structure ---------------------------------------------------------------------------
+    def fork(self) -> Conversation:
+        """A new conversation with the same tokens, sharing every KV block (copy-on-write)."""
+        with self._executor._lock:
+            self._check_idle("fork")
+            child = self._executor._adopt(self._kv.fork(), self.context_shift)
+            child._tokens = list(self._tokens)
+            child._num_computed = self._num_computed
+            child._all_logits = self._all_logits
+            child._logits = self._logits.clone() if self._logits is not None else None
+            if self._generator is not None:
+                child._generator = torch.Generator(device=self._generator.device)
+                child._generator.set_state(self._generator.get_state())
+                child._generator_seed = self._generator_seed
+            return child
+
+    def rewind(self, num_tokens: int) -> None:
+        """Forget the last ``num_tokens`` tokens (their blocks go back). Prompt again after."""
+        with self._executor._lock:
+            self._check_idle("rewind")
+            if not _is_int(num_tokens) or not 0 <= num_tokens <= len(self._tokens):
+                raise InvalidRequestError(f"rewind: {num_tokens!r} is outside [0, {len(self._tokens)}]")
+            new_len = len(self._tokens) - num_tokens
+            self._kv.truncate(new_len)
+            del self._tokens[new_len:]
+            self._num_computed = new_len
+            self._logits = None
+
+    def remove(self, start: int, end: int, recompute: bool = True) -> None:
+        """Erase tokens ``start .. end - 1``; later tokens move down to follow.
+
+        ``recompute=True`` (exact): the later tokens' K/V is dropped and they wait for the next
+        ``infer()``, which computes them at their new positions, so the result equals a fresh
+        conversation with the remaining tokens. ``recompute=False`` (fast, like llama.cpp): their
+        cached K/V is moved and the keys re-rotated (see :meth:`shift_left`).
+        """
+        with self._executor._lock:
+            self._check_idle("remove tokens from")
+            n = len(self._tokens)
+            if not (_is_int(start) and _is_int(end) and 0 <= start < end <= n):
+                raise InvalidRequestError(f"remove: need 0 <= start < end <= {n}, got start={start!r}, end={end!r}")
+            if not recompute:
+                self._shift(start, end)
+                return
+            self._kv.truncate(start)
+            self._tokens = self._tokens[:start] + self._tokens[end:]
+            self._num_computed = start
+            self._logits = None
+            self._all_logits = False
+            self._logit_chunks = []
+            if self.requires_inference:
+                self._executor._enqueue(self)
+
+    def shift_left(self, keep: int, discard: int) -> None:
+        """Drop ``discard`` tokens after the first ``keep`` and shift the rest down, their cached
+        keys re-rotated to the new positions: the context shift that lets generation go past the
+        window. Later tokens keep K/V computed with the dropped ones in view (as llama.cpp does);
+        use ``remove(..., recompute=True)`` for an exact result. Prompt again after."""
+        with self._executor._lock:
+            self._check_idle("shift")
+            n = len(self._tokens)
+            if not (_is_int(keep) and _is_int(discard) and keep >= 0 and discard >= 1 and keep + discard <= n):
+                raise InvalidRequestError(
+                    f"shift_left: need keep >= 0, discard >= 1 and keep + discard <= {n}, "
+                    f"got keep={keep!r}, discard={discard!r}"
+                )
+            self._shift(keep, keep + discard)
+
+    def _shift(self, start: int, end: int) -> None:
+        self._kv.erase_and_shift(start, end, len(self._tokens))  # raises before any change
+        self._tokens = self._tokens[:start] + self._tokens[end:]
+        self._num_computed = len(self._tokens)
+        self._logits = None
+
+    # ---- save and close ----------------------------------------------------------------------
+    @overload
+    def save(self, path: None = None) -> State: ...
+
+    @overload
+    def save(self, path: str | Path) -> None: ...
+
+    def save(self, path: str | Path | None = None) -> State | None:
+        """Save tokens, K/V and pending logits: to ``path``, or return a :class:`State`."""
+        with self._executor._lock:
+            self._check_idle("save")
+            keys, values = self._kv.read(len(self._tokens))
+            saved = SavedConversation(list(self._tokens), keys, values, self._logits)
+            state = encode_state(saved, self._executor.fingerprint)
+            if path is None:
+                return state
+            state.save(path)
+            return None
+
+    def close(self) -> None:
+        """Give the conversation's blocks back (shared ones when the last owner goes). Idempotent."""
+        with self._executor._lock:
+            if self._closed:
+                return
+            self._executor._forget(self)
+            self._kv.release()
+            self._tokens = []
+            self._num_computed = 0
+            self._logits = None
+            self._closed = True
+
+    def __enter__(self) -> Conversation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = ("closed" if self._closed else "requires_inference" if self.requires_inference
+                 else "requires_sampling" if self.requires_sampling else "idle")
+        return f"Conversation(id={self._id}, tokens={len(self._tokens)}, {state})"
+
+    # ---- called by the executor (under its lock) ---------------------------------------------
+    def _pending_slice(self, budget: int) -> tuple[int, int]:
+        """(start, count) of the next pending tokens to compute, at most ``budget``."""
+        return self._num_computed, min(self.num_pending_tokens, budget)
+
+    def _logits_mode(self, start: int, count: int) -> str:
+        if self._all_logits:
+            return "all"
+        return "last" if start + count == len(self._tokens) else "none"
+
+    def _computed(self, count: int, logits: torch.Tensor | None) -> None:
+        self._num_computed += count
+        if logits is not None and self._all_logits:
+            self._logit_chunks.append(logits)
+        if not self.requires_inference:
+            # A copy made outside inference mode: an ordinary tensor the caller may edit in place.
+            if self._all_logits:
+                self._logits = torch.cat(self._logit_chunks)
+                self._logit_chunks = []
+            else:
+                self._logits = logits.clone() if logits is not None else None
+
+    def _discard_pending(self) -> None:
+        """Drop tokens not yet computed (an aborted chat turn)."""
+        if self.requires_inference:
+            del self._tokens[self._num_computed :]
+            self._logit_chunks = []
+            self._executor._dequeue(self)
+
+    def _load(self, saved: SavedConversation) -> None:
+        self._kv.write(saved.keys, saved.values)
+        self._tokens = list(saved.tokens)
+        self._num_computed = len(self._tokens)
+        self._logits = saved.logits
+        self._all_logits = saved.logits is not None and saved.logits.shape[0] > 1

@@ -1,0 +1,162 @@
+"""ChatSession on the bundled SmolLM2 (fp32): answers equal LLM.generate on the same rendered
+history, each turn feeds only its new tokens, streaming, aborts that keep the partial answer,
+and two asyncio sessions decoded in the same batches."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from choral import BatchedExecutor, CancelToken, ChatSession, InvalidRequestError, PromptTooLongError, SamplingParams
+
+SYSTEM = "You are a helpful assistant."
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture()
+def executor(smollm_fp32) -> Iterator[BatchedExecutor]:  # type: ignore[no-untyped-def]
+    ex = BatchedExecutor(smollm_fp32)  # shares the LLM's weights and KV cache
+    yield ex
+    ex.check_invariants()
+    ex.close()
+    pool = ex.engine.pool
+    assert pool.num_free_blocks == pool.num_blocks
+
+
+def generate_reply(llm: Any, messages: list[dict[str, str]], max_tokens: int) -> str:
+    out = llm.generate([messages], SamplingParams(temperature=0, max_tokens=max_tokens))[0]
+    return str(out.outputs[0].text)
+
+
+def test_two_turns_equal_generate_and_feed_only_new_tokens(executor: BatchedExecutor, smollm_fp32) -> None:  # type: ignore[no-untyped-def]
+    session = ChatSession(executor.create(), system_prompt=SYSTEM)
+    chunks: list[str] = []
+    first = session.prompt("What is the capital of France?", max_tokens=12, on_text=chunks.append)
+    assert "".join(chunks) == first and "Paris" in first
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is the capital of France?"}]
+    assert first == generate_reply(smollm_fp32, messages, 12)
+
+    held = session.conversation.token_count
+    fed: list[int] = []
+    real_prompt = session.conversation.prompt
+
+    def spy(prompt: Any, *args: Any, **kwargs: Any) -> None:
+        fed.append(1 if isinstance(prompt, int) else len(prompt))
+        real_prompt(prompt, *args, **kwargs)
+
+    session.conversation.prompt = spy  # type: ignore[method-assign]
+    second = session.prompt("And of Italy?", max_tokens=12)
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "And of Italy?"}]
+    assert second == generate_reply(smollm_fp32, messages, 12)
+    full = smollm_fp32.tokenizer.apply_chat_template(messages)
+    assert fed[0] < 20 < held < len(full)  # the history stayed in the KV cache
+    assert session.history[-1] == {"role": "assistant", "content": second}
+    assert session.last_response is not None and session.last_response.stop_reason in ("eos", "max_tokens")
+
+
+def test_cancel_token_keeps_the_partial_answer(executor: BatchedExecutor) -> None:
+    session = ChatSession(executor.create())
+    cancel = CancelToken()
+    seen: list[str] = []
+
+    def on_text(text: str) -> None:
+        seen.append(text)
+        if len(seen) == 3:
+            cancel.cancel()
+
+    answer = session.prompt("Write a long story about a dragon.", max_tokens=40, on_text=on_text, cancel=cancel)
+    assert session.last_response is not None and session.last_response.stop_reason == "abort"
+    assert len(session.last_response.token_ids) == 3 and answer == "".join(seen)
+    assert session.history[-1]["content"] == answer
+    assert not session.conversation.requires_inference
+    assert session.prompt("Thanks!", max_tokens=4)  # the session goes on
+
+
+def test_gathered_sessions_share_batches_and_answer_like_sync(executor: BatchedExecutor, smollm_fp32) -> None:  # type: ignore[no-untyped-def]
+    runner = executor.engine.runner
+    sizes: list[int] = []
+    real_execute = runner.execute
+
+    def spy(chunks: Any) -> Any:
+        sizes.append(len(chunks))
+        return real_execute(chunks)
+
+    runner.execute = spy  # type: ignore[method-assign]
+    params = SamplingParams(temperature=0, ignore_eos=True)
+    a, b = ChatSession(executor.create()), ChatSession(executor.create())
+
+    async def both() -> list[str]:
+        return list(await asyncio.gather(
+            a.aprompt("What is the capital of France?", max_tokens=8, params=params),
+            b.aprompt("List three prime numbers.", max_tokens=8, params=params),
+        ))
+
+    answers = asyncio.run(both())
+    runner.execute = real_execute  # type: ignore[method-assign]
+    assert sizes == [2] * 8  # prefill together, then 7 decodes of both (the 8th token is not fed)
+    for question, answer in zip(["What is the capital of France?", "List three prime numbers."], answers,
+                                strict=True):
+        messages = [{"role": "user", "content": question}]
+        out = smollm_fp32.generate([messages], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+        assert answer == out.outputs[0].text
+
+
+def test_asyncio_cancellation_keeps_the_partial_answer(executor: BatchedExecutor) -> None:
+    session = ChatSession(executor.create())
+    seen: list[str] = []
+
+    async def main() -> None:
+        task = asyncio.ensure_future(session.aprompt("Tell me about the sea.", max_tokens=40,
+                                                     on_text=seen.append,
+                                                     params=SamplingParams(temperature=0, ignore_eos=True)))
+        while len(seen) < 3:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    response = session.last_response
+    assert response is not None and response.stop_reason == "abort"
+    assert 3 <= len(response.token_ids) < 40 and response.text.startswith("".join(seen[:3]))
+    assert not session.conversation.requires_inference
+    assert session.history[-1]["content"] == response.text
+    assert asyncio.run(session.aprompt("Thanks!", max_tokens=4))
+
+
+def test_bad_chat_input(executor: BatchedExecutor) -> None:
+    session = ChatSession(executor.create())
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        session.prompt("hi", max_tokens=0)
+    with pytest.raises(InvalidRequestError, match="str"):
+        session.prompt(["hi"])  # type: ignore[arg-type]
+    assert session.conversation.token_count == 0 and session.history == []
+
+
+def test_chat_needs_a_chat_template(tiny_models) -> None:  # type: ignore[no-untyped-def]
+    from tests.test_conversations import make_executor
+
+    with make_executor(tiny_models["llama"][0]) as executor:  # no tokenizer at all
+        with pytest.raises(InvalidRequestError, match="chat template"):
+            ChatSession(executor.create())
+
+
+def test_long_chat_drops_the_oldest_exchanges(smollm_fp32) -> None:  # type: ignore[no-untyped-def]
+    with BatchedExecutor(smollm_fp32, max_model_len=96, kv_cache_tokens=640) as executor:
+        session = ChatSession(executor.create(), system_prompt="Be brief.")
+        questions = ["Name a colour.", "Name a fruit.", "Name an animal.", "Name a city.", "Name a tree."]
+        for q in questions:
+            session.prompt(q, max_tokens=24)
+            assert session.conversation.token_count <= 96
+            assert session.last_response is not None and session.last_response.stop_reason != "error"
+        history = session.history
+        assert history[0] == {"role": "system", "content": "Be brief."}
+        assert history[-2] == {"role": "user", "content": "Name a tree."}
+        assert len(history) < 1 + 2 * len(questions)  # older exchanges were dropped
+        executor.check_invariants()
+    with pytest.raises(PromptTooLongError):
+        with BatchedExecutor(smollm_fp32, max_model_len=64, kv_cache_tokens=640) as executor:
+            ChatSession(executor.create()).prompt("word " * 80, max_tokens=4)
