@@ -156,6 +156,55 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from choral.conversation import BatchedExecutor, CancelToken, ChatSession
+    from choral.sampling.params import SamplingParams
+
+    executor = BatchedExecutor(**engine_options(args))
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                            max_tokens=args.max_tokens)
+    system: str | None = args.system
+    session = ChatSession(executor.create(), system_prompt=system)
+    print("choral chat: type a message. /reset clears the history, /system TEXT sets the system prompt "
+          "(and resets), /exit quits; Ctrl-C stops an answer.", flush=True)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            break
+        except KeyboardInterrupt:
+            print()
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset" or text == "/system" or text.startswith("/system "):
+            if text.startswith("/system"):
+                system = text[len("/system"):].strip() or None
+            session.conversation.close()
+            session = ChatSession(executor.create(), system_prompt=system)
+            print("(history cleared)" if text == "/reset" else f"(system prompt: {system!r}; history cleared)",
+                  flush=True)
+            continue
+        # Ctrl-C during an answer stops it after the current token; the partial answer stays in
+        # the history (the KV cache keeps every turn, so the next turn feeds only new tokens).
+        cancel = CancelToken()
+        previous = signal.signal(signal.SIGINT, lambda *_, token=cancel: token.cancel())
+        try:
+            session.prompt(text, max_tokens=args.max_tokens, params=params,
+                           on_text=lambda piece: print(piece, end="", flush=True), cancel=cancel)
+        except ChoralError as e:
+            print(f"\n(error: {e})", flush=True)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        print(flush=True)
+    executor.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="choral",
@@ -209,6 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="warning", help="uvicorn log level (default: warning)")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    chat = sub.add_parser(
+        "chat",
+        help="interactive chat in the terminal, streaming",
+        description="Chat with the model using its chat template. The whole history lives in one "
+                    "conversation's KV cache, so each turn only feeds the new tokens. Commands: /reset, "
+                    "/system TEXT, /exit. Example:\n  choral chat --system 'You are terse.'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    chat.add_argument("--system", default=None, help="system prompt (default: the template's own)")
+    chat.add_argument("--max-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
+    chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
+    chat.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default: 0.9)")
+    chat.add_argument("--seed", type=int, default=None, help="sampling seed")
+    add_engine_args(chat)
+    chat.set_defaults(func=cmd_chat)
 
     bench = sub.add_parser(
         "bench",

@@ -24,7 +24,7 @@ def test_generate_reports_errors_cleanly(capsys) -> None:  # type: ignore[no-unt
 
 
 def test_help_explains_the_commands() -> None:
-    for args, needle in ((["--help"], "generate"), (["generate", "--help"], "Example"),
+    for args, needle in ((["--help"], "generate"), (["generate", "--help"], "Example"), (["chat", "--help"], "/reset"),
                          (["serve", "--help"], "OpenAI"), (["bench", "--help"], "concurrency")):
         result = subprocess.run([sys.executable, "-m", "choral.cli", *args], capture_output=True, text=True)
         assert result.returncode == 0
@@ -46,3 +46,52 @@ def test_bench_in_process_writes_table_json_and_plot(tiny_models, tmp_path, caps
     assert [lvl["concurrency"] for lvl in data["levels"]] == [1, 4]
     assert all(lvl["output_tokens"] == 30 for lvl in data["levels"])
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chat_through_a_pseudo_terminal() -> None:
+    """One exchange, /system and /reset, then /exit, driven through a pty like a person would."""
+    import os
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: become `choral chat`
+        os.execv(sys.executable, [sys.executable, "-m", "choral.cli", "chat", "--dtype", "float32",
+                                  "--temperature", "0", "--max-tokens", "24", "--kv-cache-tokens", "4096",
+                                  "--max-model-len", "2048"])
+    buffer = b""
+
+    def read_until(needle: bytes, timeout: float = 180) -> bytes:
+        nonlocal buffer
+        deadline = time.monotonic() + timeout
+        while needle not in buffer:
+            assert time.monotonic() < deadline, f"timed out waiting for {needle!r}; got {buffer[-500:]!r}"
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if ready:
+                try:
+                    buffer += os.read(fd, 4096)
+                except OSError:
+                    break
+        head, _, rest = buffer.partition(needle)
+        buffer = rest
+        return head
+
+    try:
+        read_until(b"> ")
+        os.write(fd, b"What is the capital of France?\n")
+        answer = read_until(b"> ")
+        assert b"Paris" in answer
+        os.write(fd, b"/system You answer in one word.\n")
+        assert b"system prompt" in read_until(b"> ")
+        os.write(fd, b"/reset\n")
+        assert b"history cleared" in read_until(b"> ")
+        os.write(fd, b"/exit\n")
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 0
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+        os.close(fd)
