@@ -41,6 +41,11 @@ class Tokenizer:
         return cls(tok, eos_token_ids)
 
     @property
+    def hf_tokenizer(self) -> Any:
+        """The wrapped transformers tokenizer (grammar engines build their vocabulary from it)."""
+        return self._tok
+
+    @property
     def vocab_size(self) -> int:
         return len(self._tok)
 

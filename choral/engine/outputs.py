@@ -17,6 +17,8 @@ class CompletionOutput:
     finish_reason: str | None  # "stop" (EOS, stop id or stop string), "length", or None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     logprobs: list[Logprob] | None = None
+    # Sum of the generated tokens' logprobs (best_of, logprobs) or the beam's final score.
+    cumulative_logprob: float | None = None
 
 
 @dataclass
