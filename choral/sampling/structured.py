@@ -26,10 +26,11 @@ class GrammarMatcher:
         self._m = matcher
 
     def fill_bitmask(self, out: torch.Tensor) -> None:
-        """Write the allowed-token bitmask (int32 words, bit i = token 32*w + i) into ``out``."""
-        from llguidance.torch import fill_next_token_bitmask
-
-        fill_next_token_bitmask(self._m, out.view(1, -1), 0)
+        """Write the allowed-token bitmask (int32 words, bit i = token 32*w + i) into ``out``,
+        a contiguous CPU int32 row of ceil(vocab / 32) words."""
+        if out.dtype != torch.int32 or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError("bitmask row must be a contiguous CPU int32 tensor")
+        self._m.unsafe_compute_mask_ptr(out.data_ptr(), out.numel() * out.element_size())
 
     def accept(self, token_id: int) -> bool:
         """Advance by one generated token. False if the grammar rejects it (then it stays in error)."""
