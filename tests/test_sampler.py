@@ -231,3 +231,15 @@ def test_params_are_frozen_and_accept_json_shapes() -> None:
     hash(p)
     with pytest.raises(InvalidRequestError, match="unknown sampling parameter"):
         SamplingParams.from_dict({"temprature": 1})
+
+
+def test_seeded_draw_is_the_same_on_the_compact_and_full_vocabulary_paths() -> None:
+    """A batch with an unfiltered row makes top-k/top-p run over the whole vocabulary; the seeded
+    row's token must not change."""
+    logits = random_logits(2, seed=11, vocab=2048)
+    for seed in range(40):
+        params = SamplingParams(temperature=1.0, top_k=40, top_p=0.9, min_p=0.01, seed=seed)
+        alone = Sampler(CPU).sample(logits[:1], [Row(params, generator=torch.Generator().manual_seed(seed))])
+        mixed = Sampler(CPU).sample(logits, [Row(params, generator=torch.Generator().manual_seed(seed)),
+                                             Row(SamplingParams(temperature=1.0))])
+        assert mixed.token_ids[0] == alone.token_ids[0]

@@ -7,7 +7,7 @@ Pipeline per step (each stage skipped when no row uses it, identity for rows tha
    presence/frequency penalties (output only) -> bans (min_tokens, bad words, no-repeat
    n-grams) -> grammar mask.
 2. warpers for sampled rows: temperature -> top-k -> top-p -> min-p -> typical-p.
-3. the draw: greedy rows take the argmax; sampled rows an exponential race whose noise comes
+3. the draw: greedy rows take the argmax; sampled rows an inverse-CDF draw whose uniform comes
    from the row's own generator when seeded, so a seed gives the same tokens whatever the batch.
 
 Logprobs are reported from the raw model logits (before any of the above), as vLLM V1 does.
@@ -86,13 +86,16 @@ class Sampler:
         raw = logits
         params = [r.params for r in rows]
         logits = self.process(logits, rows)
-        chosen = logits.argmax(-1)  # greedy rows are done here; sampled rows overwrite below
+        greedy = [i for i, p in enumerate(params) if p.greedy]
         sampled = [i for i, p in enumerate(params) if not p.greedy]
-        if sampled:
-            index = torch.tensor(sampled, device=self.device)
-            picked = self._draw(logits.index_select(0, index), [params[i] for i in sampled],
-                                [rows[i].generator for i in sampled])
-            chosen.index_copy_(0, index, picked)
+        chosen = torch.empty(len(rows), dtype=torch.long, device=self.device)
+        for subset, pick in ((greedy, self._argmax), (sampled, self._draw)):
+            if len(subset) == len(rows):  # the whole batch: no gather/scatter
+                chosen = pick(logits, params, [r.generator for r in rows])
+            elif subset:
+                index = torch.tensor(subset, device=self.device)
+                chosen.index_copy_(0, index, pick(logits.index_select(0, index), [params[i] for i in subset],
+                                                  [rows[i].generator for i in subset]))
         token_ids = chosen.tolist()
         for row, token in zip(rows, token_ids, strict=True):
             if row.grammar is not None:
@@ -118,15 +121,11 @@ class Sampler:
         if bias_rows:
             logits = logits.index_put((torch.tensor(bias_rows, device=dev), torch.tensor(bias_ids, device=dev)),
                                       torch.tensor(bias_vals, device=dev, dtype=logits.dtype), accumulate=True)
-        if any(p.repetition_penalty != 1.0 for p in params):
-            ids = lp.history_tensor([r.token_ids for r in rows], vocab, dev)
-            seen = torch.zeros(len(rows), vocab + 1, dtype=torch.bool, device=dev).scatter_(1, ids, True)
-            penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)
-            logits = lp.apply_repetition_penalty(logits, seen[:, :vocab], penalty)
-        if any(p.presence_penalty or p.frequency_penalty for p in params):
-            counts = lp.token_counts([r.token_ids[r.num_prompt_tokens :] for r in rows], vocab, dev)
-            logits = lp.apply_presence_frequency(
-                logits, counts, torch.tensor([p.presence_penalty for p in params], device=dev),
+        if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
+            logits = lp.apply_history_penalties(
+                logits, [r.token_ids for r in rows], [r.num_prompt_tokens for r in rows],
+                torch.tensor([p.repetition_penalty for p in params], device=dev),
+                torch.tensor([p.presence_penalty for p in params], device=dev),
                 torch.tensor([p.frequency_penalty for p in params], device=dev))
         ban_rows: list[int] = []
         ban_ids: list[int] = []
@@ -169,6 +168,11 @@ class Sampler:
         sub = logits.index_select(0, index).masked_fill(~allowed, lp.NEG_INF)
         return logits.index_copy(0, index, sub)
 
+    @staticmethod
+    def _argmax(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+        return logits.argmax(-1)
+
     def _draw(self, logits: torch.Tensor, params: list[SamplingParams],
               generators: list[torch.Generator | None]) -> torch.Tensor:
         """Warpers, then one draw per row: [R, V] -> [R]."""
@@ -176,25 +180,41 @@ class Sampler:
         dev = self.device
         temps = torch.tensor([p.temperature for p in params], device=dev)
         logits = logits / temps[:, None]
+        ids = None  # when set, logits are [R, K] over these candidate token ids [R, K]
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)
             top_p = torch.tensor([p.top_p for p in params], device=dev)
-            logits = lp.apply_top_k_top_p(logits, top_k, top_p)
+            compact = lp.top_k_top_p_candidates(logits, top_k, top_p)
+            if compact is not None:
+                # The rest of the pipeline and the draw run on the K candidates only: exact,
+                # since every other token is already out.
+                logits, ids = compact
+            else:
+                logits = lp.apply_top_k_top_p(logits, top_k, top_p)
         if any(p.min_p > 0.0 for p in params):
             logits = lp.apply_min_p(logits, torch.tensor([p.min_p for p in params], device=dev))
         if any(p.typical_p < 1.0 for p in params):
             logits = lp.apply_typical_p(logits, torch.tensor([p.typical_p for p in params], device=dev))
-        probs = logits.softmax(-1)  # [R, V]
-        # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p. Seeded rows use
-        # their own generator, so their draws do not depend on the rest of the batch.
-        noise = torch.empty_like(probs)
+        # Inverse-CDF draw: one uniform per row. A seeded row takes its uniform from its own
+        # generator, so its draw does not depend on the rest of the batch; one number per row
+        # (not one per vocabulary entry) keeps this a tiny share of the step.
+        # The cdf runs in token-id order whatever the path: candidates are put back in id order,
+        # so a seeded row's uniform picks the same token with or without the compact path.
+        if ids is not None:
+            ids, order = ids.sort(dim=-1)
+            logits = logits.gather(1, order)
+        cdf = logits.softmax(-1).cumsum(-1)  # [R, V] or [R, K]
+        u = torch.empty(len(params), device=dev)
         shared = [r for r, g in enumerate(generators) if g is None]
         if shared:
-            noise[shared] = torch.empty(len(shared), vocab, device=dev).exponential_(generator=self.generator)
+            u[shared] = torch.rand(len(shared), generator=self.generator, device=dev)
         for row, gen in enumerate(generators):
             if gen is not None:
-                noise[row].exponential_(generator=gen)
-        return (probs / noise).argmax(-1)
+                u[row] = torch.rand(1, generator=gen, device=dev)[0]
+        # The first token whose cdf exceeds u * total: never a zero-probability token.
+        picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)  # [R, 1]
+        picked = picked.clamp_(max=logits.shape[-1] - 1)
+        return (picked if ids is None else ids.gather(1, picked)).squeeze(1)
 
     @staticmethod
     def _logprobs(raw: torch.Tensor, chosen: torch.Tensor, params: list[SamplingParams],
