@@ -243,3 +243,20 @@ def test_seeded_draw_is_the_same_on_the_compact_and_full_vocabulary_paths() -> N
         mixed = Sampler(CPU).sample(logits, [Row(params, generator=torch.Generator().manual_seed(seed)),
                                              Row(SamplingParams(temperature=1.0))])
         assert mixed.token_ids[0] == alone.token_ids[0]
+
+
+def test_top_p_on_a_flat_distribution_and_unfiltered_rows() -> None:
+    """A near-flat row's top-p set is larger than the 1024 candidates: it takes the sorted path,
+    in the same batch as a peaky row, a top-k row and a row with no filter."""
+    vocab = 4096
+    logits = random_logits(4, seed=12, vocab=vocab)
+    logits[1] = torch.randn(vocab, generator=torch.Generator().manual_seed(1)) * 0.01
+    top_k = torch.tensor([vocab, vocab, 7, vocab])
+    top_p = torch.tensor([0.9, 0.9, 1.0, 1.0])
+    out = lp.apply_top_k_top_p(logits, top_k, top_p)
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    same_filter(out[0:1], hf.TopPLogitsWarper(0.9)(ids, logits[0:1].clone()))
+    same_filter(out[1:2], hf.TopPLogitsWarper(0.9)(ids, logits[1:2].clone()))
+    assert int((~torch.isinf(out[1])).sum()) > 1024
+    same_filter(out[2:3], hf.TopKLogitsWarper(7)(ids, logits[2:3].clone()))
+    assert torch.equal(out[3], logits[3])

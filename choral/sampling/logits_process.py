@@ -59,12 +59,20 @@ TOP_P_CANDIDATES = 1024  # top-p looks at the best 1024 tokens first; a full sor
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Keep each row's ``top_k`` best tokens (V = all), then the smallest set of them whose mass
     (renormalized over the top-k set, as HF's TopK then TopP warpers) reaches ``top_p``.
-    Returns [R, V] logits with the dropped tokens at -inf."""
-    compact = top_k_top_p_candidates(logits, top_k, top_p)
-    if compact is None:
-        return _top_k_top_p_sorted(logits, top_k, top_p)
-    values, ids = compact
-    return torch.full_like(logits, NEG_INF).scatter_(1, ids, values)
+    Returns [R, V] logits with the dropped tokens at -inf; rows with neither knob are unchanged."""
+    vocab = logits.shape[-1]
+    filtered = (top_k < vocab) | (top_p < 1.0)
+    if not bool(filtered.any()):
+        return logits
+    index = filtered.nonzero().squeeze(1)
+    sub, sub_k, sub_p = logits.index_select(0, index), top_k[index], top_p[index]
+    compact = top_k_top_p_candidates(sub, sub_k, sub_p)
+    if compact is None:  # a flat distribution: its top_p mass is not among the candidates
+        sub = _top_k_top_p_sorted(sub, sub_k, sub_p)
+    else:
+        values, ids = compact
+        sub = torch.full_like(sub, NEG_INF).scatter_(1, ids, values)
+    return logits.index_copy(0, index, sub)
 
 
 def top_k_top_p_candidates(logits: torch.Tensor, top_k: torch.Tensor,
