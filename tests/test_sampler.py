@@ -155,7 +155,8 @@ CHI2_CRITICAL_0_001 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6:
 @pytest.mark.parametrize(
     "knobs",
     [dict(temperature=1.0), dict(temperature=0.7, top_k=6), dict(temperature=1.3, top_p=0.8),
-     dict(temperature=1.0, min_p=0.1, top_k=10), dict(temperature=0.9, typical_p=0.7)],
+     dict(temperature=1.0, min_p=0.1, top_k=10), dict(temperature=0.9, typical_p=0.7),
+     dict(temperature=1.0, top_k=8, typical_p=0.8), dict(temperature=0.8, top_p=0.95, min_p=0.05)],
 )
 def test_draws_match_the_filtered_softmax(knobs: dict) -> None:  # type: ignore[type-arg]
     """40,000 draws (fixed seed) over a 12-token vocabulary; reject at p = 0.001."""
