@@ -17,13 +17,14 @@ import torch
 from choral.config import EngineConfig
 from choral.engine.fanout import BeamGroup, fork
 from choral.engine.model_runner import Chunk, ModelRunner, plan_kv_size
-from choral.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from choral.engine.outputs import RequestOutput, request_output
 from choral.engine.prompts import validate_token_ids
 from choral.engine.sequence import Sequence, SequenceStatus
 from choral.errors import ConfigError, InvalidRequestError
 from choral.kv.block_pool import BlockPool
 from choral.loader.load import LoadedModel, load_model
 from choral.sampling.beam_search import BeamSearch
+from choral.sampling.logits_process import bad_word_token_ids
 from choral.sampling.params import SamplingParams
 from choral.sampling.processors import BatchedLogitsProcessorFn, LogitsProcessorFn, LogitsProcessorRegistry
 from choral.sampling.sampler import Sampler
@@ -86,7 +87,7 @@ class LLMEngine:
         validate_token_ids(token_ids, self.loaded.spec.vocab_size, self.max_model_len)
         self.logits_processors.check(params.logits_processors)
         seq = Sequence(self._next_seq_id, list(token_ids), params, request_id=request_id,
-                       bad_words=self._bad_word_ids(params))
+                       bad_words=bad_word_token_ids(params.bad_words, self.tokenizer))
         if params.structured:
             seq.grammar = self._grammar_compiler().matcher(params)
         self._next_seq_id += 1
@@ -101,21 +102,6 @@ class LLMEngine:
         else:
             seq.num_pending_forks = params.num_samples - 1
         return seq
-
-    def _bad_word_ids(self, params: SamplingParams) -> list[tuple[int, ...]]:
-        out: list[tuple[int, ...]] = []
-        for word in params.bad_words:
-            if isinstance(word, tuple):
-                out.append(word)
-                continue
-            if self.tokenizer is None:
-                raise InvalidRequestError("bad_words: strings need a tokenizer; give token id lists")
-            # Like vLLM: the word on its own and after a space (a different token in BPE vocabularies).
-            for text in (word, " " + word):
-                ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
-                if ids and ids not in out:
-                    out.append(ids)
-        return out
 
     def _grammar_compiler(self) -> GrammarCompiler:
         if self._grammars is None:
@@ -347,39 +333,4 @@ class LLMEngine:
     # ---- outputs -------------------------------------------------------------------------
     def to_output(self, seq: Sequence, request_id: str, prompt: str | None) -> RequestOutput:
         """The request rooted at ``seq`` as a RequestOutput (one CompletionOutput per sample/beam)."""
-        params = seq.params
-        if seq.beam is not None:
-            ends = set(params.stop_token_ids) | set(self.eos_token_ids)
-            outputs = [self._completion(params, i, ids, "stop" if ids and ids[-1] in ends else "length", [], score)
-                       for i, (ids, score) in enumerate(seq.beam.search.results(params.n))]
-        else:
-            samples = [seq, *seq.forks]
-            if len(samples) > params.n:  # best_of: keep the n most likely
-                samples = sorted(samples, key=lambda s: -s.cumulative_logprob)[: params.n]
-            outputs = [self._completion(params, i, s.output_token_ids, s.finish_reason, s.output_logprobs,
-                                        s.cumulative_logprob if s.params.logprobs is not None
-                                        or len(samples) < params.num_samples else None)
-                       for i, s in enumerate(samples)]
-        return RequestOutput(
-            request_id=request_id,
-            prompt=prompt,
-            prompt_token_ids=seq.prompt_token_ids,
-            outputs=outputs,
-            prompt_logprobs=seq.prompt_logprobs if params.prompt_logprobs is not None else None,
-            metrics={"num_preemptions": float(seq.num_preemptions)},
-        )
-
-    def _completion(self, params: SamplingParams, index: int, ids: list[int], finish_reason: str | None,
-                    logprobs: list[Logprob], cumulative_logprob: float | None) -> CompletionOutput:
-        stop_reason: int | str | None = None
-        if finish_reason == "stop" and ids and ids[-1] in (*params.stop_token_ids, *self.eos_token_ids):
-            stop_reason = ids[-1]
-        text = ""
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(ids, params.skip_special_tokens)
-            for stop in params.stop:
-                cut = text.find(stop)
-                if cut >= 0:
-                    text, stop_reason = text[:cut], stop
-        return CompletionOutput(index, text, list(ids), finish_reason, stop_reason,
-                                logprobs if params.logprobs is not None else None, cumulative_logprob)
+        return request_output(seq, request_id, prompt, self.tokenizer, self.eos_token_ids)

@@ -9,8 +9,11 @@ tensor per step.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+
+from choral.errors import InvalidRequestError
 
 NEG_INF = float("-inf")
 
@@ -157,3 +160,20 @@ def banned_bad_word_tokens(token_ids: Sequence[int], bad_words: Sequence[Sequenc
         if head == 0 or (len(token_ids) >= head and list(token_ids[len(token_ids) - head :]) == list(word[:head])):
             banned.append(word[-1])
     return banned
+
+
+def bad_word_token_ids(bad_words: Sequence[tuple[int, ...] | str], tokenizer: Any) -> list[tuple[int, ...]]:
+    """``SamplingParams.bad_words`` in token-id form. A string is tokenized alone and after a
+    space (a different token in BPE vocabularies), like vLLM."""
+    out: list[tuple[int, ...]] = []
+    for word in bad_words:
+        if isinstance(word, tuple):
+            out.append(word)
+            continue
+        if tokenizer is None:
+            raise InvalidRequestError("bad_words: strings need a tokenizer; give token id lists")
+        for text in (word, " " + word):
+            ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+            if ids and ids not in out:
+                out.append(ids)
+    return out
