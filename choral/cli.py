@@ -47,8 +47,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompts:
         print("choral generate: give at least one prompt (positional or --prompts-file)", file=sys.stderr)
         return 2
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.max_tokens, seed=args.seed, ignore_eos=args.ignore_eos)
+    schema = args.json_schema
+    if schema is not None and not schema.lstrip().startswith("{"):
+        with open(schema, encoding="utf-8") as f:  # a path to a schema file
+            schema = f.read()
+    grammar = None
+    if args.grammar_file:
+        with open(args.grammar_file, encoding="utf-8") as f:
+            grammar = f.read()
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                            repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                            frequency_penalty=args.frequency_penalty, stop=tuple(args.stop or ()),
+                            max_tokens=args.max_tokens, seed=args.seed, ignore_eos=args.ignore_eos, n=args.n,
+                            beam_width=args.beam_width, json_schema=schema, regex=args.regex, grammar=grammar)
     load_start = time.perf_counter()
     llm = LLM(**engine_options(args))  # type: ignore[arg-type]
     loaded = time.perf_counter() - load_start
@@ -57,8 +68,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     outputs = llm.generate(inputs, params, use_tqdm=not args.quiet)
     elapsed = time.perf_counter() - start
     for prompt, out in zip(prompts, outputs, strict=True):
-        print(f"\n### {prompt}\n{out.outputs[0].text}  [{out.outputs[0].finish_reason}]")
-    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+        print(f"\n### {prompt}")
+        for completion in out.outputs:
+            label = f"#{completion.index} " if len(out.outputs) > 1 else ""
+            print(f"{label}{completion.text}  [{completion.finish_reason}]")
+    generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     kv = llm.engine.kv_size
     print(f"\n{len(outputs)} request(s): {prompt_tokens} prompt + {generated} generated tokens in "
@@ -227,6 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1)")
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default: all)")
+    gen.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top one (default: 0)")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="HF repetition penalty (default: 1)")
+    gen.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI presence penalty (default: 0)")
+    gen.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty (default: 0)")
+    gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    gen.add_argument("--n", type=int, default=1, help="completions per prompt, sharing its KV (default: 1)")
+    gen.add_argument("--beam-width", type=int, default=1, help="beam search with this many beams (default: off)")
+    gen.add_argument("--json-schema", help="constrain output to a JSON schema (inline JSON or a file path)")
+    gen.add_argument("--regex", help="constrain output to a regular expression")
+    gen.add_argument("--grammar-file", help="constrain output to a GBNF/EBNF or Lark grammar file")
     gen.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -50,8 +50,10 @@ class LLM:
             return []
         params = self._params_per_prompt(sampling_params, len(items))
         encoded = [to_token_ids(p, self.tokenizer) for p in items]
-        seqs = [self.engine.new_sequence(ids, sp) for (_, ids), sp in zip(encoded, params, strict=True)]
-        request_ids = [self._new_request_id() for _ in seqs]
+        request_ids = [str(self._request_counter + i) for i in range(len(items))]
+        seqs = [self.engine.new_sequence(ids, sp, rid)
+                for (_, ids), sp, rid in zip(encoded, params, request_ids, strict=True)]
+        self._request_counter += len(items)
         outputs: dict[int, RequestOutput] = {}
         bar = _progress(len(seqs)) if use_tqdm else None
         started = time.perf_counter()
@@ -99,9 +101,11 @@ class LLM:
             )
         return params
 
-    def _new_request_id(self) -> str:
-        self._request_counter += 1
-        return str(self._request_counter - 1)
+    def register_logits_processor(self, name: str, fn: Any, batched: bool = False) -> None:
+        """Register a logits processor that requests pick by name (``SamplingParams.logits_processors``):
+        ``fn(request_id, logits[V], token_ids) -> logits``, or with ``batched=True``
+        ``fn(request_ids, logits[R, V], token_ids_per_row) -> logits``."""
+        self.engine.register_logits_processor(name, fn, batched)
 
 
 def _progress(total: int) -> Any:

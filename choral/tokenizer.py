@@ -42,7 +42,7 @@ class Tokenizer:
 
     @property
     def hf_tokenizer(self) -> Any:
-        """The underlying transformers tokenizer (for grammar engines and the like)."""
+        """The wrapped transformers tokenizer (grammar engines build their vocabulary from it)."""
         return self._tok
 
     @property

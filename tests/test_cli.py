@@ -95,3 +95,16 @@ def test_chat_through_a_pseudo_terminal() -> None:
         except ProcessLookupError:
             pass
         os.close(fd)
+
+
+def test_generate_with_decoding_controls(capsys) -> None:  # type: ignore[no-untyped-def]
+    rc = main(["generate", "Pick a number.", "--max-tokens", "8", "--dtype", "float32", "--quiet",
+               "--kv-cache-tokens", "4096", "--max-model-len", "1024", "--n", "2", "--temperature", "0.8",
+               "--seed", "1", "--regex", "[1-9][0-9]?", "--repetition-penalty", "1.1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = [line for line in out.splitlines() if line.startswith("#0 ") or line.startswith("#1 ")]
+    assert len(lines) == 2
+    for line in lines:
+        text = line[3:].rsplit("  [", 1)[0]
+        assert text.isdigit() and 1 <= int(text) <= 99

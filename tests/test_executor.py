@@ -375,3 +375,44 @@ def test_kv_events_and_input_in_output(tiny_models) -> None:  # type: ignore[no-
         kinds = [k for k, _, _ in ex.get_kv_cache_events()]
         assert "evicted" in kinds and "stored" in kinds
         assert ex.get_kv_cache_events() == []
+
+
+def test_decoding_controls_through_the_executor(tiny_models) -> None:  # type: ignore[no-untyped-def]
+    with make(tiny_models) as ex:
+        free = ex.submit(Request([5, 6, 7], GREEDY)).token_ids
+        # A named logits processor (TRT-LLM's shape) that bans the first greedy token.
+        seen: list[str] = []
+
+        def ban_first(request_id: str, logits, token_ids):  # type: ignore[no-untyped-def]
+            seen.append(request_id)
+            logits[free[0]] = float("-inf")
+            return logits
+
+        ex.engine.register_logits_processor("ban_first", ban_first)
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logits_processors=("ban_first",))
+        banned = ex.submit(Request([5, 6, 7], params))
+        assert free[0] not in banned.token_ids and seen and seen[0] == str(banned.request_id)
+        # Bad words (token sequences) and a repetition penalty, batched with a plain request.
+        words = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, bad_words=((free[0],),),
+                               repetition_penalty=1.5)
+        a, b = ex.enqueue_many([Request([5, 6, 7], words), Request([5, 6, 7], GREEDY)])
+        assert free[0] not in final_tokens(ex, a)
+        assert final_tokens(ex, b) == free  # the neighbour's knobs do not leak into this row
+        with pytest.raises(InvalidRequestError, match="unknown processor .nope."):
+            ex.enqueue(Request([5], SamplingParams(logits_processors=("nope",))))
+        with pytest.raises(InvalidRequestError, match="beam"):
+            ex.enqueue(Request([5], SamplingParams(beam_width=2, temperature=0)))
+    assert_no_leak(ex)
+
+
+def test_json_schema_through_the_executor(smollm_executor) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+              "required": ["city", "population"], "additionalProperties": False}
+    params = SamplingParams(temperature=0.7, max_tokens=48, seed=3, json_schema=json.dumps(schema))
+    prompt = [{"role": "user", "content": "Give the largest city of France as JSON."}]
+    done = smollm_executor.submit(Request(prompt, params, n=2))
+    for out in done.outputs:
+        value = json.loads(out.text)
+        assert set(value) == {"city", "population"} and isinstance(value["population"], int)

@@ -29,7 +29,9 @@ from choral.errors import (
     RequiresPromptError,
     TokenIdOutOfRangeError,
 )
+from choral.sampling.logits_process import bad_word_token_ids
 from choral.sampling.params import SamplingParams
+from choral.sampling.sampler import Row
 
 if TYPE_CHECKING:
     from choral.conversation.batched_executor import BatchedExecutor
@@ -188,7 +190,17 @@ class Conversation:
                     self._generator.manual_seed(params.seed)
                     self._generator_seed = params.seed
                 generator = self._generator
-            result = self._executor._sampler.sample(row[None, :], [params], [generator])
+            if params.structured or params.n > 1 or params.num_samples > 1:
+                raise InvalidRequestError(
+                    "Conversation.sample draws one token: structured output, n, best_of and beams run in "
+                    "the Executor or LLM.generate")
+            engine = self._executor.engine
+            engine.logits_processors.check(params.logits_processors)
+            # The whole conversation is the history penalties look at; there is no separate output.
+            sample_row = Row(params, token_ids=list(self._tokens), num_prompt_tokens=len(self._tokens),
+                             generator=generator, request_id=str(self.id),
+                             bad_words=bad_word_token_ids(params.bad_words, engine.tokenizer))
+            result = self._executor._sampler.sample(row[None, :], [sample_row])
             return int(result.token_ids[0])
 
     # ---- structure ---------------------------------------------------------------------------

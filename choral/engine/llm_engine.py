@@ -15,15 +15,20 @@ from collections.abc import Callable
 import torch
 
 from choral.config import EngineConfig
+from choral.engine.fanout import BeamGroup, fork
 from choral.engine.model_runner import Chunk, ModelRunner, plan_kv_size
-from choral.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from choral.engine.outputs import RequestOutput, request_output
 from choral.engine.prompts import validate_token_ids
 from choral.engine.sequence import Sequence, SequenceStatus
-from choral.errors import ConfigError
+from choral.errors import ConfigError, InvalidRequestError
 from choral.kv.block_pool import BlockPool
 from choral.loader.load import LoadedModel, load_model
+from choral.sampling.beam_search import BeamSearch
+from choral.sampling.logits_process import bad_word_token_ids
 from choral.sampling.params import SamplingParams
+from choral.sampling.processors import BatchedLogitsProcessorFn, LogitsProcessorFn, LogitsProcessorRegistry
 from choral.sampling.sampler import Sampler
+from choral.sampling.structured import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +57,10 @@ class LLMEngine:
             )
         self.pool = BlockPool(self.kv_size.num_blocks, config.block_size)
         self.runner = ModelRunner(self.loaded, self.kv_size, config.attention_backend)
-        self.sampler = Sampler(self.runner.device, config.seed)
+        self.logits_processors = LogitsProcessorRegistry()
+        self.sampler = Sampler(self.runner.device, config.seed, self.eos_token_ids, self.logits_processors)
+        self._grammars: GrammarCompiler | None = None
+        self._pending_copies: list[tuple[int, int]] = []  # copy-on-write (src, dst) for the next forward
         self._next_seq_id = 0
         logger.info("choral: KV cache %d tokens (%d blocks of %d), %.1f MiB",
                     self.kv_size.num_tokens, self.kv_size.num_blocks, config.block_size,
@@ -66,15 +74,41 @@ class LLMEngine:
     def eos_token_ids(self) -> tuple[int, ...]:
         return self.loaded.eos_token_ids
 
-    def new_sequence(self, token_ids: list[int], params: SamplingParams) -> Sequence:
-        """Validate and wrap a prompt. Raises before anything is allocated."""
+    def register_logits_processor(self, name: str, fn: LogitsProcessorFn | BatchedLogitsProcessorFn,
+                                  batched: bool = False) -> None:
+        """Make ``name`` usable in ``SamplingParams.logits_processors`` (see choral/sampling/processors.py)."""
+        if batched:
+            self.logits_processors.register_batched(name, fn)  # type: ignore[arg-type]
+        else:
+            self.logits_processors.register(name, fn)  # type: ignore[arg-type]
+
+    def new_sequence(self, token_ids: list[int], params: SamplingParams, request_id: str = "") -> Sequence:
+        """Validate and wrap a prompt (the root of its request). Raises before anything is allocated."""
         validate_token_ids(token_ids, self.loaded.spec.vocab_size, self.max_model_len)
-        seq = Sequence(self._next_seq_id, list(token_ids), params)
+        self.logits_processors.check(params.logits_processors)
+        seq = Sequence(self._next_seq_id, list(token_ids), params, request_id=request_id,
+                       bad_words=bad_word_token_ids(params.bad_words, self.tokenizer))
+        if params.structured:
+            seq.grammar = self._grammar_compiler().matcher(params)
         self._next_seq_id += 1
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device)
             seq.generator.manual_seed(params.seed)
+        if params.beam_width > 1:
+            ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+            limit = min(params.max_tokens, self.max_model_len - len(token_ids))
+            search = BeamSearch(params.beam_width, params.length_penalty, params.early_stopping, limit, sorted(ends))
+            seq.beam = BeamGroup(seq, search)
+        else:
+            seq.num_pending_forks = params.num_samples - 1
         return seq
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise InvalidRequestError("json_schema: structured output needs the model's tokenizer")
+            self._grammars = GrammarCompiler(self.tokenizer.hf_tokenizer, self.loaded.spec.vocab_size)
+        return self._grammars
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self, seqs: list[Sequence], on_finish: Callable[[Sequence], None] | None = None) -> None:
@@ -104,7 +138,7 @@ class LLMEngine:
             if budget == 0:
                 break
             n = min(seq.num_uncomputed_tokens, budget)
-            if not self.pool.can_allocate(seq.blocks_needed(n, self.pool.block_size)):
+            if not self.pool.can_allocate(self._blocks_needed(seq, n)):
                 continue
             self._allocate(seq, n)
             scheduled.append((seq, n))
@@ -112,7 +146,7 @@ class LLMEngine:
         while waiting and budget > 0 and len(running) < cfg.max_num_seqs:
             seq = waiting[0]
             n = min(seq.num_uncomputed_tokens, budget)
-            if not self.pool.can_allocate(seq.blocks_needed(n, self.pool.block_size)):
+            if not self.pool.can_allocate(self._blocks_needed(seq, n)):
                 break
             waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -127,7 +161,7 @@ class LLMEngine:
         return self._execute(scheduled, running)
 
     def _reserve(self, seq: Sequence, n: int, running: list[Sequence], waiting: deque[Sequence]) -> bool:
-        need = seq.blocks_needed(n, self.pool.block_size)
+        need = self._blocks_needed(seq, n)
         while not self.pool.can_allocate(need):
             victim = running[-1]
             self._preempt(victim, running, waiting)
@@ -146,45 +180,115 @@ class LLMEngine:
         seq.num_preemptions += 1
         waiting.appendleft(seq)
 
+    def _shared_write_block(self, seq: Sequence) -> int | None:
+        """Index in the block table of a shared block the next token would be written into."""
+        index = seq.num_computed_tokens // self.pool.block_size
+        if index < len(seq.block_table) and self.pool.needs_copy_on_write(seq.block_table[index]):
+            return index
+        return None
+
+    def _blocks_needed(self, seq: Sequence, n: int) -> int:
+        return seq.blocks_needed(n, self.pool.block_size) + (self._shared_write_block(seq) is not None)
+
     def _allocate(self, seq: Sequence, n: int) -> None:
+        index = self._shared_write_block(seq)
+        if index is not None:  # a fork's shared partial block: copy it before writing (copy-on-write)
+            old = seq.block_table[index]
+            seq.block_table[index] = self.pool.copy_on_write(old)
+            self._pending_copies.append((old, seq.block_table[index]))
         seq.block_table.extend(self.pool.allocate(seq.blocks_needed(n, self.pool.block_size)))
 
     def _execute(self, scheduled: list[tuple[Sequence, int]], running: list[Sequence]) -> list[Sequence]:
+        """One forward, then sampling. Returns the roots of requests that finished."""
         chunks = []
         for seq, n in scheduled:
             start = seq.num_computed_tokens
-            wants_prompt_logprobs = (seq.params.prompt_logprobs is not None
+            wants_prompt_logprobs = (seq.params.prompt_logprobs is not None and seq.root is None
                                      and len(seq.prompt_logprobs) < seq.num_prompt_tokens)
             completes = start + n == seq.num_tokens
             mode = "all" if wants_prompt_logprobs else ("last" if completes else "none")
             chunks.append(Chunk(seq.token_ids[start : start + n], start, seq.block_table, logits=mode))
+        self.runner.copy_blocks(self._pending_copies)
+        self._pending_copies = []
         results = self.runner.execute(chunks)
         to_sample: list[Sequence] = []
         rows: list[torch.Tensor] = []
+        beams: dict[int, dict[int, torch.Tensor]] = {}  # root seq_id -> {seq_id: logits [V]}
         for (seq, n), chunk, logits in zip(scheduled, chunks, results, strict=True):
             start = seq.num_computed_tokens
             seq.num_computed_tokens += n
             if logits is not None and chunk.logits == "all":
                 self._record_prompt_logprobs(seq, start, logits)
-            if seq.num_computed_tokens == seq.num_tokens:
-                assert logits is not None
-                to_sample.append(seq)
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue
+            assert logits is not None
+            root = seq.root or seq
+            if root.beam is not None:
+                beams.setdefault(root.seq_id, {})[seq.seq_id] = logits[-1]
+                continue
+            to_sample.append(seq)
+            rows.append(logits[-1])
+            for _ in range(seq.num_pending_forks):  # n > 1: the other samples share this prompt's KV
+                to_sample.append(self._fork(seq, running))
                 rows.append(logits[-1])
+            seq.num_pending_forks = 0
         finished: list[Sequence] = []
+        for root_id, logits_by_seq in beams.items():
+            finished.extend(self._beam_step(root_id, logits_by_seq, scheduled, running))
         if to_sample:
-            banned = [self._banned(seq) for seq in to_sample]
-            result = self.sampler.sample(torch.stack(rows), [s.params for s in to_sample],
-                                         [s.generator for s in to_sample], banned)
+            want = [s.params.num_samples > s.params.n for s in to_sample]  # best_of ranks by logprob
+            result = self.sampler.sample(torch.stack(rows), to_sample, want)
             for seq, token, lp in zip(to_sample, result.token_ids, result.logprobs, strict=True):
                 seq.token_ids.append(token)
                 if lp is not None:
-                    seq.output_logprobs.append(lp)
+                    seq.cumulative_logprob += lp[0]
+                    if seq.params.logprobs is not None:
+                        seq.output_logprobs.append(lp)
                 if self._check_stop(seq, token):
-                    running.remove(seq)
-                    self.pool.free(seq.block_table)
-                    seq.block_table = []
-                    finished.append(seq)
+                    self._release(seq, running)
+                    root = seq.root or seq
+                    if root.request_finished:
+                        finished.append(root)
         return finished
+
+    def _fork(self, seq: Sequence, running: list[Sequence]) -> Sequence:
+        root = seq.root or seq
+        child = fork(seq, self._next_seq_id, len(root.forks) + 1, self.pool)
+        self._next_seq_id += 1
+        running.append(child)
+        return child
+
+    def _release(self, seq: Sequence, running: list[Sequence]) -> None:
+        seq.status = SequenceStatus.FINISHED
+        if seq in running:
+            running.remove(seq)
+        self.pool.free(seq.block_table)
+        seq.block_table = []
+
+    def _beam_step(self, root_id: int, logits_by_seq: dict[int, torch.Tensor],
+                   scheduled: list[tuple[Sequence, int]], running: list[Sequence]) -> list[Sequence]:
+        """Advance one beam-search request once every live beam has its logits this step."""
+        root = next(s.root or s for s, _ in scheduled if (s.root or s).seq_id == root_id)
+        group = root.beam
+        assert group is not None
+        live = group.live
+        if any(seq.seq_id not in logits_by_seq for seq in live):
+            # A beam was preempted: the others recompute their last token next step to stay in step.
+            for seq in live:
+                if seq.seq_id in logits_by_seq:
+                    seq.num_computed_tokens -= 1
+            return []
+        processed = self.sampler.process(torch.stack([logits_by_seq[s.seq_id] for s in live]), live)
+        logprobs = dict(zip([s.seq_id for s in live], processed.log_softmax(-1), strict=True))
+        forked, dropped = group.advance(logprobs, lambda parent: self._fork(parent, running))
+        for seq in dropped:
+            self._release(seq, running)
+        if not group.search.done:
+            return []
+        for seq in group.live:
+            self._release(seq, running)
+        root.status = SequenceStatus.FINISHED
+        return [root]
 
     def _record_prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
         # logits row j predicts token start + j + 1; the first prompt token has no logprob.
@@ -203,11 +307,6 @@ class LLMEngine:
                 tops = list(zip(ids.tolist(), vals.tolist(), strict=True))
             seq.prompt_logprobs.append((float(logp[j, tok]), tops))
 
-    def _banned(self, seq: Sequence) -> list[int]:
-        if seq.num_output_tokens >= seq.params.min_tokens:
-            return []
-        return [*self.eos_token_ids, *seq.params.stop_token_ids]
-
     def _check_stop(self, seq: Sequence, token: int) -> bool:
         params = seq.params
         reason: str | None = None
@@ -219,7 +318,6 @@ class LLMEngine:
             reason = "length"
         if reason is None:
             return False
-        seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         return True
 
@@ -234,24 +332,5 @@ class LLMEngine:
 
     # ---- outputs -------------------------------------------------------------------------
     def to_output(self, seq: Sequence, request_id: str, prompt: str | None) -> RequestOutput:
-        params = seq.params
-        ids = seq.output_token_ids
-        text = ""
-        stop_reason: int | str | None = None
-        if seq.finish_reason == "stop" and ids and ids[-1] in (*params.stop_token_ids, *self.eos_token_ids):
-            stop_reason = ids[-1]
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(ids, params.skip_special_tokens)
-            for stop in params.stop:
-                cut = text.find(stop)
-                if cut >= 0:
-                    text, stop_reason = text[:cut], stop
-        logprobs: list[Logprob] | None = seq.output_logprobs if params.logprobs is not None else None
-        return RequestOutput(
-            request_id=request_id,
-            prompt=prompt,
-            prompt_token_ids=seq.prompt_token_ids,
-            outputs=[CompletionOutput(0, text, ids, seq.finish_reason, stop_reason, logprobs)],
-            prompt_logprobs=seq.prompt_logprobs if params.prompt_logprobs is not None else None,
-            metrics={"num_preemptions": float(seq.num_preemptions)},
-        )
+        """The request rooted at ``seq`` as a RequestOutput (one CompletionOutput per sample/beam)."""
+        return request_output(seq, request_id, prompt, self.tokenizer, self.eos_token_ids)

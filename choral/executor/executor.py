@@ -8,6 +8,7 @@ model runner, so a forward never runs under the lock.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -32,6 +33,7 @@ from choral.executor.kv_manager import KvManager
 from choral.executor.request import FinishReason, Request, Response, Result, Timing
 from choral.executor.scheduler import ScheduledStep, Scheduler
 from choral.executor.stats import AggregateStats, IterationStats
+from choral.sampling.logits_process import bad_word_token_ids
 from choral.sampling.params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -252,16 +254,34 @@ class Executor:
                 raise InvalidRequestError(f"stop token id {t} is out of range [0, {vocab})")
         if request.end_id is not None and request.end_id >= vocab:
             raise InvalidRequestError(f"end_id: {request.end_id} is out of range [0, {vocab})")
-        if request.n > engine.config.max_num_seqs:
-            raise InvalidRequestError(f"n: {request.n} exceeds max_num_seqs {engine.config.max_num_seqs}")
-        if request.sampling.greedy and request.n > 1:
+        params = request.sampling
+        if params.beam_width > 1:
+            raise InvalidRequestError("beam_width: beam search runs in LLM.generate; the executor samples")
+        if params.best_of is not None and params.best_of > params.n:
+            raise InvalidRequestError("best_of: ranking extra samples runs in LLM.generate; use n here")
+        if request.n > 1 and params.n > 1 and request.n != params.n:
+            raise InvalidRequestError(f"n: the request asks for {request.n}, its sampling params for {params.n}")
+        n = max(request.n, params.n)
+        if n > engine.config.max_num_seqs:
+            raise InvalidRequestError(f"n: {n} exceeds max_num_seqs {engine.config.max_num_seqs}")
+        if params.greedy and n > 1:
             raise InvalidRequestError("n: greedy sampling (temperature 0) would give n identical sequences")
+        engine.logits_processors.check(params.logits_processors)
+        bad_words = bad_word_token_ids(params.bad_words, engine.tokenizer)
+        if params.structured:
+            engine._grammar_compiler()  # fails now, not in the loop, if the grammar engine cannot run
+        if request.end_id is not None and request.end_id not in params.stop_token_ids:
+            # min_tokens masks stop ids; the end id is checked first, so it still ends as END_ID.
+            params = dataclasses.replace(params, stop_token_ids=(*params.stop_token_ids, request.end_id))
+        if n != request.n or params is not request.sampling:
+            request = dataclasses.replace(request, n=n, sampling=params)
         now = time.monotonic()
         job = Job(
             request_id=next(self._ids), request=request, prompt_token_ids=token_ids,
             arrival_order=next(self._arrivals), timing=Timing(arrival=now),
             deadline=None if request.allotted_time is None else now + request.allotted_time, collect=collect,
         )
+        job.bad_words = bad_words
         job.sequences.append(self._new_sequence(job, 0, token_ids))
         return job
 
@@ -270,6 +290,10 @@ class Executor:
         seq = ExecSequence(next(self._seq_ids), list(job.prompt_token_ids), params, token_ids=list(token_ids),
                            job=job, index=index)
         seq.detok = IncrementalDetokenizer(self.engine.tokenizer, params.stop, params.skip_special_tokens)
+        seq.request_id = str(job.request_id)
+        seq.bad_words = list(job.bad_words)
+        if params.structured:
+            seq.grammar = self.engine._grammar_compiler().matcher(params)  # each sample parses its own output
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.engine.runner.device)
             seq.generator.manual_seed(params.seed + index)
@@ -417,9 +441,7 @@ class Executor:
 
     def _sample(self, seqs: list[ExecSequence], rows: list[torch.Tensor]) -> None:
         engine = self.engine
-        banned = [self._banned(s) for s in seqs]
-        result = engine.sampler.sample(torch.stack(rows), [s.params for s in seqs], [s.generator for s in seqs],
-                                       banned)
+        result = engine.sampler.sample(torch.stack(rows), seqs)
         now = time.monotonic()
         for seq, token, lp in zip(seqs, result.token_ids, result.logprobs, strict=True):
             job = seq.job
@@ -435,16 +457,6 @@ class Executor:
                 self._finish_sequence(seq, reason)
             elif job.request.streaming:
                 self._respond(seq, final=False)
-
-    def _banned(self, seq: ExecSequence) -> list[int]:
-        if seq.num_output_tokens >= seq.params.min_tokens:
-            return []
-        job = seq.job
-        assert job is not None
-        ids = [*self.engine.eos_token_ids, *seq.params.stop_token_ids]
-        if job.request.end_id is not None:
-            ids.append(job.request.end_id)
-        return ids
 
     def _stop_reason(self, seq: ExecSequence, token: int) -> FinishReason:
         job = seq.job

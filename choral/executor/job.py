@@ -41,6 +41,7 @@ class Job:
     done: bool = False
     forked: bool = False  # the n-1 siblings have been forked off sequence 0
     released: bool = False  # nobody will collect it: forget it as soon as it is done
+    bad_words: list[tuple[int, ...]] = field(default_factory=list)  # token-id form, for every sample
 
     def effective_priority(self, now: float, aging_per_s: float) -> float:
         """Priority plus what waiting has earned: a stream of high-priority arrivals cannot

@@ -1,6 +1,7 @@
-"""Sampling: parameters and the batched sampler."""
+"""Sampling: parameters, the batched sampler, logits processors, grammars and beam search."""
 
 from choral.sampling.params import SamplingParams
-from choral.sampling.sampler import Sampler, SampleResult
+from choral.sampling.processors import LogitsProcessorRegistry
+from choral.sampling.sampler import Row, Sampler, SampleResult, SamplingRow
 
-__all__ = ["SampleResult", "Sampler", "SamplingParams"]
+__all__ = ["LogitsProcessorRegistry", "Row", "SampleResult", "Sampler", "SamplingParams", "SamplingRow"]

@@ -3,21 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from choral.errors import InvalidRequestError
 
+MAX_LOGPROBS = 20
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each next token and when to stop.
+    """How to pick each next token and when to stop. See docs/sampling.md for each knob.
 
     Attributes:
         temperature: 0 means greedy (argmax); otherwise logits are divided by it.
         top_k: keep the k most likely tokens (0 or -1 = all).
         top_p: keep the smallest set whose probability reaches top_p (1 = all).
         min_p: drop tokens whose probability is below min_p times the top one (0 = none).
+        typical_p: locally typical sampling mass (1 = off).
+        repetition_penalty: HF/CTRL penalty on every token seen in prompt + output (1 = off).
+        presence_penalty: subtracted once from every token already generated (output only).
+        frequency_penalty: subtracted once per occurrence of a token in the output (output only).
+        no_repeat_ngram_size: never complete an n-gram already in prompt + output (0 = off).
+        logit_bias: token id -> value added to its logit; ``-inf`` bans the token.
+        bad_words: token-id sequences (or strings, tokenized by the engine) never completed.
         seed: a per-request seed; the same seed gives the same tokens whatever the batch.
         max_tokens: tokens to generate at most (the context limit also stops generation).
         min_tokens: end-of-sequence tokens and stop ids are masked until this many are generated.
@@ -28,12 +40,28 @@ class SamplingParams:
         logprobs: return the log-probability of each generated token and the top-n alternatives.
         prompt_logprobs: return the log-probability of each prompt token (and top-n).
         skip_special_tokens: leave special tokens out of the decoded text.
+        n: completions returned per prompt; they share the prompt's KV cache.
+        best_of: completions sampled (>= n); the n with the highest cumulative logprob are returned.
+        beam_width: > 1 turns on beam search (deterministic; n <= beam_width beams returned).
+        length_penalty: beam score = sum of logprobs / length ** length_penalty.
+        early_stopping: beam search stops as soon as beam_width hypotheses are finished.
+        logits_processors: names of processors registered on the engine, applied in order.
+        json_schema: constrain the output to JSON matching this schema (dict or JSON text).
+        regex: constrain the output to this regular expression.
+        grammar: constrain the output to this EBNF/GBNF grammar (``root ::= ...``) or a Lark grammar.
     """
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    bad_words: tuple[tuple[int, ...] | str, ...] = field(default=())
     seed: int | None = None
     max_tokens: int = 16
     min_tokens: int = 0
@@ -43,6 +71,15 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    n: int = 1
+    best_of: int | None = None
+    beam_width: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+    logits_processors: tuple[str, ...] = field(default=())
+    json_schema: str | None = None
+    regex: str | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen into tuples.
@@ -50,10 +87,20 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if isinstance(self.logits_processors, str):
+            object.__setattr__(self, "logits_processors", (self.logits_processors,))
+        object.__setattr__(self, "logits_processors", tuple(self.logits_processors))
         _number("temperature", self.temperature, low=0.0)
         _integer("top_k", self.top_k, low=-1)
         _number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
         _number("min_p", self.min_p, low=0.0, high=1.0)
+        _number("typical_p", self.typical_p, low=0.0, high=1.0, low_open=True)
+        _number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
+        _number("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
+        _number("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
+        _integer("no_repeat_ngram_size", self.no_repeat_ngram_size, low=0)
+        self._freeze_logit_bias()
+        self._freeze_bad_words()
         if self.seed is not None:
             _integer("seed", self.seed, low=0)
         _integer("max_tokens", self.max_tokens, low=1)
@@ -68,13 +115,97 @@ class SamplingParams:
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError(f"stop: every stop string must be a non-empty str, got {s!r}")
         if self.logprobs is not None:
-            _integer("logprobs", self.logprobs, low=0, high=20)
+            _integer("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
         if self.prompt_logprobs is not None:
-            _integer("prompt_logprobs", self.prompt_logprobs, low=0, high=20)
+            _integer("prompt_logprobs", self.prompt_logprobs, low=0, high=MAX_LOGPROBS)
+        self._check_fanout()
+        for name in self.logits_processors:
+            if not isinstance(name, str) or not name:
+                raise InvalidRequestError(f"logits_processors: names must be non-empty str, got {name!r}")
+        self._check_structured()
+
+    def _freeze_logit_bias(self) -> None:
+        if not isinstance(self.logit_bias, Mapping):
+            raise InvalidRequestError(f"logit_bias: must be a mapping token id -> bias, got {self.logit_bias!r}")
+        frozen: dict[int, float] = {}
+        for key, bias in self.logit_bias.items():
+            # JSON objects (the OpenAI API) carry token ids as strings.
+            token = int(key) if isinstance(key, str) and key.lstrip("-").isdigit() else key
+            _integer("logit_bias", token, low=0)
+            if isinstance(bias, bool) or not isinstance(bias, int | float) or math.isnan(bias):
+                raise InvalidRequestError(f"logit_bias: bias of token {token} must be a number, got {bias!r}")
+            if bias == math.inf:
+                raise InvalidRequestError(f"logit_bias: bias of token {token} is +inf; use a finite value")
+            frozen[token] = float(bias)
+        object.__setattr__(self, "logit_bias", _FrozenDict(frozen))
+
+    def _freeze_bad_words(self) -> None:
+        if isinstance(self.bad_words, str):
+            object.__setattr__(self, "bad_words", (self.bad_words,))
+        words: list[tuple[int, ...] | str] = []
+        for word in self.bad_words:
+            if isinstance(word, str):
+                if not word:
+                    raise InvalidRequestError("bad_words: empty string")
+                words.append(word)
+                continue
+            ids = tuple(word) if isinstance(word, list | tuple) else None
+            if not ids:
+                raise InvalidRequestError(f"bad_words: each entry is a str or a non-empty token id list, got {word!r}")
+            for t in ids:
+                _integer("bad_words", t, low=0)
+            words.append(ids)
+        object.__setattr__(self, "bad_words", tuple(words))
+
+    def _check_fanout(self) -> None:
+        _integer("n", self.n, low=1)
+        if self.best_of is not None:
+            _integer("best_of", self.best_of, low=1)
+            if self.best_of < self.n:
+                raise InvalidRequestError(f"best_of: {self.best_of} is smaller than n {self.n}")
+        _integer("beam_width", self.beam_width, low=1)
+        _number("length_penalty", self.length_penalty, low=-math.inf)
+        if not isinstance(self.early_stopping, bool):
+            raise InvalidRequestError(f"early_stopping: must be a bool, got {self.early_stopping!r}")
+        if self.beam_width > 1:
+            if self.n > self.beam_width:
+                raise InvalidRequestError(f"n: {self.n} beams asked of beam_width {self.beam_width}")
+            if self.best_of is not None:
+                raise InvalidRequestError("best_of: not used with beam search (beam_width > 1)")
+            if self.stop or self.json_schema or self.regex or self.grammar:
+                raise InvalidRequestError("beam_width: beam search does not combine with stop strings "
+                                          "or structured output")
+
+    def _check_structured(self) -> None:
+        if isinstance(self.json_schema, Mapping | bool):
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema, sort_keys=True))
+        given = [name for name in ("json_schema", "regex", "grammar") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise InvalidRequestError(f"{given[1]}: only one of json_schema, regex, grammar may be set")
+        for name in given:
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise InvalidRequestError(f"{name}: must be a non-empty string, got {value!r}")
+        if self.json_schema is not None:
+            try:
+                json.loads(self.json_schema)
+            except json.JSONDecodeError as e:
+                raise InvalidRequestError(f"json_schema: not valid JSON ({e})") from e
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def num_samples(self) -> int:
+        """Sequences generated for this request: best_of (or n), or beam_width."""
+        if self.beam_width > 1:
+            return self.beam_width
+        return self.best_of or self.n
+
+    @property
+    def structured(self) -> bool:
+        return self.json_schema is not None or self.regex is not None or self.grammar is not None
 
     @classmethod
     def from_dict(cls, options: dict[str, Any]) -> SamplingParams:
@@ -86,6 +217,18 @@ class SamplingParams:
                 f"unknown sampling parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         return cls(**options)
+
+
+class _FrozenDict(dict):  # type: ignore[type-arg]
+    """A dict that refuses changes and hashes by content, so SamplingParams stays frozen and hashable."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("logit_bias is frozen")
+
+    __setitem__ = __delitem__ = update = pop = clear = setdefault = popitem = _refuse  # type: ignore[assignment]
 
 
 def _number(name: str, value: Any, low: float, high: float | None = None, low_open: bool = False) -> None:

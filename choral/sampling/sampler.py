@@ -1,17 +1,62 @@
 """The batched sampler: one tensor pass over all rows of a step, whatever each row asks.
 
-Rows are described by their SamplingParams; filters run on the whole [B, V] logits at once.
-Seeded rows draw their noise from a generator of their own, so a seed gives the same tokens
-whatever else shares the batch.
+Pipeline per step (each stage skipped when no row uses it, identity for rows that don't):
+
+1. ``process`` (changes the logits every row is scored on, greedy rows included):
+   named logits processors -> logit_bias -> repetition penalty (prompt + output) ->
+   presence/frequency penalties (output only) -> bans (min_tokens, bad words, no-repeat
+   n-grams) -> grammar mask.
+2. warpers for sampled rows: temperature -> top-k -> top-p -> min-p -> typical-p.
+3. the draw: greedy rows take the argmax; sampled rows an inverse-CDF draw whose uniform comes
+   from the row's own generator when seeded, so a seed gives the same tokens whatever the batch.
+
+Logprobs are reported from the raw model logits (before any of the above), as vLLM V1 does.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
+from choral.sampling import logits_process as lp
 from choral.sampling.params import SamplingParams
+from choral.sampling.processors import LogitsProcessorRegistry
+from choral.sampling.structured import GrammarMatcher, allowed_from_bitmask
+
+
+class SamplingRow(Protocol):
+    """What the sampler reads of one row (a Sequence satisfies it)."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def params(self) -> SamplingParams: ...
+    @property
+    def token_ids(self) -> list[int]: ...  # prompt + output
+    @property
+    def num_prompt_tokens(self) -> int: ...
+    @property
+    def generator(self) -> torch.Generator | None: ...
+    @property
+    def bad_words(self) -> list[tuple[int, ...]]: ...  # token-id form
+    @property
+    def grammar(self) -> GrammarMatcher | None: ...
+
+
+@dataclass
+class Row:
+    """A plain SamplingRow, for callers without a Sequence (benchmarks, tests)."""
+
+    params: SamplingParams
+    token_ids: list[int] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    generator: torch.Generator | None = None
+    request_id: str = ""
+    bad_words: list[tuple[int, ...]] = field(default_factory=list)
+    grammar: GrammarMatcher | None = None
 
 
 @dataclass
@@ -24,66 +69,157 @@ class SampleResult:
 class Sampler:
     """Turns next-token logits into tokens for a batch of rows."""
 
-    def __init__(self, device: torch.device, seed: int = 0):
+    def __init__(self, device: torch.device, seed: int = 0, eos_token_ids: Sequence[int] = (),
+                 processors: LogitsProcessorRegistry | None = None):
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.processors = processors or LogitsProcessorRegistry()
 
-    def sample(
-        self,
-        logits: torch.Tensor,  # [B, V] fp32
-        params: list[SamplingParams],
-        generators: list[torch.Generator | None],  # per row; None = the sampler's own
-        banned: list[list[int]] | None = None,  # per row: token ids masked this step (min_tokens)
-    ) -> SampleResult:
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+               want_logprobs: Sequence[bool] | None = None) -> SampleResult:
+        """logits [B, V] fp32 -> one token per row. Advances each row's grammar matcher.
+
+        ``want_logprobs`` asks for the chosen token's logprob on rows whose params don't
+        (best_of ranking)."""
         raw = logits
-        if banned is not None and any(banned):
-            logits = logits.clone()
-            for row, ids in enumerate(banned):
-                if ids:
-                    logits[row, ids] = float("-inf")
-        chosen = logits.argmax(-1)  # greedy rows are done here; sampled rows overwrite below
-        rows = [r for r, p in enumerate(params) if not p.greedy]
-        if rows:
-            sub_params = [params[r] for r in rows]
-            index = torch.tensor(rows, device=self.device)
-            picked = self._sample_rows(logits.index_select(0, index), sub_params, [generators[r] for r in rows])
-            chosen.index_copy_(0, index, picked)
-        return SampleResult(chosen.tolist(), self._logprobs(raw, chosen, params))
+        params = [r.params for r in rows]
+        logits = self.process(logits, rows)
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        chosen = torch.empty(len(rows), dtype=torch.long, device=self.device)
+        for subset, pick in ((greedy, self._argmax), (sampled, self._draw)):
+            if len(subset) == len(rows):  # the whole batch: no gather/scatter
+                chosen = pick(logits, params, [r.generator for r in rows])
+            elif subset:
+                index = torch.tensor(subset, device=self.device)
+                chosen.index_copy_(0, index, pick(logits.index_select(0, index), [params[i] for i in subset],
+                                                  [rows[i].generator for i in subset]))
+        token_ids = chosen.tolist()
+        for row, token in zip(rows, token_ids, strict=True):
+            if row.grammar is not None:
+                row.grammar.accept(token)
+        return SampleResult(token_ids, self._logprobs(raw, chosen, params, want_logprobs))
 
-    def _sample_rows(
-        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-    ) -> torch.Tensor:
-        """Temperature, top-k/top-p, min-p, then one draw per row: [R, V] -> [R]."""
+    def process(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """Stage 1 of the pipeline: [B, V] -> [B, V] (a new tensor when anything applies)."""
+        params = [r.params for r in rows]
         vocab = logits.shape[-1]
-        temps = torch.tensor([p.temperature for p in params], device=self.device)
-        logits = logits / temps[:, None]
-        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-            logits = _top_k_top_p(logits, params, self.device)
-        if any(p.min_p > 0.0 for p in params):
-            probs = logits.softmax(-1)
-            min_p = torch.tensor([p.min_p for p in params], device=self.device)
-            cutoff = probs.max(-1, keepdim=True).values * min_p[:, None]
-            logits = logits.masked_fill(probs < cutoff, float("-inf"))
-        probs = logits.softmax(-1)  # [R, V]
-        # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p. Seeded rows use
-        # their own generator, so their draws do not depend on the rest of the batch.
-        noise = torch.empty_like(probs)
-        shared = [r for r, g in enumerate(generators) if g is None]
-        if shared:
-            noise[shared] = torch.empty(len(shared), vocab, device=self.device).exponential_(
-                generator=self.generator
-            )
-        for row, gen in enumerate(generators):
-            if gen is not None:
-                noise[row].exponential_(generator=gen)
-        return (probs / noise).argmax(-1)
+        dev = self.device
+        names = [p.logits_processors for p in params]
+        if any(names):
+            logits = self.processors.apply(logits.clone(), names, [r.request_id for r in rows],
+                                           [r.token_ids for r in rows])
+        bias_rows, bias_ids, bias_vals = [], [], []
+        for i, p in enumerate(params):
+            for token, bias in p.logit_bias.items():
+                if token < vocab:
+                    bias_rows.append(i)
+                    bias_ids.append(token)
+                    bias_vals.append(bias)
+        if bias_rows:
+            logits = logits.index_put((torch.tensor(bias_rows, device=dev), torch.tensor(bias_ids, device=dev)),
+                                      torch.tensor(bias_vals, device=dev, dtype=logits.dtype), accumulate=True)
+        if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
+            logits = lp.apply_history_penalties(
+                logits, [r.token_ids for r in rows], [r.num_prompt_tokens for r in rows],
+                torch.tensor([p.repetition_penalty for p in params], device=dev),
+                torch.tensor([p.presence_penalty for p in params], device=dev),
+                torch.tensor([p.frequency_penalty for p in params], device=dev))
+        ban_rows: list[int] = []
+        ban_ids: list[int] = []
+        for i, row in enumerate(rows):
+            banned = self._banned(row)
+            ban_rows.extend([i] * len(banned))
+            ban_ids.extend(banned)
+        if ban_rows:
+            logits = logits.index_put((torch.tensor(ban_rows, device=dev), torch.tensor(ban_ids, device=dev)),
+                                      torch.tensor(lp.NEG_INF, device=dev, dtype=logits.dtype))
+        constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
+        if constrained:
+            logits = self._apply_grammar(logits, rows, constrained)
+        return logits
+
+    def _banned(self, row: SamplingRow) -> list[int]:
+        """Tokens this row may not take now (plain Python: only rows using these knobs pay)."""
+        p = row.params
+        out: list[int] = []
+        if row.num_prompt_tokens + p.min_tokens > len(row.token_ids):
+            out.extend(self.eos_token_ids)
+            out.extend(p.stop_token_ids)
+        if row.bad_words:
+            out.extend(lp.banned_bad_word_tokens(row.token_ids, row.bad_words))
+        if p.no_repeat_ngram_size:
+            out.extend(lp.banned_ngram_tokens(row.token_ids, p.no_repeat_ngram_size))
+        return out
+
+    def _apply_grammar(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                       constrained: list[int]) -> torch.Tensor:
+        vocab = logits.shape[-1]
+        words = -(-vocab // 32)
+        bitmask = torch.zeros(len(constrained), words, dtype=torch.int32)
+        for k, i in enumerate(constrained):
+            grammar = rows[i].grammar
+            assert grammar is not None
+            grammar.fill_bitmask(bitmask[k])
+        allowed = allowed_from_bitmask(bitmask.to(self.device), vocab)  # [G, V]
+        index = torch.tensor(constrained, device=self.device)
+        sub = logits.index_select(0, index).masked_fill(~allowed, lp.NEG_INF)
+        return logits.index_copy(0, index, sub)
 
     @staticmethod
-    def _logprobs(
-        raw: torch.Tensor, chosen: torch.Tensor, params: list[SamplingParams]
-    ) -> list[tuple[float, list[tuple[int, float]]] | None]:
-        wanted = [p.logprobs is not None for p in params]
+    def _argmax(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+        return logits.argmax(-1)
+
+    def _draw(self, logits: torch.Tensor, params: list[SamplingParams],
+              generators: list[torch.Generator | None]) -> torch.Tensor:
+        """Warpers, then one draw per row: [R, V] -> [R]."""
+        vocab = logits.shape[-1]
+        dev = self.device
+        temps = torch.tensor([p.temperature for p in params], device=dev)
+        logits = logits / temps[:, None]
+        ids = None  # when set, logits are [R, K] over these candidate token ids [R, K]
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)
+            top_p = torch.tensor([p.top_p for p in params], device=dev)
+            compact = lp.top_k_top_p_candidates(logits, top_k, top_p)
+            if compact is not None:
+                # The rest of the pipeline and the draw run on the K candidates only: exact,
+                # since every other token is already out.
+                logits, ids = compact
+            else:
+                logits = lp.apply_top_k_top_p(logits, top_k, top_p)
+        if any(p.min_p > 0.0 for p in params):
+            logits = lp.apply_min_p(logits, torch.tensor([p.min_p for p in params], device=dev))
+        if any(p.typical_p < 1.0 for p in params):
+            logits = lp.apply_typical_p(logits, torch.tensor([p.typical_p for p in params], device=dev))
+        # Inverse-CDF draw: one uniform per row. A seeded row takes its uniform from its own
+        # generator, so its draw does not depend on the rest of the batch; one number per row
+        # (not one per vocabulary entry) keeps this a tiny share of the step.
+        # The cdf runs in token-id order whatever the path: candidates are put back in id order,
+        # so a seeded row's uniform picks the same token with or without the compact path.
+        if ids is not None:
+            ids, order = ids.sort(dim=-1)
+            logits = logits.gather(1, order)
+        cdf = logits.softmax(-1).cumsum(-1)  # [R, V] or [R, K]
+        u = torch.empty(len(params), device=dev)
+        shared = [r for r, g in enumerate(generators) if g is None]
+        if shared:
+            u[shared] = torch.rand(len(shared), generator=self.generator, device=dev)
+        for row, gen in enumerate(generators):
+            if gen is not None:
+                u[row] = torch.rand(1, generator=gen, device=dev)[0]
+        # The first token whose cdf exceeds u * total: never a zero-probability token.
+        picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)  # [R, 1]
+        picked = picked.clamp_(max=logits.shape[-1] - 1)
+        return (picked if ids is None else ids.gather(1, picked)).squeeze(1)
+
+    @staticmethod
+    def _logprobs(raw: torch.Tensor, chosen: torch.Tensor, params: list[SamplingParams],
+                  want: Sequence[bool] | None) -> list[tuple[float, list[tuple[int, float]]] | None]:
+        wanted = [p.logprobs is not None or (want is not None and want[i]) for i, p in enumerate(params)]
         if not any(wanted):
             return [None] * len(params)
         logp = raw.log_softmax(-1)
@@ -92,7 +228,7 @@ class Sampler:
         top_vals, top_ids = logp.topk(top_n, dim=-1) if top_n else (None, None)
         out: list[tuple[float, list[tuple[int, float]]] | None] = []
         for row, p in enumerate(params):
-            if p.logprobs is None:
+            if not wanted[row]:
                 out.append(None)
                 continue
             tops: list[tuple[int, float]] = []
@@ -102,18 +238,3 @@ class Sampler:
                 tops = list(zip(ids, vals, strict=True))
             out.append((picked[row], tops))
         return out
-
-
-def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams], device: torch.device) -> torch.Tensor:
-    vocab = logits.shape[-1]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
-    ranks = torch.arange(vocab, device=device)[None, :]
-    remove = ranks >= top_k[:, None]
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    probs = sorted_logits.softmax(-1)
-    # Drop a token when the mass before it already reaches top_p (the top token always stays).
-    mass_before = probs.cumsum(-1) - probs
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
