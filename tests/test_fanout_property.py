@@ -42,8 +42,7 @@ def check_books_after_each_step(llm: LLM) -> list[int]:
 
 request = st.fixed_dictionaries({
     "prompt_len": st.integers(1, 13),
-    # Beam search under preemption is not covered here: see test_decoding's preemption case.
-    "kind": st.sampled_from(["greedy", "seeded", "n", "best_of"]),
+    "kind": st.sampled_from(["greedy", "seeded", "n", "best_of", "beam"]),
     "width": st.integers(2, 3),
     "max_tokens": st.integers(1, 10),
     "seed": st.integers(0, 1000),
