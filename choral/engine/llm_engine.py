@@ -61,6 +61,7 @@ class LLMEngine:
         self.sampler = Sampler(self.runner.device, config.seed, self.eos_token_ids, self.logits_processors)
         self._grammars: GrammarCompiler | None = None
         self._pending_copies: list[tuple[int, int]] = []  # copy-on-write (src, dst) for the next forward
+        self._preempted_now: set[int] = set()  # seq ids preempted in the current step
         self._next_seq_id = 0
         logger.info("choral: KV cache %d tokens (%d blocks of %d), %.1f MiB",
                     self.kv_size.num_tokens, self.kv_size.num_blocks, config.block_size,
@@ -95,13 +96,17 @@ class LLMEngine:
             seq.generator = torch.Generator(device=self.runner.device)
             seq.generator.manual_seed(params.seed)
         if params.beam_width > 1:
-            ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
-            limit = min(params.max_tokens, self.max_model_len - len(token_ids))
-            search = BeamSearch(params.beam_width, params.length_penalty, params.early_stopping, limit, sorted(ends))
-            seq.beam = BeamGroup(seq, search)
+            seq.beam = self._beam_group(seq)
         else:
             seq.num_pending_forks = params.num_samples - 1
         return seq
+
+    def _beam_group(self, root: Sequence) -> BeamGroup:
+        params = root.params
+        ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        limit = min(params.max_tokens, self.max_model_len - root.num_prompt_tokens)
+        search = BeamSearch(params.beam_width, params.length_penalty, params.early_stopping, limit, sorted(ends))
+        return BeamGroup(root, search)
 
     def _grammar_compiler(self) -> GrammarCompiler:
         if self._grammars is None:
@@ -124,6 +129,7 @@ class LLMEngine:
         """Schedule, run one forward, sample. Returns the sequences that finished."""
         cfg = self.config
         budget = cfg.max_num_batched_tokens
+        self._preempted_now = set()  # preempted in this step: neither run nor re-admitted in it
         scheduled: list[tuple[Sequence, int]] = []
         # Decodes first (one token each), oldest first; preempt the newest when blocks run out.
         for seq in [s for s in running if s.num_uncomputed_tokens == 1]:
@@ -145,6 +151,8 @@ class LLMEngine:
             budget -= n
         while waiting and budget > 0 and len(running) < cfg.max_num_seqs:
             seq = waiting[0]
+            if seq.seq_id in self._preempted_now:
+                break
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.pool.can_allocate(self._blocks_needed(seq, n)):
                 break
@@ -158,19 +166,35 @@ class LLMEngine:
             if running or waiting:
                 raise RuntimeError("scheduler made no progress (KV cache too small for any sequence)")
             return []
-        return self._execute(scheduled, running)
+        # A beam request preempted while scheduling takes every one of its beams with it.
+        return self._execute([(s, n) for s, n in scheduled
+                              if s in running and s.seq_id not in self._preempted_now], running)
 
     def _reserve(self, seq: Sequence, n: int, running: list[Sequence], waiting: deque[Sequence]) -> bool:
         need = self._blocks_needed(seq, n)
         while not self.pool.can_allocate(need):
-            victim = running[-1]
-            self._preempt(victim, running, waiting)
-            if victim is seq:
+            self._preempt(self._victim(seq, running), running, waiting)
+            if seq not in running:  # preempted itself (or its beam-search request)
                 return False
+            need = self._blocks_needed(seq, n)  # a freed fork may have unshared seq's last block
         self._allocate(seq, n)
         return True
 
+    @staticmethod
+    def _victim(seq: Sequence, running: list[Sequence]) -> Sequence:
+        """The newest request's newest sequence, other requests than ``seq``'s first: a request
+        must not preempt its own forks while another could yield (n > 1 and beams would thrash)."""
+        own = (seq.root or seq).seq_id
+        others = [s for s in running if (s.root or s).seq_id != own]
+        return max(others or running, key=lambda s: ((s.root or s).seq_id, s.seq_id))
+
     def _preempt(self, seq: Sequence, running: list[Sequence], waiting: deque[Sequence]) -> None:
+        root = seq.root or seq
+        if root.beam is not None:
+            self._preempted_now.update(s.seq_id for s in [root, *root.beam.live])
+            self._restart_beam_search(root, running, waiting)
+            return
+        self._preempted_now.add(seq.seq_id)
         # Recompute preemption: drop the cache, keep the tokens, go back to the queue's front.
         running.remove(seq)
         self.pool.free(seq.block_table)
@@ -179,6 +203,27 @@ class LLMEngine:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         waiting.appendleft(seq)
+
+    def _restart_beam_search(self, root: Sequence, running: list[Sequence], waiting: deque[Sequence]) -> None:
+        """Preempt a beam-search request as a whole: free every beam and start again from the
+        prompt. Beam search is deterministic, so the result is the same; preempting one beam
+        instead would lose its shared blocks and could leave the others waiting for it forever."""
+        freed: set[int] = set()
+        for beam in root.beam.live if root.beam is not None else []:
+            if beam in running:
+                running.remove(beam)
+            freed.update(beam.block_table)
+            self.pool.free(beam.block_table)
+            beam.block_table = []
+            beam.status = SequenceStatus.FINISHED
+        self._pending_copies = [(src, dst) for src, dst in self._pending_copies if dst not in freed]
+        root.token_ids = list(root.prompt_token_ids)
+        root.num_computed_tokens = 0
+        root.forks = []
+        root.status = SequenceStatus.WAITING
+        root.num_preemptions += 1
+        root.beam = self._beam_group(root)
+        waiting.appendleft(root)
 
     def _shared_write_block(self, seq: Sequence) -> int | None:
         """Index in the block table of a shared block the next token would be written into."""
