@@ -23,7 +23,6 @@ import copy
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF de-quantization progress bar
 
 import torch  # noqa: E402
+from common import cpu_name, load_hf, log, mark  # noqa: E402
 
 from choral.config import EngineConfig  # noqa: E402
 from choral.engine.llm_engine import LLMEngine  # noqa: E402
@@ -60,10 +60,6 @@ SAMPLER_SHARE_TARGET = 10.0  # % of a batch-32 decode step spent in the sampler
 HEAVY = dict(temperature=0.8, top_k=50, top_p=0.9, min_p=0.02, repetition_penalty=1.1,
              presence_penalty=0.5, frequency_penalty=0.5)
 PREFILL_BF16_TARGET = 3000.0  # tok/s
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---- machine limits -----------------------------------------------------------------------
@@ -252,34 +248,6 @@ def choral_prefill(engine: LLMEngine, prompt: list[int], runs: int) -> tuple[flo
 
 # ---- HF transformers ----------------------------------------------------------------------
 
-def load_hf(path) -> tuple[Any, str]:  # type: ignore[no-untyped-def]
-    """The GGUF as an fp32 transformers model. ``from_pretrained(gguf_file=...)`` needs
-    accelerate; without it, build the model from its config and load the de-quantized
-    tensors with transformers' own GGUF reader (the same tensors, no accelerate)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import is_accelerate_available
-
-    if is_accelerate_available():
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                     dtype=torch.float32)
-        how = "from_pretrained(gguf_file=...)"
-    else:
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
-        result = model.load_state_dict(tensors, strict=False)
-        tied = config.tie_word_embeddings
-        missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and tied)]
-        if missing or result.unexpected_keys:
-            raise RuntimeError(f"HF GGUF load: missing {missing}, unexpected {result.unexpected_keys}")
-        model.tie_weights()
-        how = "from_config + load_gguf_checkpoint (accelerate not installed)"
-    model.eval()
-    return model, how
-
-
 @torch.inference_mode()
 def hf_decode(model, prompts: torch.Tensor, steps: int) -> tuple[list[float], list[int]]:  # type: ignore[no-untyped-def]
     from transformers import DynamicCache
@@ -416,10 +384,6 @@ def targets(rows: list[Row]) -> list[dict[str, Any]]:
     return out
 
 
-def mark(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
 def row_target(r: Row) -> str:
     if r.case == "decode" and r.knobs == "heavy" and r.sampler_ms is not None:
         return f"sampler < {SAMPLER_SHARE_TARGET:g}%: {mark(100 * r.sampler_ms / r.ms < SAMPLER_SHARE_TARGET)}"
@@ -490,17 +454,6 @@ def render(rows: list[Row], limits: dict[str, float], meta: dict[str, Any]) -> s
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:

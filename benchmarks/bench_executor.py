@@ -25,7 +25,6 @@ import gc
 import json
 import math
 import os
-import platform
 import random
 import sys
 import time
@@ -37,6 +36,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF de-quantization progress bar
 
 import torch  # noqa: E402
+from common import cpu_name, load_hf, log, mark  # noqa: E402
 
 from choral import SamplingParams  # noqa: E402
 from choral.executor import Executor, ExecutorConfig, FinishReason, Request  # noqa: E402
@@ -63,10 +63,6 @@ EST_CHORAL_DECODE_TOK_S = 350.0
 EST_BF16_FACTOR = 1.5  # bf16 runs slower than fp32 on this CPU (prefill ~540 vs ~940 tok/s)
 EST_LOAD_S = 20.0  # per model load / cast
 EST_HF_CB_SETUP_S = 20.0  # the CB manager's setup and warm-up
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---- workload -----------------------------------------------------------------------------
@@ -263,31 +259,6 @@ def choral_latency(ex: Executor, work: Workload, rate: float, dtype: str, seed: 
 
 # ---- HF transformers ----------------------------------------------------------------------
 
-def load_hf(path) -> tuple[Any, str]:  # type: ignore[no-untyped-def]
-    """The GGUF as an fp32 transformers model (needs accelerate; without it, build the model from
-    its config and load transformers' own de-quantized GGUF tensors, as bench_engine.py does)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import is_accelerate_available
-
-    if is_accelerate_available():
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        how = "from_pretrained(gguf_file=...)"
-    else:
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
-        result = model.load_state_dict(tensors, strict=False)
-        missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-        if missing or result.unexpected_keys:
-            raise RuntimeError(f"HF GGUF load: missing {missing}, unexpected {result.unexpected_keys}")
-        model.tie_weights()
-        how = "from_config + load_gguf_checkpoint (accelerate not installed)"
-    model.eval()
-    return model, how
-
-
 @torch.inference_mode()
 def hf_static(model, work: Workload, pad_id: int, dtype: str,  # type: ignore[no-untyped-def]
               batch_size: int = HF_STATIC_BATCH) -> tuple[Row, list[list[int]]]:
@@ -421,10 +392,6 @@ def estimate_s(work: Workload, lat_work: Workload, args: argparse.Namespace, dty
 
 # ---- output -------------------------------------------------------------------------------
 
-def mark(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
 def ratios(rows: list[Row]) -> dict[str, dict[str, float | None]]:
     out: dict[str, dict[str, float | None]] = {}
     for r in rows:
@@ -536,17 +503,6 @@ def render(rows: list[Row], lat: list[LatencyRow], meta: dict[str, Any]) -> str:
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ---- main ---------------------------------------------------------------------------------

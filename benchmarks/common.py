@@ -1,0 +1,57 @@
+"""Helpers shared by the benchmark scripts (run as ``python benchmarks/<script>.py``)."""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from typing import Any
+
+import torch
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def load_hf(path) -> tuple[Any, str]:  # type: ignore[no-untyped-def]
+    """The GGUF as an fp32 transformers model. ``from_pretrained(gguf_file=...)`` needs
+    accelerate; without it, build the model from its config and load the de-quantized
+    tensors with transformers' own GGUF reader (the same tensors, no accelerate)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import is_accelerate_available
+
+    if is_accelerate_available():
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                     dtype=torch.float32)
+        how = "from_pretrained(gguf_file=...)"
+    else:
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+        result = model.load_state_dict(tensors, strict=False)
+        tied = config.tie_word_embeddings
+        missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and tied)]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"HF GGUF load: missing {missing}, unexpected {result.unexpected_keys}")
+        model.tie_weights()
+        how = "from_config + load_gguf_checkpoint (accelerate not installed)"
+    model.eval()
+    return model, how
+
+
+def mark(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
