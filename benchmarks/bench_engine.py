@@ -34,7 +34,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF de-quantization progress bar
 
 import torch  # noqa: E402
-from common import cpu_name, load_hf, log, mark  # noqa: E402
+from common import device_name, load_hf, log, mark, sync  # noqa: E402
 
 from choral.config import EngineConfig  # noqa: E402
 from choral.engine.llm_engine import LLMEngine  # noqa: E402
@@ -64,28 +64,35 @@ PREFILL_BF16_TARGET = 3000.0  # tok/s
 
 # ---- machine limits -----------------------------------------------------------------------
 
-def median_time(fn, reps: int, warmup: int = 1) -> float:  # type: ignore[no-untyped-def]
+def median_time(fn, reps: int, warmup: int = 1, device: str | torch.device = "cpu") -> float:  # type: ignore[no-untyped-def]
     for _ in range(warmup):
         fn()
+    sync(device)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+def matmul_size(device: str) -> int:
+    return 8192 if torch.device(device).type == "cuda" else 2048  # large enough to fill the device
+
+
+def matmul_gflops(dtype: torch.dtype, device: str = "cpu", reps: int = 5) -> float:
+    n = matmul_size(device)
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(dtype)
-    b = torch.randn(n, n, generator=gen).to(dtype)
-    t = median_time(lambda: torch.mm(a, b), reps)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    t = median_time(lambda: torch.mm(a, b), reps, device=device)
     return 2 * n**3 / t / 1e9
 
 
-def read_bandwidth_gbs(num_bytes: int = 1 << 30, reps: int = 5) -> float:
-    x = torch.ones(num_bytes // 4, dtype=torch.float32)
-    t = median_time(lambda: x.sum(), reps)
+def read_bandwidth_gbs(device: str = "cpu", num_bytes: int = 1 << 30, reps: int = 5) -> float:
+    x = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
+    t = median_time(lambda: x.sum(), reps, device=device)
     return num_bytes / t / 1e9
 
 
@@ -243,7 +250,7 @@ def choral_prefill(engine: LLMEngine, prompt: list[int], runs: int) -> tuple[flo
         finally:
             pool.free(table)
 
-    return median_time(once, runs), logits[0]
+    return median_time(once, runs, device=runner.device), logits[0]
 
 
 # ---- HF transformers ----------------------------------------------------------------------
@@ -253,6 +260,7 @@ def hf_decode(model, prompts: torch.Tensor, steps: int) -> tuple[list[float], li
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
+    prompts = prompts.to(model.device)
     out = model(input_ids=prompts, past_key_values=cache, use_cache=True, logits_to_keep=1)
     next_ids = out.logits[:, -1].argmax(-1)
     tokens = [int(next_ids[0])]
@@ -269,14 +277,14 @@ def hf_decode(model, prompts: torch.Tensor, steps: int) -> tuple[list[float], li
 
 @torch.inference_mode()
 def hf_prefill(model, prompt: list[int], runs: int) -> tuple[float, torch.Tensor]:  # type: ignore[no-untyped-def]
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     logits: list[torch.Tensor] = []
 
     def once() -> None:
         out = model(input_ids=ids, logits_to_keep=1)
         logits[:] = [out.logits[0, -1:].float()]
 
-    return median_time(once, runs), logits[0]
+    return median_time(once, runs, device=model.device), logits[0]
 
 
 # ---- the run ------------------------------------------------------------------------------
@@ -286,7 +294,8 @@ def bench_dtype(dtype: str, args: argparse.Namespace, limits: dict[str, float],
     steps = args.steps
     max_len = max(PREFILL_LEN, CONTEXT + DECODE_WARMUP + steps)
     per_seq = blocks_for_tokens(CONTEXT + DECODE_WARMUP + steps, BLOCK_SIZE) * BLOCK_SIZE
-    config = EngineConfig(model=MODEL, dtype=dtype, max_model_len=max_len, block_size=BLOCK_SIZE,
+    config = EngineConfig(model=args.model, dtype=dtype, device=args.device, max_model_len=max_len,
+                          block_size=BLOCK_SIZE,
                           kv_cache_tokens=max(max(DECODE_BATCHES) * per_seq, max_len),
                           num_threads=args.threads, seed=0)
     log(f"{dtype}: loading choral engine")
@@ -354,7 +363,7 @@ def bench_dtype(dtype: str, args: argparse.Namespace, limits: dict[str, float],
         hf_secs, hf_logits = hf_prefill(hf, prompt, args.prefill_runs)
         row.hf_ms = hf_secs * 1e3
         row.hf_tok_s = PREFILL_LEN / hf_secs
-        row.extra["max_abs_logit_diff_vs_hf"] = float((logits.float() - hf_logits).abs().max())
+        row.extra["max_abs_logit_diff_vs_hf"] = float((logits.float().cpu() - hf_logits.cpu()).abs().max())
         row.extra["argmax_agrees_with_hf"] = bool(logits.argmax() == hf_logits.argmax())
     rows.append(row)
 
@@ -406,13 +415,14 @@ def render(rows: list[Row], limits: dict[str, float], meta: dict[str, Any]) -> s
         f"threads {meta['threads']}, torch {meta['torch']}, transformers {meta['transformers']}, "
         f"decode context {CONTEXT} (+{DECODE_WARMUP} warm-up steps), {meta['steps']} timed decode "
         f"steps, prefill median of {meta['prefill_runs']}, attention backend "
-        f"{meta['attention_backend']}, {meta['cpu']}",
+        f"{meta['attention_backend']}, {meta['device']}",
         "",
         "| machine limit | value |",
         "|---|---:|",
     ]
+    n = meta["matmul_n"]
     for dtype in meta["dtypes"]:
-        lines.append(f"| matmul {SHORT[dtype]} 2048^3 | {limits[f'matmul_gflops_{dtype}']:.1f} GFLOP/s |")
+        lines.append(f"| matmul {SHORT[dtype]} {n}^3 | {limits[f'matmul_gflops_{dtype}']:.1f} GFLOP/s |")
     lines.append(f"| read bandwidth (sum of 1 GiB fp32) | {limits['read_gbs']:.1f} GB/s |")
     lines += [
         "",
@@ -459,6 +469,9 @@ def render(rows: list[Row], limits: dict[str, float], meta: dict[str, Any]) -> s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=MODEL,
+                        help=f"a bundled model name, .gguf file or HF directory (default {MODEL})")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--dtypes", default="float32,bfloat16",
                         help="comma-separated, from: float32, bfloat16 (default: both)")
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps per case (default 32)")
@@ -483,12 +496,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
-    path = resolve_model_path(MODEL)
-    log(f"model {path}, {args.threads} threads")
+    path = resolve_model_path(args.model)
+    log(f"model {path}, device {args.device}, {args.threads} threads")
 
     log("machine limits")
-    limits = {f"matmul_gflops_{d}": matmul_gflops(TORCH_DTYPES[d]) for d in dtypes}
-    limits["read_gbs"] = read_bandwidth_gbs()
+    limits = {f"matmul_gflops_{d}": matmul_gflops(TORCH_DTYPES[d], args.device) for d in dtypes}
+    limits["read_gbs"] = read_bandwidth_gbs(args.device)
 
     hf_fp32 = None
     hf_how = None
@@ -496,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_hf:
         log("loading HF transformers model")
-        hf_fp32, hf_how = load_hf(path)
+        hf_fp32, hf_how = load_hf(path, args.device)
 
     rows: list[Row] = []
     infos: dict[str, Any] = {}
@@ -510,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {"model_file": path.name, "threads": args.threads, "torch": torch.__version__,
             "transformers": transformers.__version__, "steps": args.steps,
-            "prefill_runs": args.prefill_runs, "dtypes": dtypes, "cpu": cpu_name(),
+            "prefill_runs": args.prefill_runs, "dtypes": dtypes, "device": device_name(args.device),
+            "matmul_n": matmul_size(args.device),
             "hf_load": hf_how,
             "attention_backend": ", ".join(sorted({i["attention_backend"] for i in infos.values()}))}
     print(render(rows, limits, meta))

@@ -36,7 +36,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF de-quantization progress bar
 
 import torch  # noqa: E402
-from common import cpu_name, load_hf, log, mark  # noqa: E402
+from common import device_name, load_hf, log, mark  # noqa: E402
 
 from choral import SamplingParams  # noqa: E402
 from choral.executor import Executor, ExecutorConfig, FinishReason, Request  # noqa: E402
@@ -160,7 +160,8 @@ def make_executor(dtype: str, args: argparse.Namespace) -> Executor:
     kv_tokens = args.max_num_seqs * per_seq
     kv_bytes = kv_tokens * 46_080 * (1 if dtype == "float32" else 0.5)  # SmolLM2: 46,080 B/token in fp32
     log(f"{dtype}: loading choral executor (KV cache {kv_tokens} tokens, ~{kv_bytes / 2**30:.2f} GiB)")
-    return Executor(MODEL, ExecutorConfig(max_queue_size=4096, iteration_stats_max=1_000_000), dtype=dtype,
+    return Executor(args.model, ExecutorConfig(max_queue_size=4096, iteration_stats_max=1_000_000),
+                    dtype=dtype, device=args.device,
                     kv_cache_tokens=kv_tokens, max_model_len=MAX_MODEL_LEN, max_num_seqs=args.max_num_seqs,
                     max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS, num_threads=args.threads, seed=0)
 
@@ -274,8 +275,8 @@ def hf_static(model, work: Workload, pad_id: int, dtype: str,  # type: ignore[no
         prompts = work.prompts[b0 : b0 + batch_size]
         lens = work.output_lens[b0 : b0 + batch_size]
         width, lmax = max(len(p) for p in prompts), max(lens)
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=model.device)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long, device=model.device)
         for i, p in enumerate(prompts):
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
@@ -285,6 +286,7 @@ def hf_static(model, work: Workload, pad_id: int, dtype: str,  # type: ignore[no
             f"{width} prompt tokens (padded), {lmax} new tokens")
         t0 = time.perf_counter()
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+        out = out.cpu()  # waits for the device
         total_s += time.perf_counter() - t0
         new = out[:, width:]
         if new.shape[1] != lmax:
@@ -322,12 +324,17 @@ def hf_cb(model, work: Workload, pad_id: int, dtype: str, mode: str) -> tuple[Ro
         ordered = list(results.values())  # generate_batch returns them in input order
         setup_s = None
     else:
-        from transformers.generation.continuous_batching.utils import WorkloadHints
+        options: dict[str, Any] = {}
+        try:  # sizing hints for the manager's cache (newer transformers)
+            from transformers.generation.continuous_batching.utils import WorkloadHints
 
-        hints = WorkloadHints(max_prompt_length=max(work.prompt_lens), max_generated_length=lmax, num_requests=n)
+            options["workload_hints"] = WorkloadHints(max_prompt_length=max(work.prompt_lens),
+                                                      max_generated_length=lmax, num_requests=n)
+        except ImportError:
+            pass
         t_setup = time.perf_counter()
         with model.continuous_batching_context_manager(generation_config=cfg, block=True, timeout=5,
-                                                       workload_hints=hints) as manager:
+                                                       **options) as manager:
             t0 = time.perf_counter()
             setup_s = t0 - t_setup
             rids = [manager.add_request(p, request_id=f"bench_{i}", max_new_tokens=L, eos_token_id=-1)
@@ -428,7 +435,7 @@ def render(rows: list[Row], lat: list[LatencyRow], meta: dict[str, Any]) -> str:
         f"{meta['prompt_range'][1]} tokens, outputs {meta['output_range'][0]}-{meta['output_range'][1]} "
         f"tokens (EOS ignored, greedy); choral max_num_seqs {meta['max_num_seqs']}, max_num_batched_tokens "
         f"{MAX_NUM_BATCHED_TOKENS}; HF static batch {HF_STATIC_BATCH}; HF CB mode {meta['hf_cb_mode']}; "
-        f"threads {meta['threads']}, torch {meta['torch']}, transformers {meta['transformers']}, {meta['cpu']}",
+        f"threads {meta['threads']}, torch {meta['torch']}, transformers {meta['transformers']}, {meta['device']}",
         "",
         "| system | dtype | requests | output tokens | generated | wall s | output tok/s | choral/HF-static "
         "| choral/HF-CB | target |",
@@ -514,6 +521,9 @@ def parse_list(text: str, kind: type) -> list[Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=MODEL,
+                        help=f"a bundled model name, .gguf file or HF directory (default {MODEL})")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
     parser.add_argument("--requests", type=int, default=128, help="offline requests (default 128)")
     parser.add_argument("--min-prompt", type=int, default=32, help="shortest prompt (default 32)")
@@ -564,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
-    path = resolve_model_path(MODEL)
+    path = resolve_model_path(args.model)
     work = make_lengths(args.requests, (args.min_prompt, args.max_prompt), (args.min_output, args.max_output),
                         args.seed)
     lat_work = make_lengths(args.latency_requests, (args.min_prompt, args.max_prompt),
@@ -618,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if hf_fp32 is None:
             log("loading HF transformers model")
-            hf_fp32, hf_how = load_hf(path)
+            hf_fp32, hf_how = load_hf(path, args.device)
         hf = hf_fp32 if dtype == "float32" else copy.deepcopy(hf_fp32).to(TORCH_DTYPES[dtype])
         assert pad_id is not None
         srow, s_out = hf_static(hf, work, pad_id, dtype)
@@ -634,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
 
     meta = {"model_file": path.name, "threads": args.threads, "torch": torch.__version__,
-            "transformers": transformers.__version__, "cpu": cpu_name(), "hf_load": hf_how,
+            "transformers": transformers.__version__, "device": device_name(args.device), "hf_load": hf_how,
             "requests": args.requests, "seed": args.seed, "prompt_range": [args.min_prompt, args.max_prompt],
             "output_range": [args.min_output, args.max_output], "max_num_seqs": args.max_num_seqs,
             "hf_cb_mode": None if args.no_hf or args.no_hf_cb else args.hf_cb_mode,

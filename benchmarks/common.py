@@ -14,14 +14,18 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def load_hf(path) -> tuple[Any, str]:  # type: ignore[no-untyped-def]
-    """The GGUF as an fp32 transformers model. ``from_pretrained(gguf_file=...)`` needs
-    accelerate; without it, build the model from its config and load the de-quantized
-    tensors with transformers' own GGUF reader (the same tensors, no accelerate)."""
+def load_hf(path, device: str = "cpu") -> tuple[Any, str]:  # type: ignore[no-untyped-def]
+    """The model as an fp32 transformers model on ``device``: an HF directory through
+    ``from_pretrained``; a GGUF through ``from_pretrained(gguf_file=...)``, which needs accelerate;
+    without it, build the model from its config and load the de-quantized tensors with
+    transformers' own GGUF reader (the same tensors, no accelerate)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import is_accelerate_available
 
-    if is_accelerate_available():
+    if path.is_dir():
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        how = "from_pretrained(directory)"
+    elif is_accelerate_available():
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                      dtype=torch.float32)
         how = "from_pretrained(gguf_file=...)"
@@ -39,7 +43,20 @@ def load_hf(path) -> tuple[Any, str]:  # type: ignore[no-untyped-def]
         model.tie_weights()
         how = "from_config + load_gguf_checkpoint (accelerate not installed)"
     model.eval()
-    return model, how
+    return model.to(device), how
+
+
+def sync(device: str | torch.device) -> None:
+    """Wait for the device's queued work, so a host clock times it (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: str) -> str:
+    """The CPU's model name, or the GPU's."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
 
 
 def mark(ok: bool) -> str:
