@@ -196,7 +196,7 @@ def choral_decode(engine: LLMEngine, prompts: torch.Tensor, steps: int,
     rows = prompts.tolist()
     if heavy:
         sample_rows = [SampleRow(SamplingParams(**HEAVY, seed=j), list(rows[j]), ctx,  # type: ignore[arg-type]
-                                 torch.Generator().manual_seed(j)) for j in range(batch)]
+                                 torch.Generator(device=runner.device).manual_seed(j)) for j in range(batch)]
     else:
         sample_rows = [SampleRow(SamplingParams(temperature=0.0)) for _ in range(batch)]
 

@@ -18,8 +18,29 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from choral.kernels.build import load_paged_attention
+
+# cuDNN's fused attention plans a graph for every new shape, and here shapes change every step
+# (a decode's key length grows by one, prefill chunks vary): keep CUDA to the other kernels.
+_CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+         scale: float) -> torch.Tensor:
+    """Attention of q [B, H, n, D] over k, v [B, KVH, K, D] (H a multiple of KVH), with a
+    boolean mask broadcastable to [B, H, n, K]. Returns [B, H, n, D]."""
+    if q.device.type != "cuda":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    # On CUDA, ``enable_gqa`` with a mask runs only the unfused math kernel (about ten launches
+    # per call); repeating the KV heads lets the fused memory-efficient kernel take it.
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    with sdpa_kernel(_CUDA_SDPA):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 @dataclass(frozen=True)
@@ -150,17 +171,13 @@ class TorchPagedAttention:
             keys = gather_keys(k_cache, self.decode_blocks)  # [Bd, KVH, K, D]
             vals = gather_values(v_cache, self.decode_blocks)
             qd = q.index_select(0, self.decode_tokens).unsqueeze(2)  # [Bd, H, 1, D]
-            o = F.scaled_dot_product_attention(
-                qd, keys, vals, attn_mask=decode_mask, scale=scale, enable_gqa=True
-            )  # [Bd, H, 1, D]
+            o = sdpa(qd, keys, vals, decode_mask, scale)  # [Bd, H, 1, D]
             out.index_copy_(0, self.decode_tokens, o.squeeze(2))
         for (start, n, ctx_len, blocks), mask in zip(self.prefill, prefill_masks, strict=True):
             keys = gather_keys(k_cache, blocks)[:, :ctx_len]  # [KVH, ctx, D]
             vals = gather_values(v_cache, blocks)[:, :ctx_len]
             qp = q[start : start + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-            o = F.scaled_dot_product_attention(
-                qp, keys.unsqueeze(0), vals.unsqueeze(0), attn_mask=mask, scale=scale, enable_gqa=True
-            )  # [1, H, n, D]
+            o = sdpa(qp, keys.unsqueeze(0), vals.unsqueeze(0), mask, scale)  # [1, H, n, D]
             out[start : start + n] = o[0].transpose(0, 1)
         return out
 
