@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI presence penalty (default: 0)")
     gen.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty (default: 0)")
     gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
-    gen.add_argument("--n", type=int, default=1, help="completions per prompt, sharing its KV (default: 1)")
+    gen.add_argument("--n", type=int, default=1,
+                     help="completions per prompt, sharing its KV; needs --temperature > 0 (default: 1)")
     gen.add_argument("--beam-width", type=int, default=1, help="beam search with this many beams (default: off)")
     gen.add_argument("--json-schema", help="constrain output to a JSON schema (inline JSON or a file path)")
     gen.add_argument("--regex", help="constrain output to a regular expression")

@@ -1,18 +1,29 @@
-"""``LLM``: the offline, vLLM-shaped entry point. ``LLM(model=...).generate(prompts, params)``."""
+"""``LLM``: the offline, vLLM-shaped entry point. ``LLM(model=...).generate(prompts, params)``.
+
+``generate`` runs on an :class:`~choral.executor.Executor` over the LLM's engine: the same
+continuous batching, chunked prefill, preemption, n / best_of forks and beam search as the server.
+"""
 
 from __future__ import annotations
 
+import queue
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from choral.config import DEFAULT_MODEL, EngineConfig
 from choral.engine.llm_engine import LLMEngine
-from choral.engine.outputs import RequestOutput
+from choral.engine.outputs import RequestOutput, request_output
 from choral.engine.prompts import is_single_prompt, to_token_ids
 from choral.errors import InvalidRequestError
+from choral.executor.config import ExecutorConfig
+from choral.executor.executor import Executor
+from choral.executor.request import Request, Response
 from choral.sampling.params import SamplingParams
 from choral.tokenizer import Tokenizer
+
+_POLL_S = 0.5  # how often generate() checks that the executor loop is alive while it waits
 
 
 class LLM:
@@ -20,18 +31,34 @@ class LLM:
 
     Args:
         model: a bundled model name, a ``.gguf`` file or an HF model directory.
+        enable_prefix_caching: reuse the KV of prompt prefixes seen before (off by default, as
+            in vLLM's LLM: every prompt is computed in full, so results never depend on what ran before).
         dtype, device and any other :class:`~choral.config.EngineConfig` field as keywords;
         an unknown keyword is an error.
+
+    The executor behind ``generate`` starts on first use and lives until :meth:`close` (or the
+    end of a ``with LLM(...) as llm:`` block, or garbage collection).
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, **options: Any):
+    def __init__(self, model: str = DEFAULT_MODEL, *, enable_prefix_caching: bool = False, **options: Any):
         self.config = EngineConfig.from_kwargs(model=model, **options)
         self.engine = LLMEngine(self.config)
-        self._request_counter = 0
+        # generate() queues every prompt at once, and validates them all before queueing any.
+        self._executor_config = ExecutorConfig(enable_prefix_cache=bool(enable_prefix_caching),
+                                               max_queue_size=sys.maxsize)
+        self._executor: Executor | None = None
 
     @property
     def tokenizer(self) -> Tokenizer | None:
         return self.engine.tokenizer
+
+    @property
+    def executor(self) -> Executor:
+        """The executor that runs ``generate`` (started on first use). Usable directly too: for
+        streaming, priorities, cancellation."""
+        if self._executor is None or not self._executor.is_running:
+            self._executor = Executor(self.engine, self._executor_config)
+        return self._executor
 
     def generate(
         self,
@@ -50,31 +77,51 @@ class LLM:
             return []
         params = self._params_per_prompt(sampling_params, len(items))
         encoded = [to_token_ids(p, self.tokenizer) for p in items]
-        request_ids = [str(self._request_counter + i) for i in range(len(items))]
-        seqs = [self.engine.new_sequence(ids, sp, rid)
-                for (_, ids), sp, rid in zip(encoded, params, request_ids, strict=True)]
-        self._request_counter += len(items)
+        finished: queue.SimpleQueue[int] = queue.SimpleQueue()  # request ids, as they finish
+
+        def on_response(response: Response) -> None:  # called on the executor's thread
+            if response.result is not None and response.result.is_final:
+                finished.put(response.request_id)
+
+        requests = [Request(ids, sp, callback=on_response) for (_, ids), sp in zip(encoded, params, strict=True)]
+        executor = self.executor
+        ids = executor.submit_many(requests)
+        position = {rid: i for i, rid in enumerate(ids)}
         outputs: dict[int, RequestOutput] = {}
-        bar = _progress(len(seqs)) if use_tqdm else None
+        bar = _progress(len(ids)) if use_tqdm else None
         started = time.perf_counter()
         generated = 0
-
-        def on_finish(seq: Any) -> None:
-            nonlocal generated
-            index = seqs.index(seq)
-            outputs[index] = self.engine.to_output(seq, request_ids[index], encoded[index][0])
-            generated += seq.num_output_tokens
-            if bar is not None:
-                elapsed = max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix_str(f"{generated / elapsed:.1f} tok/s")
-                bar.update(1)
-
         try:
-            self.engine.run(seqs, on_finish)
+            while len(outputs) < len(ids):
+                try:
+                    rid = finished.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if executor.is_running:
+                        continue
+                    rid = next(r for r in ids if position[r] not in outputs)  # poll raises the loop's error
+                if position[rid] in outputs:
+                    continue
+                completion = executor.poll(rid, timeout=None)
+                assert completion is not None
+                i = position[rid]
+                outputs[i] = request_output(completion, str(rid), encoded[i][0], params[i], self.tokenizer,
+                                            self.engine.eos_token_ids)
+                generated += sum(len(o.token_ids) for o in completion.outputs)
+                if bar is not None:
+                    elapsed = max(time.perf_counter() - started, 1e-9)
+                    bar.set_postfix_str(f"{generated / elapsed:.1f} tok/s")
+                    bar.update(1)
+        except BaseException:
+            # Interrupted (Ctrl-C) or failed: stop what still runs, so its blocks go back.
+            for rid in ids:
+                if position[rid] not in outputs:
+                    executor.cancel(rid)
+                    executor.release(rid)
+            raise
         finally:
             if bar is not None:
                 bar.close()
-        return [outputs[i] for i in range(len(seqs))]
+        return [outputs[i] for i in range(len(ids))]
 
     def chat(
         self,
@@ -106,6 +153,28 @@ class LLM:
         ``fn(request_id, logits[V], token_ids) -> logits``, or with ``batched=True``
         ``fn(request_ids, logits[R, V], token_ids_per_row) -> logits``."""
         self.engine.register_logits_processor(name, fn, batched)
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the executor (what still runs is cancelled). A later ``generate`` starts a new one."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False)
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # At interpreter exit the loop thread (a daemon) may already be frozen: joining it would hang.
+        if sys.is_finalizing():
+            return
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - nothing useful to do with an error in a finalizer
+            pass
 
 
 def _progress(total: int) -> Any:

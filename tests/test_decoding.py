@@ -181,13 +181,14 @@ def test_beam_search_survives_preemption(tiny_models) -> None:  # type: ignore[n
     ref = big.generate(prompts, params)
     small = LLM(str(directory), dtype="float32", block_size=4, kv_cache_tokens=64, max_model_len=64)
     preempted: list[bool] = []
-    preempt = small.engine._preempt
+    scheduler = small.executor.scheduler
+    preempt = scheduler._preempt
 
-    def counting_preempt(seq, running, waiting):  # type: ignore[no-untyped-def]
-        preempted.append((seq.root or seq).beam is not None)
-        preempt(seq, running, waiting)
+    def counting_preempt(seq, step):  # type: ignore[no-untyped-def]
+        preempted.append(seq.job.beam is not None)
+        preempt(seq, step)
 
-    small.engine._preempt = counting_preempt  # type: ignore[method-assign]
+    scheduler._preempt = counting_preempt  # type: ignore[method-assign]
     outs = small.generate(prompts, params)
     assert [[o.token_ids for o in r.outputs] for r in outs] == [[o.token_ids for o in r.outputs] for r in ref]
     assert any(preempted)  # the beam request was preempted (and restarted)

@@ -400,8 +400,8 @@ def test_decoding_controls_through_the_executor(tiny_models) -> None:  # type: i
         assert final_tokens(ex, b) == free  # the neighbour's knobs do not leak into this row
         with pytest.raises(InvalidRequestError, match="unknown processor .nope."):
             ex.enqueue(Request([5], SamplingParams(logits_processors=("nope",))))
-        with pytest.raises(InvalidRequestError, match="beam"):
-            ex.enqueue(Request([5], SamplingParams(beam_width=2, temperature=0)))
+        with pytest.raises(InvalidRequestError, match="streaming: beam search"):
+            ex.enqueue(Request([5], SamplingParams(beam_width=2, temperature=0), streaming=True))
     assert_no_leak(ex)
 
 
@@ -416,3 +416,17 @@ def test_json_schema_through_the_executor(smollm_executor) -> None:  # type: ign
     for out in done.outputs:
         value = json.loads(out.text)
         assert set(value) == {"city", "population"} and isinstance(value["population"], int)
+
+
+def test_prompt_logprobs_skip_the_prefix_cache(tiny_models) -> None:  # type: ignore[no-untyped-def]
+    prompt = list(range(3, 30))
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1)
+    with make(tiny_models) as ex:
+        ex.submit(Request(prompt, GREEDY))  # puts the prompt's full blocks in the prefix cache
+        first = ex.submit(Request(prompt, params))
+        second = ex.submit(Request(prompt, params))
+        assert first.num_cached_tokens == 0  # every prompt position needs its logits
+        assert first.prompt_logprobs is not None and len(first.prompt_logprobs) == len(prompt)
+        assert second.prompt_logprobs == first.prompt_logprobs
+        assert ex.submit(Request(prompt, GREEDY)).num_cached_tokens == 24  # the cache is still there
+    assert_no_leak(ex)

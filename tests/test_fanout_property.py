@@ -23,20 +23,20 @@ def pools(tiny_models):  # type: ignore[no-untyped-def]
 
 
 def check_books_after_each_step(llm: LLM) -> list[int]:
-    engine = llm.engine
+    executor = llm.executor
+    running = executor.scheduler.running
     steps: list[int] = []
-    execute = engine._execute
+    run = executor.step_runner.run
 
-    def checked(scheduled, running):  # type: ignore[no-untyped-def]
-        finished = execute(scheduled, running)
+    def checked(step):  # type: ignore[no-untyped-def]
+        run(step)
         owners = Counter(b for seq in running for b in seq.block_table)
-        engine.pool.check_invariants(dict(owners))
+        llm.engine.pool.check_invariants(dict(owners))
         steps.append(len(running))
         if len(steps) > 2000:  # these requests need a few hundred steps at most
             raise RuntimeError("the engine makes no progress")
-        return finished
 
-    engine._execute = checked  # type: ignore[method-assign]
+    executor.step_runner.run = checked  # type: ignore[method-assign]
     return steps
 
 
@@ -73,7 +73,7 @@ def test_forks_on_a_tiny_pool_match_a_large_pool(pools, requests) -> None:  # ty
     try:
         got = small.generate(prompts, params)
     finally:
-        del small.engine._execute
+        del small.executor.step_runner.run
     want = big.generate(prompts, params)
     assert steps
     for out, ref, p in zip(got, want, params, strict=True):

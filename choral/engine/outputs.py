@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from choral.engine.sequence import Sequence
+    from choral.executor.completion import Completion
     from choral.sampling.params import SamplingParams
     from choral.tokenizer import Tokenizer
 
@@ -41,32 +41,25 @@ class RequestOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def request_output(seq: Sequence, request_id: str, prompt: str | None, tokenizer: Tokenizer | None,
-                   eos_token_ids: Seq[int]) -> RequestOutput:
-    """The request rooted at ``seq``: its samples (best_of: the n most likely) or its beams."""
-    params = seq.params
-    if seq.beam is not None:
-        ends = set(params.stop_token_ids) | set(eos_token_ids)
-        outputs = [_completion(params, i, ids, "stop" if ids and ids[-1] in ends else "length", [], score,
-                               tokenizer, eos_token_ids)
-                   for i, (ids, score) in enumerate(seq.beam.search.results(params.n))]
-    else:
-        samples = [seq, *seq.forks]
-        ranked = len(samples) > params.n
-        if ranked:  # best_of: keep the n most likely
-            samples = sorted(samples, key=lambda s: -s.cumulative_logprob)[: params.n]
-        outputs = [_completion(params, i, s.output_token_ids, s.finish_reason, s.output_logprobs,
-                               s.cumulative_logprob if params.logprobs is not None or ranked else None,
-                               tokenizer, eos_token_ids)
-                   for i, s in enumerate(samples)]
+def request_output(completion: Completion, request_id: str, prompt: str | None, params: SamplingParams,
+                   tokenizer: Tokenizer | None, eos_token_ids: Seq[int]) -> RequestOutput:
+    """A finished executor request as LLM.generate returns it: its samples (best_of: the n most
+    likely) or its beams, with vLLM's finish reasons and text cut at the first stop string."""
+    outputs = [_completion(params, out.index, out.token_ids, _FINISH_REASONS.get(out.finish_reason.value),
+                           out.logprobs or [], out.cumulative_logprob, tokenizer, eos_token_ids)
+               for out in completion.outputs]
     return RequestOutput(
         request_id=request_id,
         prompt=prompt,
-        prompt_token_ids=seq.prompt_token_ids,
+        prompt_token_ids=completion.prompt_token_ids,
         outputs=outputs,
-        prompt_logprobs=seq.prompt_logprobs if params.prompt_logprobs is not None else None,
-        metrics={"num_preemptions": float(seq.num_preemptions)},
+        prompt_logprobs=completion.prompt_logprobs,
+        metrics={"num_preemptions": float(completion.num_preemptions)},
     )
+
+
+# The executor's FinishReason values -> vLLM's finish_reason (cancelled / timed out: None).
+_FINISH_REASONS = {"end_id": "stop", "stop_words": "stop", "length": "length"}
 
 
 def _completion(params: SamplingParams, index: int, ids: list[int], finish_reason: str | None,

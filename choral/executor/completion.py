@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from choral.executor.job import Job
 from choral.executor.request import FinishReason, Timing
 
+Logprob = tuple[float, list[tuple[int, float]]]
+
 
 @dataclass(frozen=True)
 class SequenceOutput:
@@ -14,12 +16,15 @@ class SequenceOutput:
     token_ids: list[int]
     text: str
     finish_reason: FinishReason
-    logprobs: list[tuple[float, list[tuple[int, float]]]] | None
+    logprobs: list[Logprob] | None
+    # Sum of the generated tokens' logprobs (with logprobs or best_of > n), or a beam's score.
+    cumulative_logprob: float | None = None
 
 
 @dataclass(frozen=True)
 class Completion:
-    """A finished request (zigllama's BatchResult, with every sequence of ``n``)."""
+    """A finished request (zigllama's BatchResult, with every returned sequence: n samples,
+    the n most likely of best_of, or the n best beams)."""
 
     request_id: int
     client_id: object
@@ -27,6 +32,8 @@ class Completion:
     outputs: list[SequenceOutput]
     timing: Timing
     num_cached_tokens: int
+    prompt_logprobs: list[Logprob | None] | None = None  # when sampling.prompt_logprobs asks
+    num_preemptions: int = 0  # times the request's sequences were preempted (and recomputed)
 
     @property
     def text(self) -> str:
@@ -49,16 +56,22 @@ class Completion:
         return self.timing.queue_time
 
 
-def build_completion(job: Job, prompt_text: str | None) -> Completion:
+def build_completion(job: Job) -> Completion:
+    params = job.request.sampling
     outputs = []
-    for seq in sorted(job.sequences, key=lambda s: s.index):
+    for index, seq in enumerate(job.returned):
         assert seq.detok is not None
         tokens = seq.output_token_ids
         text = seq.detok.text
         if not job.request.exclude_input_from_output:
             tokens = job.prompt_token_ids + tokens
-            text = (prompt_text or "") + text
-        logprobs = list(seq.output_logprobs) if seq.params.logprobs is not None else None
-        outputs.append(SequenceOutput(seq.index, list(tokens), text, seq.finish, logprobs))
+            text = (job.prompt_text or "") + text
+        logprobs = list(seq.output_logprobs) if params.logprobs is not None else None
+        ranked = job.ranked or job.beam is not None
+        cumulative = seq.cumulative_logprob if params.logprobs is not None or ranked else None
+        outputs.append(SequenceOutput(index, list(tokens), text, seq.finish, logprobs, cumulative))
+    root = job.root
     return Completion(job.request_id, job.request.client_id, job.prompt_token_ids, outputs, job.timing,
-                      job.sequences[0].num_cached_tokens)
+                      root.num_cached_tokens,
+                      prompt_logprobs=list(root.prompt_logprobs) if params.prompt_logprobs is not None else None,
+                      num_preemptions=sum(s.num_preemptions for s in job.sequences))

@@ -1,13 +1,17 @@
-"""Per-request state inside the executor: a Job owns its sequences (one per ``n``)."""
+"""Per-request state inside the executor: a Job owns its sequences (one per sample, or the beams)."""
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from choral.engine.sequence import Sequence
 from choral.executor.detokenizer import IncrementalDetokenizer
 from choral.executor.request import FinishReason, Request, Response, Timing
+
+if TYPE_CHECKING:
+    from choral.executor.beams import BeamGroup
 
 
 @dataclass(eq=False)
@@ -15,7 +19,7 @@ class ExecSequence(Sequence):
     """A sequence plus what the executor tracks about it."""
 
     job: Job | None = None
-    index: int = 0  # sequence_index within the request
+    index: int = 0  # sample number within the request (seeds: seed + index); beams count their forks
     detok: IncrementalDetokenizer | None = None
     finish: FinishReason = FinishReason.NOT_FINISHED
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
@@ -26,22 +30,48 @@ class ExecSequence(Sequence):
 
 @dataclass(eq=False)
 class Job:
-    """One request: its sequences, timing and where its responses go."""
+    """One request: its sequences, timing and where its responses go.
 
-    request_id: int
+    ``sequences`` are the request's samples (index order) for sampling, and only the root for
+    beam search, whose running beams the ``beam`` group tracks. ``returned`` is filled when the
+    request ends: the sequences handed back, in output order (best_of: the n most likely;
+    beams: the n best hypotheses)."""
+
     request: Request
     prompt_token_ids: list[int]
-    arrival_order: int
     timing: Timing
     deadline: float | None
     collect: bool  # submit()/poll(): keep a final Completion instead of queueing responses
+    request_id: int = -1  # given when the executor accepts the request
+    arrival_order: int = -1
     sequences: list[ExecSequence] = field(default_factory=list)
+    returned: list[ExecSequence] = field(default_factory=list)
     responses: deque[Response] = field(default_factory=deque)
-    cancelled: bool = False
     done: bool = False
-    forked: bool = False  # the n-1 siblings have been forked off sequence 0
+    forked: bool = False  # the other samples have been forked off sequence 0
     released: bool = False  # nobody will collect it: forget it as soon as it is done
     bad_words: list[tuple[int, ...]] = field(default_factory=list)  # token-id form, for every sample
+    beam: BeamGroup | None = None  # beam search (beam_width > 1)
+    num_forks: int = 0  # sequences forked so far (beams number theirs from this)
+
+    @property
+    def root(self) -> ExecSequence:
+        return self.sequences[0]
+
+    @property
+    def prompt_text(self) -> str | None:
+        prompt = self.request.prompt
+        return prompt if isinstance(prompt, str) else None
+
+    @property
+    def num_samples(self) -> int:
+        """Sequences the request runs: best_of (or n) samples, or beam_width beams."""
+        return self.request.sampling.num_samples
+
+    @property
+    def ranked(self) -> bool:
+        """best_of > n: the samples are ranked by cumulative logprob at the end, n returned."""
+        return self.beam is None and self.num_samples > self.request.sampling.n
 
     def effective_priority(self, now: float, aging_per_s: float) -> float:
         """Priority plus what waiting has earned: a stream of high-priority arrivals cannot

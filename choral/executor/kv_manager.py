@@ -27,6 +27,8 @@ class KvManager:
         """
         if not self.enable_prefix_cache:
             return []
+        if seq.params.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens:
+            return []  # prompt logprobs need the logits of every prompt position: compute them all
         bs = self.block_size
         hits: list[int] = []
         parent: int | None = None

@@ -35,7 +35,9 @@ class Request:
         allotted_time: seconds from arrival; past it the request ends with TIMED_OUT.
         end_id: an extra end-of-sequence token id (TRT-LLM's ``end_id``).
         stop_words: token sequences that end generation (removed from the output).
-        n: independent sequences sampled from one prompt; the prompt's KV is shared by fork.
+        n: independent sequences sampled from one prompt; the prompt's KV is shared by fork
+            (``sampling.best_of`` samples more and returns the n most likely; ``sampling.beam_width``
+            runs beam search and returns the n best beams: both final-only, never streamed).
         exclude_input_from_output: False prepends the prompt tokens to the (non-streamed) output.
         client_id: an opaque id echoed in every response.
         callback: called with each Response for this request (from the executor's thread).
@@ -123,6 +125,8 @@ class Result:
     num_output_tokens: int  # so far, for this sequence
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     timing: Timing
+    # Sum of the generated tokens' logprobs (with logprobs or best_of > n), or a beam's score.
+    cumulative_logprob: float | None = None
 
 
 @dataclass

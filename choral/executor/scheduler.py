@@ -6,7 +6,8 @@ chunks of prompts already admitted, then new admissions in priority order (highe
 within a level, waiting time adding ``priority_aging_per_s`` per second). Admission allocates the
 whole uncached prompt at once, so a prompt's later chunks never wait for blocks; decodes take a
 block at each block boundary and, under MAX_UTILIZATION, preempt the lowest-priority, newest
-sequence when none is free. The scheduler only sees allocation results from the KvManager.
+sequence when none is free. A beam-search request is preempted whole: every beam is freed and it
+restarts from its prompt. The scheduler only sees allocation results from the KvManager.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from choral.executor.beams import beam_kv_blocks
 from choral.executor.config import BatchingStrategy, ExecutorConfig, KvPolicy
-from choral.executor.job import ExecSequence
+from choral.executor.job import ExecSequence, Job
 from choral.executor.kv_manager import KvManager
 from choral.kv.block_pool import blocks_for_tokens
 
@@ -77,25 +79,51 @@ class Scheduler:
         return sorted(seqs, key=key)
 
     def _slots(self, seq: ExecSequence) -> int:
-        """Sequence slots a sequence takes: its siblings to be forked count already."""
+        """Sequence slots a waiting sequence takes: samples still to be forked count already,
+        a beam request takes beam_width slots."""
         job = seq.job
         assert job is not None
-        return job.request.n if (seq.index == 0 and not job.forked) else 1
+        return job.num_samples if (seq.index == 0 and not job.forked) else 1
 
     def _running_slots(self) -> int:
-        return sum(self._slots(s) for s in self.running)
+        beam_jobs: dict[int, int] = {}  # request id -> beam_width: however many beams live now
+        slots = 0
+        for s in self.running:
+            job = s.job
+            assert job is not None
+            if job.beam is not None:
+                beam_jobs[job.request_id] = job.num_samples
+            else:
+                slots += self._slots(s)
+        return slots + sum(beam_jobs.values())
+
+    def _final_len(self, job: Job) -> int:
+        return min(len(job.prompt_token_ids) + job.request.effective_max_tokens, self.max_model_len)
+
+    def _beam_blocks(self, job: Job) -> int:
+        return beam_kv_blocks(len(job.prompt_token_ids), self._final_len(job), job.num_samples, self.kv.block_size)
+
+    def _sibling_blocks(self, job: Job) -> int:
+        """GUARANTEED_NO_EVICT: blocks the samples still to be forked may take (one copy-on-write each)."""
+        return (job.num_samples - 1) * (blocks_for_tokens(job.request.effective_max_tokens, self.kv.block_size) + 1)
 
     def _reserved_blocks(self) -> int:
         """GUARANTEED_NO_EVICT: blocks running sequences may still take before they finish."""
         total = 0
+        beam_jobs: dict[int, Job] = {}
         for s in self.running:
             job = s.job
             assert job is not None
-            final = min(job.request.effective_max_tokens + s.num_prompt_tokens, self.max_model_len)
-            total += max(0, blocks_for_tokens(final, self.kv.block_size) - len(s.block_table))
+            if job.beam is not None:
+                beam_jobs[job.request_id] = job
+                continue
+            total += max(0, blocks_for_tokens(self._final_len(job), self.kv.block_size) - len(s.block_table))
             if s.index == 0 and not job.forked:
-                total += (job.request.n - 1) * (blocks_for_tokens(job.request.effective_max_tokens,
-                                                                 self.kv.block_size) + 1)
+                total += self._sibling_blocks(job)
+        for job in beam_jobs.values():
+            assert job.beam is not None
+            held = len({b for s in job.beam.live for b in s.block_table})
+            total += max(0, self._beam_blocks(job) - held)
         return total
 
     # ---- one step --------------------------------------------------------------------------
@@ -114,7 +142,7 @@ class Scheduler:
                 if victim is None:
                     break
                 self._preempt(victim, step)
-                if victim is seq:
+                if seq not in self.running:  # preempted itself, or its beam request restarted
                     break
             if seq not in self.running or self.kv.pool.num_free_blocks < self.kv.blocks_to_grow(seq, 1):
                 continue
@@ -173,11 +201,13 @@ class Scheduler:
         if policy is KvPolicy.GUARANTEED_NO_EVICT:
             job = seq.job
             assert job is not None
-            final = min(seq.num_prompt_tokens + job.request.effective_max_tokens, self.max_model_len)
-            need += blocks_for_tokens(final, self.kv.block_size) - blocks_for_tokens(seq.num_tokens, self.kv.block_size)
-            if seq.index == 0 and not job.forked:
-                need += (job.request.n - 1) * (blocks_for_tokens(job.request.effective_max_tokens,
-                                                                self.kv.block_size) + 1)
+            admitted = blocks_for_tokens(seq.num_tokens, self.kv.block_size)
+            if job.beam is not None:
+                need += self._beam_blocks(job) - admitted
+            else:
+                need += blocks_for_tokens(self._final_len(job), self.kv.block_size) - admitted
+                if seq.index == 0 and not job.forked:
+                    need += self._sibling_blocks(job)
             if self.kv.pool.num_free_blocks - self._reserved_blocks() < need:
                 return False
         elif self.kv.pool.num_free_blocks < need:
@@ -218,12 +248,35 @@ class Scheduler:
 
     def _preempt(self, seq: ExecSequence, step: ScheduledStep) -> None:
         # Recompute preemption: blocks go back (full ones stay in the prefix cache), tokens stay.
-        self.running.remove(seq)
-        step.items = [(s, n) for s, n in step.items if s is not seq]
-        self.kv.free(seq)
+        job = seq.job
+        if job is not None and job.beam is not None:
+            self._restart_beams(job, step)
+            return
+        self._unschedule(seq, step)
         seq.num_preemptions += 1
         self.waiting.append(seq)
         step.preempted.append(seq)
+
+    def _restart_beams(self, job: Job, step: ScheduledStep) -> None:
+        """Preempt a beam-search request whole: free every beam, requeue its root at the prompt."""
+        assert job.beam is not None
+        for beam in job.beam.live:
+            self._unschedule(beam, step)
+        root = job.beam.restart()
+        root.num_preemptions += 1
+        if root not in self.waiting:
+            self.waiting.append(root)
+        step.preempted.append(root)
+
+    def _unschedule(self, seq: ExecSequence, step: ScheduledStep) -> None:
+        """Take a running sequence out of this step and free its blocks, with the copy-on-write
+        copies this step made into them (the blocks may go to another sequence next)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        step.items = [(s, n) for s, n in step.items if s is not seq]
+        freed = set(seq.block_table)
+        step.copies = [(src, dst) for src, dst in step.copies if dst not in freed]
+        self.kv.free(seq)
 
     def after_step(self, step_latency_s: float) -> None:
         """ADAPTIVE: shrink the cap when steps are slower than the target, grow it under load."""

@@ -1,8 +1,8 @@
 """Beam search for one request, step for step the algorithm of transformers' ``_beam_search``.
 
 This file holds only the arithmetic: given the log-probabilities of the running beams it picks
-which (beam, token) pairs continue and which hypotheses are finished. The engine maps beams to
-sequences and forks their KV blocks (choral/engine/fanout.py).
+which (beam, token) pairs continue and which hypotheses are finished. The executor maps beams to
+sequences and forks their KV blocks (choral/executor/beams.py).
 
 Per step, with W = beam_width and K = max(2, 1 + #eos) * W candidates:
 
@@ -93,3 +93,15 @@ class BeamSearch:
     def results(self, n: int) -> list[tuple[list[int], float]]:
         """The best ``n`` finished hypotheses (tokens, score), best first."""
         return [(self.finished_tokens[i], float(self.finished_scores[i])) for i in range(min(n, self.width))]
+
+    def best_running(self, n: int) -> list[tuple[list[int], float]]:
+        """The best ``n`` running beams (tokens, summed logprob), best first: what a search cut short
+        (cancelled, timed out) has. Before the first step every beam is empty."""
+        if self.num_generated == 0:
+            return [([], 0.0) for _ in range(min(n, self.width))]
+        return [(self.running_tokens[i], float(self.running_scores[i])) for i in range(min(n, self.width))]
+
+    def fresh(self) -> BeamSearch:
+        """A new search with the same settings (a preempted request starts over)."""
+        return BeamSearch(self.width, self.length_penalty, self.early_stopping, self.max_tokens,
+                          sorted(self.eos_token_ids))

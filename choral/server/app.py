@@ -203,7 +203,7 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None) 
                                 f"{max_tokens} for the completion).", param="max_tokens")
         try:
             request = to_request(body, ids, max_tokens, logprobs, stream)
-            executor._make_job(request, collect=True)  # validate now: errors are 400s, nothing queued
+            executor.validate(request)  # validate now: errors are 400s, nothing queued
         except InvalidRequestError as e:
             raise ApiError(400, str(e)) from None
         return request

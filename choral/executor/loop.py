@@ -1,0 +1,175 @@
+"""The executor's loop thread: between steps it takes in new requests, cancels, expirations and
+commands; then it schedules a step, runs it and hands out the responses.
+
+It alone touches the scheduler, the KV pool and the model runner, so a forward never runs under
+the queue's lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+from choral.errors import ProcessorStopped
+from choral.executor.config import ExecutorConfig
+from choral.executor.job import ExecSequence
+from choral.executor.kv_manager import KvManager
+from choral.executor.request import FinishReason
+from choral.executor.request_queue import RequestQueue
+from choral.executor.responses import Responder
+from choral.executor.scheduler import ScheduledStep, Scheduler
+from choral.executor.stats import AggregateStats, IterationStats
+from choral.executor.step_runner import StepRunner
+
+logger = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.005  # re-check timers (DYNAMIC_TIMEOUT, deadlines) this often while idle
+
+
+class Loop:
+    """The background thread of one Executor."""
+
+    def __init__(self, queue: RequestQueue, config: ExecutorConfig, kv: KvManager, scheduler: Scheduler,
+                 step_runner: StepRunner, responder: Responder):
+        self.queue = queue
+        self.kv = kv
+        self.scheduler = scheduler
+        self.step_runner = step_runner
+        self.responder = responder
+        self.aggregate: AggregateStats = responder.aggregate
+        self.iteration_stats: deque[IterationStats] = deque(maxlen=config.iteration_stats_max)
+        self.unread_stats: deque[IterationStats] = deque(maxlen=config.iteration_stats_max)
+        self._iteration = 0
+        self.thread = threading.Thread(target=self._run, name="choral-executor", daemon=True)
+
+    def _run(self) -> None:
+        q = self.queue
+        try:
+            while True:
+                with q.cond:
+                    while not q.has_work(bool(self.scheduler.running or self.scheduler.waiting)):
+                        q.cond.wait()
+                    incoming, q.incoming = q.incoming, []
+                    cancels, q.cancels = q.cancels, set()
+                    commands, q.commands = q.commands, []
+                    if q.stopping:
+                        self.scheduler.flush = True
+                        if not q.drain:
+                            cancels |= {j.request_id for j in incoming}
+                for job in incoming:
+                    self.scheduler.add(job.root)
+                for fn, future in commands:
+                    try:
+                        future.set_result(fn())
+                    except Exception as e:  # reported to the caller, the loop goes on
+                        future.set_exception(e)
+                self._end_jobs(cancels, FinishReason.CANCELLED)
+                self._expire()
+                self._deliver()
+                if q.stopping and not (self.scheduler.running or self.scheduler.waiting or q.incoming):
+                    break
+                started = time.perf_counter()
+                step = self.scheduler.schedule()
+                if not step.items:
+                    with q.cond:
+                        q.cond.wait(_IDLE_WAIT_S)
+                    continue
+                self._mark_scheduled(step.admitted)
+                self.step_runner.run(step)
+                elapsed = time.perf_counter() - started
+                self.scheduler.after_step(elapsed)
+                self._record(step, elapsed)
+                self._deliver()
+        except BaseException as e:  # a bug in the loop: fail every request loudly, never hang
+            logger.exception("choral executor loop failed")
+            self._give_back_blocks()
+            with q.cond:
+                q.error = e
+                q.cond.notify_all()
+        finally:
+            with q.cond:
+                q.stopped = True
+                for _, future in q.commands:
+                    future.set_exception(ProcessorStopped("the executor has been shut down"))
+                q.commands.clear()
+                q.cond.notify_all()
+
+    def _give_back_blocks(self) -> None:
+        """After a failure: free what the loop's sequences hold, so the engine (and its pool,
+        which others may share) stays usable by a new executor."""
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            try:
+                self.kv.free(seq)
+            except Exception:  # the books may be what broke: keep going, the error is reported
+                logger.exception("choral executor: freeing sequence %d after the failure", seq.seq_id)
+        self.scheduler.running.clear()
+        self.scheduler.waiting.clear()
+
+    def _mark_scheduled(self, admitted: list[ExecSequence]) -> None:
+        now = time.monotonic()
+        for seq in admitted:
+            job = seq.job
+            assert job is not None
+            if job.timing.first_scheduled is None:
+                job.timing.first_scheduled = now
+                with self.queue.cond:
+                    self.queue.num_queued -= 1
+
+    def _end_jobs(self, request_ids: set[int], reason: FinishReason) -> None:
+        for rid in request_ids:
+            job = self.queue.jobs.get(rid)
+            if job is None or job.done:
+                continue
+            if job.timing.first_scheduled is None:
+                with self.queue.cond:
+                    self.queue.num_queued -= 1
+                job.timing.first_scheduled = time.monotonic()
+            self.responder.end_job(job, reason)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        expired = {rid for rid, j in list(self.queue.jobs.items())
+                   if not j.done and j.deadline is not None and now >= j.deadline}
+        self._end_jobs(expired, FinishReason.TIMED_OUT)
+
+    def _deliver(self) -> None:
+        """Hand out this step's responses: after its stats are recorded, so a caller woken by a
+        response always finds the step that produced it in ``iteration_stats``."""
+        pending, self.responder.pending = self.responder.pending, []
+        if not pending:
+            return
+        q = self.queue
+        with q.cond:
+            for job, response, all_final in pending:
+                if not job.collect:
+                    job.responses.append(response)
+                if all_final:
+                    job.done = True
+                    if job.released:
+                        q.jobs.pop(job.request_id, None)
+            q.cond.notify_all()
+        for job, response, _ in pending:
+            if job.request.callback is not None:
+                try:
+                    job.request.callback(response)
+                except Exception:  # a user's callback must not kill the loop
+                    logger.exception("request %d: callback raised", job.request_id)
+
+    def _record(self, step: ScheduledStep, elapsed: float) -> None:
+        pool = self.kv.pool
+        self._iteration += 1
+        self.aggregate.busy_time_s += elapsed
+        stats = IterationStats(
+            iteration=self._iteration, timestamp=time.time(), step_latency_s=elapsed,
+            num_prefill_tokens=step.num_prefill_tokens, num_decode_tokens=step.num_decode_tokens,
+            num_scheduled_sequences=len(step.items), num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting), kv_blocks_used=pool.num_used_blocks,
+            kv_blocks_free=pool.num_free_blocks, kv_blocks_cached=pool.num_cached_blocks,
+            prefix_hit_blocks=step.prefix_hit_blocks, num_preemptions=len(step.preempted),
+            num_admitted=len(step.admitted), seq_cap=self.scheduler.seq_cap,
+        )
+        with self.queue.cond:
+            self.iteration_stats.append(stats)
+            self.unread_stats.append(stats)

@@ -1,0 +1,174 @@
+"""One scheduled step: the forward pass, then a token for every sequence whose tokens are all
+computed.
+
+Sampled requests draw through the batched sampler; the first time a request's prompt is done,
+its other samples (n, best_of) are forked off it and draw from the same logits. Beam-search
+requests advance once every live beam has its logits: the processed logprobs go to the beam
+search, which forks the sequences that two beams continue and frees those no beam continues.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from choral.engine.llm_engine import LLMEngine
+from choral.engine.model_runner import Chunk
+from choral.executor.intake import Intake
+from choral.executor.job import ExecSequence, Job
+from choral.executor.kv_manager import KvManager
+from choral.executor.request import FinishReason
+from choral.executor.responses import Responder
+from choral.executor.scheduler import ScheduledStep, Scheduler
+
+
+class StepRunner:
+    """Runs scheduled steps on the engine's model runner and sampler (the loop thread only)."""
+
+    def __init__(self, engine: LLMEngine, kv: KvManager, scheduler: Scheduler, intake: Intake,
+                 responder: Responder):
+        self.engine = engine
+        self.kv = kv
+        self.scheduler = scheduler
+        self.intake = intake
+        self.responder = responder
+
+    def run(self, step: ScheduledStep) -> None:
+        runner = self.engine.runner
+        runner.copy_blocks(step.copies)
+        chunks = []
+        for seq, n in step.items:
+            start = seq.num_computed_tokens
+            completes = start + n == seq.num_tokens
+            wants_prompt_lp = (seq.index == 0 and seq.params.prompt_logprobs is not None
+                               and len(seq.prompt_logprobs) < seq.num_prompt_tokens)
+            mode = "all" if wants_prompt_lp else ("last" if completes else "none")
+            chunks.append(Chunk(seq.token_ids[start : start + n], start, seq.block_table, logits=mode))
+        results = runner.execute(chunks)
+        rows: list[torch.Tensor] = []
+        to_sample: list[ExecSequence] = []
+        beams: dict[int, tuple[Job, dict[int, torch.Tensor]]] = {}  # request id -> (job, {seq_id: logits [V]})
+        for (seq, n), chunk, logits in zip(step.items, chunks, results, strict=True):
+            start = seq.num_computed_tokens
+            seq.num_computed_tokens += n
+            self.kv.register_full_blocks(seq)
+            if logits is not None and chunk.logits == "all":
+                record_prompt_logprobs(seq, start, logits)
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue
+            assert logits is not None
+            job = seq.job
+            assert job is not None
+            if job.beam is not None:
+                beams.setdefault(job.request_id, (job, {}))[1][seq.seq_id] = logits[-1]
+                continue
+            to_sample.append(seq)
+            rows.append(logits[-1])
+            if not job.forked and job.num_samples > 1:  # n / best_of: the others share this prompt's KV
+                for child in self._fork_samples(job, seq):
+                    to_sample.append(child)
+                    rows.append(logits[-1])
+        for job, logits_by_seq in beams.values():
+            self._beam_step(job, logits_by_seq)
+        if to_sample:
+            self._sample(to_sample, rows)
+
+    # ---- forks -----------------------------------------------------------------------------
+    def _fork(self, job: Job, parent: ExecSequence, index: int) -> ExecSequence:
+        child = self.intake.new_sequence(job, index, parent.token_ids)
+        self.kv.fork(parent, child)
+        self.scheduler.running.append(child)
+        return child
+
+    def _fork_samples(self, job: Job, parent: ExecSequence) -> list[ExecSequence]:
+        children = [self._fork(job, parent, index) for index in range(1, job.num_samples)]
+        job.sequences.extend(children)
+        job.forked = True
+        return children
+
+    def _fork_beam(self, job: Job, parent: ExecSequence) -> ExecSequence:
+        job.num_forks += 1
+        return self._fork(job, parent, job.num_forks)
+
+    # ---- sampling ----------------------------------------------------------------------------
+    def _sample(self, seqs: list[ExecSequence], rows: list[torch.Tensor]) -> None:
+        ranked = [s.job is not None and s.job.ranked for s in seqs]  # best_of ranks by cumulative logprob
+        result = self.engine.sampler.sample(torch.stack(rows), seqs, ranked)
+        now = time.monotonic()
+        for seq, token, lp in zip(seqs, result.token_ids, result.logprobs, strict=True):
+            job = seq.job
+            assert job is not None and seq.detok is not None
+            if job.timing.first_token is None:
+                job.timing.first_token = now
+            seq.token_ids.append(token)
+            if lp is not None:
+                seq.cumulative_logprob += lp[0]
+                if seq.params.logprobs is not None:
+                    seq.output_logprobs.append(lp)
+            seq.detok.add(token)
+            reason = self._stop_reason(seq, token)
+            if reason is not FinishReason.NOT_FINISHED:
+                self.responder.finish_sequence(seq, reason)
+            elif job.request.streaming:
+                self.responder.stream(seq)
+
+    def _stop_reason(self, seq: ExecSequence, token: int) -> FinishReason:
+        job = seq.job
+        assert job is not None and seq.detok is not None
+        params, request = seq.params, job.request
+        if token == request.end_id or (not params.ignore_eos and token in self.engine.eos_token_ids):
+            return FinishReason.END_ID
+        if token in params.stop_token_ids:
+            return FinishReason.STOP_WORDS
+        out = seq.output_token_ids
+        if seq.num_output_tokens >= params.min_tokens:
+            if any(len(w) <= len(out) and tuple(out[-len(w):]) == w for w in request.stop_words):
+                return FinishReason.STOP_WORDS
+            if seq.detok.stopped_on is not None:
+                return FinishReason.STOP_WORDS
+        if seq.num_output_tokens >= request.effective_max_tokens or seq.num_tokens >= self.engine.max_model_len:
+            return FinishReason.LENGTH
+        return FinishReason.NOT_FINISHED
+
+    # ---- beam search -------------------------------------------------------------------------
+    def _beam_step(self, job: Job, logits_by_seq: dict[int, torch.Tensor]) -> None:
+        """Advance a beam request once every live beam has its logits this step."""
+        group = job.beam
+        assert group is not None
+        live = group.live
+        if any(seq.seq_id not in logits_by_seq for seq in live):
+            # A beam missed this step (budget, or no block free without preempting): the others
+            # recompute their last token next step, so the beams stay in step.
+            for seq in live:
+                if seq.seq_id in logits_by_seq:
+                    seq.num_computed_tokens -= 1
+            return
+        if job.timing.first_token is None:
+            job.timing.first_token = time.monotonic()
+        processed = self.engine.sampler.process(torch.stack([logits_by_seq[s.seq_id] for s in live]), live)
+        logprobs = dict(zip([s.seq_id for s in live], processed.log_softmax(-1), strict=True))  # {seq_id: [V]}
+        _, dropped = group.advance(logprobs, lambda parent: self._fork_beam(job, parent))
+        for seq in dropped:
+            self.scheduler.remove(seq)
+        if group.search.done:
+            self.responder.finish_beams(job)
+
+
+def record_prompt_logprobs(seq: ExecSequence, start: int, logits: torch.Tensor) -> None:
+    """Logprobs of the prompt tokens in this chunk (logits [n, V] of positions start..start+n-1)."""
+    # Row j predicts token start + j + 1; the first prompt token has no logprob.
+    if not seq.prompt_logprobs:
+        seq.prompt_logprobs.append(None)
+    top = seq.params.prompt_logprobs or 0
+    logp = logits.log_softmax(-1)
+    for j in range(logits.shape[0]):
+        target = start + j + 1
+        if target >= seq.num_prompt_tokens or len(seq.prompt_logprobs) > target:
+            continue
+        tok = seq.token_ids[target]
+        tops: list[tuple[int, float]] = []
+        if top:
+            vals, ids = logp[j].topk(top)
+            tops = list(zip(ids.tolist(), vals.tolist(), strict=True))
+        seq.prompt_logprobs.append((float(logp[j, tok]), tops))
