@@ -195,3 +195,27 @@ def test_conversations_fork_rewind_and_save_to_cpu(tiny_models, tmp_path) -> Non
     for ex in (gpu, cpu):
         ex.close()
         assert ex.engine.pool.num_free_blocks == ex.engine.pool.num_blocks
+
+
+def test_llm_generate_beam_search_and_best_of(tiny_models) -> None:  # type: ignore[no-untyped-def]
+    """LLM.generate on the device: beams equal transformers' (CPU, fp32); best_of returns the n
+    most likely of its samples, which fork the prompt's KV on the device."""
+    from choral import LLM
+    from tests.test_executor_fanout import PROMPT, hf_beams
+
+    directory, hf_model = tiny_models["llama"]
+    with LLM(str(directory), dtype="float32", device=DEVICE, block_size=4, kv_cache_tokens=1024,
+             max_model_len=128) as llm:
+        (beams,) = llm.generate([PROMPT], SamplingParams(beam_width=3, n=3, max_tokens=10, stop_token_ids=[1],
+                                                         ignore_eos=True))
+        every, best = llm.generate([PROMPT, PROMPT], [
+            SamplingParams(temperature=1.0, seed=11, n=5, logprobs=0, max_tokens=6, ignore_eos=True),
+            SamplingParams(temperature=1.0, seed=11, n=2, best_of=5, max_tokens=6, ignore_eos=True)])
+        assert llm.engine.pool.num_used_blocks == 0
+    ref = hf_beams(hf_model, 3, 3, 10, 1)
+    for i, out in enumerate(beams.outputs):
+        length = int((ref.beam_indices[i] >= 0).sum())
+        assert out.token_ids == ref.sequences[i, len(PROMPT) : len(PROMPT) + length].tolist()
+        assert out.cumulative_logprob == pytest.approx(float(ref.sequences_scores[i]), abs=1e-4)
+    ranked = sorted(every.outputs, key=lambda o: -(o.cumulative_logprob or 0.0))[:2]
+    assert [o.token_ids for o in best.outputs] == [o.token_ids for o in ranked]

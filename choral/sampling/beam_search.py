@@ -51,7 +51,8 @@ class BeamSearch:
 
         Returns the next running beams as (parent beam, token); ``done`` tells whether to stop."""
         width, vocab = logprobs.shape
-        scores = (logprobs.float() + self.running_scores[:, None]).reshape(-1)  # [W * V]
+        # The search's bookkeeping lives on the CPU, whatever device computed the logprobs.
+        scores = (logprobs.float().cpu() + self.running_scores[:, None]).reshape(-1)  # [W * V]
         top_scores, top_index = scores.topk(self.num_candidates)
         parents = (top_index // vocab).tolist()
         tokens = (top_index % vocab).tolist()
