@@ -1,4 +1,5 @@
-"""Compile ``paged_attention.c`` once per machine and source version, load it with ctypes."""
+"""Compile the C kernels (``paged_attention.c``, ``small_gemm.c``, ``rms_norm.c``) once per machine and source
+version, and load them with ctypes."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_attention.c")
+KERNEL_DIR = Path(__file__).parent
 
 
 def cache_dir() -> Path:
@@ -26,17 +27,56 @@ def cache_dir() -> Path:
 
 @lru_cache(maxsize=1)
 def load_paged_attention() -> ctypes.CDLL | None:
-    """The compiled library, or None when no compiler is available (or CHORAL_NO_KERNELS=1)."""
+    """The compiled attention kernel, or None when no compiler is available (or CHORAL_NO_KERNELS=1)."""
+    lib = _compile("paged_attention")
+    if lib is None:
+        return None
+    for name in ("paged_attention_f32", "paged_attention_bf16", "paged_attention_f16"):
+        fn = getattr(lib, name)
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [
+            ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+    return lib
+
+
+@lru_cache(maxsize=1)
+def load_small_gemm() -> ctypes.CDLL | None:
+    """The compiled fp32 packed-weight GEMM (``small_gemm.c``), or None like the attention kernel."""
+    lib = _compile("small_gemm")
+    if lib is None:
+        return None
+    lib.small_gemm_pack_f32.restype = None
+    lib.small_gemm_pack_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
+    lib.small_gemm_f32.restype = None
+    lib.small_gemm_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
+    return lib
+
+
+@lru_cache(maxsize=1)
+def load_rms_norm() -> ctypes.CDLL | None:
+    """The compiled fp32 RMSNorm (``rms_norm.c``), or None like the attention kernel."""
+    lib = _compile("rms_norm")
+    if lib is None:
+        return None
+    lib.rms_norm_f32.restype = None
+    lib.rms_norm_f32.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                 ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    return lib
+
+
+def _compile(name: str) -> ctypes.CDLL | None:
+    """``<name>.c`` compiled once per machine and source version into the cache, then loaded."""
     if os.environ.get("CHORAL_NO_KERNELS") == "1":
         return None
     compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
-    source = SOURCE.read_bytes()
+    source_path = KERNEL_DIR / f"{name}.c"
+    source = source_path.read_bytes()
     # -march=native ties the binary to this CPU, so the machine is part of the key.
     key = hashlib.sha256(source + Path(__file__).read_bytes() + _cpu_flags()).hexdigest()[:16]
-    target = cache_dir() / f"paged_attention-{key}.so"
+    target = cache_dir() / f"{name}-{key}.so"
     if not target.exists():
         if compiler is None:
-            logger.warning("choral: no C compiler found; using the slower torch attention path")
+            logger.warning("choral: no C compiler found; %s falls back to torch", name)
             return None
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -45,20 +85,14 @@ def load_paged_attention() -> ctypes.CDLL | None:
             # infinities (the softmax's running max starts at -inf) keep their meaning.
             cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC",
                    "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
-                   "-o", str(out), str(SOURCE), "-lm"]
+                   "-o", str(out), str(source_path), "-lm"]
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode != 0:
-                logger.warning("choral: compiling the attention kernel failed (%s); "
-                               "using the torch path", result.stderr.strip()[:500])
+                logger.warning("choral: compiling %s failed (%s); falling back to torch",
+                               source_path.name, result.stderr.strip()[:500])
                 return None
             os.replace(out, target)  # atomic: concurrent builders never see half a file
-    lib = ctypes.CDLL(str(target))
-    for name in ("paged_attention_f32", "paged_attention_bf16", "paged_attention_f16"):
-        fn = getattr(lib, name)
-        fn.restype = None
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [
-            ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
-    return lib
+    return ctypes.CDLL(str(target))
 
 
 def _cpu_flags() -> bytes:

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from choral.engine.attention import AttentionBackend, write_kv
 from choral.errors import ModelLoadError
-from choral.models.linear import Projection, onednn_packing_works
+from choral.kernels.build import load_rms_norm
+from choral.models.linear import Projection, onednn_packing_works, panel_gemm_available
 from choral.models.rope import RotaryTable, apply_rotary
 from choral.models.spec import ModelSpec
 
@@ -45,7 +46,14 @@ class DecoderModel:
         self.final_norm: torch.Tensor
         self.lm_head: Projection
         self.layers: list[LayerWeights] = []
-        self.packed = onednn_packing_works(dtype, device)
+        if onednn_packing_works(dtype, device):
+            self.projection_layout = "onednn"
+        elif panel_gemm_available(dtype, device):
+            self.projection_layout = "panels"
+        else:
+            self.projection_layout = "dense"
+        # fp32 on the CPU: RMSNorm in one C pass (torch runs it as ~6 ops; see rms_norm.c).
+        self._norm_lib = load_rms_norm() if device.type == "cpu" and dtype == torch.float32 else None
 
     # ---- loading -------------------------------------------------------------------------
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -111,7 +119,7 @@ class DecoderModel:
             raise ModelLoadError(f"weights: unexpected tensors {sorted(leftovers)[:5]}")
 
     def _projection(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Projection:
-        return Projection(weight, bias, self.packed)
+        return Projection(weight, bias, self.projection_layout)
 
     @property
     def num_parameters(self) -> int:
@@ -133,8 +141,13 @@ class DecoderModel:
 
     # ---- forward -------------------------------------------------------------------------
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # torch's fused RMSNorm (one kernel instead of six) reduces in fp32 like HF's; in fp32 it
-        # is the same math, in bf16/fp16 it differs from HF only by where the last rounding falls.
+        if self._norm_lib is not None and x.dim() == 2 and x.stride(1) == 1:
+            out = torch.empty(x.shape, dtype=torch.float32)
+            self._norm_lib.rms_norm_f32(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), x.shape[0],
+                                        x.shape[1], self.spec.rms_norm_eps, torch.get_num_threads())
+            return out
+        # torch's RMSNorm reduces in fp32 like HF's; in fp32 it is the same math, in bf16/fp16 it
+        # differs from HF only by where the last rounding falls.
         return F.rms_norm(x, weight.shape, weight, self.spec.rms_norm_eps)
 
     @torch.inference_mode()
