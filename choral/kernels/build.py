@@ -1,5 +1,5 @@
-"""Compile the C kernels (``paged_attention.c``, ``small_gemm.c``, ``rms_norm.c``) once per machine and source
-version, and load them with ctypes."""
+"""Compile the C kernels (``paged_attention.c``, ``small_gemm.c``, ``rms_norm.c``, ``rope_kv.c``)
+once per machine and source version, and load them with ctypes."""
 
 from __future__ import annotations
 
@@ -61,6 +61,18 @@ def load_rms_norm() -> ctypes.CDLL | None:
     lib.rms_norm_f32.restype = None
     lib.rms_norm_f32.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                                  ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    return lib
+
+
+@lru_cache(maxsize=1)
+def load_rope_kv() -> ctypes.CDLL | None:
+    """The compiled fp32 RoPE + KV-cache store (``rope_kv.c``), or None like the attention kernel."""
+    lib = _compile("rope_kv")
+    if lib is None:
+        return None
+    lib.rope_kv_f32.restype = None
+    lib.rope_kv_f32.argtypes = ([ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 7
+                                + [ctypes.c_int] * 6)
     return lib
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from choral.engine.attention import AttentionBackend, write_kv
 from choral.errors import ModelLoadError
-from choral.kernels.build import load_rms_norm
+from choral.kernels.build import load_rms_norm, load_rope_kv
 from choral.models.linear import Projection, onednn_packing_works, panel_gemm_available
 from choral.models.rope import RotaryTable, apply_rotary
 from choral.models.spec import ModelSpec
@@ -52,8 +52,11 @@ class DecoderModel:
             self.projection_layout = "panels"
         else:
             self.projection_layout = "dense"
-        # fp32 on the CPU: RMSNorm in one C pass (torch runs it as ~6 ops; see rms_norm.c).
-        self._norm_lib = load_rms_norm() if device.type == "cpu" and dtype == torch.float32 else None
+        # fp32 on the CPU: RMSNorm in one C pass (torch runs it as ~6 ops; see rms_norm.c), and
+        # RoPE fused with the K/V cache store (rope_kv.c).
+        cpu_fp32 = device.type == "cpu" and dtype == torch.float32
+        self._norm_lib = load_rms_norm() if cpu_fp32 else None
+        self._rope_kv_lib = load_rope_kv() if cpu_fp32 and spec.head_dim <= 512 and spec.head_dim % 2 == 0 else None
 
     # ---- loading -------------------------------------------------------------------------
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -150,6 +153,22 @@ class DecoderModel:
         # differs from HF only by where the last rounding falls.
         return F.rms_norm(x, weight.shape, weight, self.spec.rms_norm_eps)
 
+    def _rope_kv(self, qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 kv_index: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
+                 v_cache: torch.Tensor) -> torch.Tensor:
+        """rope_kv.c: qk [T, H + KVH, D] and v [T, KVH, D] (rows strided, heads contiguous) ->
+        rotated q [T, H, D]; rotated k and v go into their cache slots."""
+        assert self._rope_kv_lib is not None
+        spec = self.spec
+        num_tokens, hd = qk.shape[0], spec.head_dim
+        assert qk.stride(2) == 1 and qk.stride(1) == hd and v.stride(2) == 1 and v.stride(1) == hd
+        q = torch.empty(num_tokens, spec.num_heads, hd, dtype=torch.float32)
+        self._rope_kv_lib.rope_kv_f32(
+            qk.data_ptr(), qk.stride(0), v.data_ptr(), v.stride(0), cos.data_ptr(), sin.data_ptr(),
+            kv_index[0].data_ptr(), kv_index[1].data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+            num_tokens, spec.num_heads, spec.num_kv_heads, hd, k_cache.shape[-1], torch.get_num_threads())
+        return q
+
     @torch.inference_mode()
     def forward(
         self,
@@ -174,11 +193,15 @@ class DecoderModel:
             v = qkv[:, spec.q_size + spec.kv_size :].view(num_tokens, nkv, hd)
             if w.q_norm is not None and w.k_norm is not None:
                 qk = torch.cat([self._norm(qk[:, :nh], w.q_norm), self._norm(qk[:, nh:], w.k_norm)], dim=1)
-            qk = apply_rotary(qk, cos, sin)  # [T, H + KVH, D]
-            q, k = qk[:, :nh], qk[:, nh:]
             k_cache, v_cache = k_caches[i], v_caches[i]
-            # Write this step's K/V first: queries then read themselves through the cache.
-            write_kv(k_cache, v_cache, kv_index[0], kv_index[1], k, v)
+            # Rotate q and k, and write this step's K/V first: queries then read themselves
+            # through the cache.
+            if self._rope_kv_lib is not None:
+                q = self._rope_kv(qk, v, cos, sin, kv_index, k_cache, v_cache)
+            else:
+                qk = apply_rotary(qk, cos, sin)  # [T, H + KVH, D]
+                q = qk[:, :nh]
+                write_kv(k_cache, v_cache, kv_index[0], kv_index[1], qk[:, nh:], v)
             attn = attention.attend(q, k_cache, v_cache, spec.layer_windows[i], self.scale)
             hidden = hidden + w.o(attn.view(num_tokens, nh * hd))
             x = self._norm(hidden, w.post_norm)
