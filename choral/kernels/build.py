@@ -71,8 +71,9 @@ def load_rope_kv() -> ctypes.CDLL | None:
     if lib is None:
         return None
     lib.rope_kv_f32.restype = None
-    lib.rope_kv_f32.argtypes = ([ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 7
-                                + [ctypes.c_int] * 6)
+    pointer, integer = ctypes.c_void_p, ctypes.c_int
+    lib.rope_kv_f32.argtypes = [pointer, integer, pointer, integer, pointer, pointer, pointer, pointer, pointer,
+                                pointer, pointer, integer, integer, integer, integer, integer, integer]
     return lib
 
 
