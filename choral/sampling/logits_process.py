@@ -89,10 +89,16 @@ def top_k_top_p_candidates(logits: torch.Tensor, top_k: torch.Tensor,
     # Candidates: every row's top_k, or TOP_P_CANDIDATES for rows without one.
     k = min(vocab, int(torch.where(top_k < vocab, top_k, TOP_P_CANDIDATES).max()))
     cand_logits, cand = logits.topk(k, dim=-1)  # [R, K], best first
-    cand_probs = (cand_logits - logits.logsumexp(-1, keepdim=True)).exp()
+    whole = top_k >= vocab  # no top-k: mass is out of the whole vocabulary
+    # Probabilities up to a per-row factor: a top-k row's mass is renormalized over its top-k set
+    # below, so the factor cancels and its best logit will do; only rows without top-k need the
+    # vocabulary's logsumexp (a pass over [R, V] that costs as much as the topk itself).
+    norm = cand_logits[:, :1]
+    if bool(whole.any()):
+        norm = torch.where(whole[:, None], logits.logsumexp(-1, keepdim=True), norm)
+    cand_probs = (cand_logits - norm).exp()
     in_k = torch.arange(k, device=logits.device)[None, :] < top_k[:, None]
     cand_probs = cand_probs * in_k
-    whole = top_k >= vocab  # no top-k: mass is out of the whole vocabulary
     covered = cand_probs.sum(-1)
     if bool((whole & ((top_p >= 1.0) | (covered < top_p))).any()):
         return None
