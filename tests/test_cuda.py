@@ -16,13 +16,14 @@ import os
 import pytest
 import torch
 
-from choral import BatchedExecutor, DecodeResult, SamplingParams
+from choral import BatchedExecutor, SamplingParams
 from choral.config import EngineConfig
 from choral.engine.attention import TorchPagedAttention
 from choral.engine.llm_engine import LLMEngine
 from choral.engine.model_runner import Chunk
 from choral.errors import ConfigError
 from choral.executor import Executor, ExecutorConfig, FinishReason, Request
+from tests.test_conversations import greedy, run
 from tests.test_hf_parity import ARCHS, hf_logits, run_schedule
 
 DEVICE = os.environ.get("CHORAL_TEST_DEVICE", "cuda")
@@ -146,21 +147,6 @@ def test_executor_config_accepts_device_engine(tiny_models) -> None:  # type: ig
         out = ex.submit(Request([3, 4, 5], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)), timeout=600)
         assert len(out.outputs[0].token_ids) == 5
         assert ex.engine.runner.device.type == torch.device(DEVICE).type
-
-
-def run(executor: BatchedExecutor) -> None:
-    while executor.batched_token_count:
-        assert executor.infer() is DecodeResult.OK
-
-
-def greedy(executor: BatchedExecutor, conversation, steps: int) -> list[int]:  # type: ignore[no-untyped-def]
-    out = []
-    for _ in range(steps):
-        token = conversation.sample()
-        out.append(token)
-        conversation.prompt(token)
-        run(executor)
-    return out
 
 
 def test_conversations_fork_rewind_and_save_to_cpu(tiny_models, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -16,22 +16,10 @@ import torch
 from choral import SamplingParams
 from choral.errors import InvalidRequestError
 from choral.executor import AsyncExecutor, Executor, ExecutorConfig, FinishReason, Request
+from tests.test_executor import assert_no_leak, make
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11]  # 7 tokens: the last KV block (size 4) is partly filled and shared
 NO_CACHE = ExecutorConfig(enable_prefix_cache=False)
-
-
-def make(tiny_models, config: ExecutorConfig | None = None, **options) -> Executor:  # type: ignore[no-untyped-def]
-    directory, _ = tiny_models["llama"]
-    opts = dict(dtype="float32", block_size=4, kv_cache_tokens=1024, max_model_len=128)
-    opts.update(options)
-    return Executor(str(directory), config, **opts)
-
-
-def assert_no_leak(ex: Executor) -> None:
-    pool = ex.kv.pool
-    pool.check_invariants()
-    assert pool.num_used_blocks == 0, f"{pool.num_used_blocks} blocks still held"
 
 
 def test_best_of_returns_the_n_most_likely_samples(tiny_models) -> None:  # type: ignore[no-untyped-def]
