@@ -34,7 +34,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF de-quantization progress bar
 
 import torch  # noqa: E402
-from common import device_name, load_hf, log, mark, sync  # noqa: E402
+from common import add_model_args, apply_threads, device_name, load_hf, log, mark, sync  # noqa: E402
 
 from choral.config import EngineConfig  # noqa: E402
 from choral.engine.llm_engine import LLMEngine  # noqa: E402
@@ -481,17 +481,13 @@ def render(rows: list[Row], limits: dict[str, float], meta: dict[str, Any]) -> s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=MODEL,
-                        help=f"a bundled model name, .gguf file or HF directory (default {MODEL})")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    add_model_args(parser, MODEL)
     parser.add_argument("--dtypes", default="float32,bfloat16",
                         help="comma-separated, from: float32, bfloat16 (default: both)")
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps per case (default 32)")
     parser.add_argument("--prefill-runs", type=int, default=3,
                         help="prefill repetitions, the median is reported (default 3)")
     parser.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads for choral, HF and the machine limits (default: torch's)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
 
@@ -501,11 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--dtypes: {bad or dtypes} not in {', '.join(TORCH_DTYPES)}")
     if args.steps < 1 or args.prefill_runs < 1:
         parser.error("--steps and --prefill-runs must be positive")
-    if args.threads is None:
-        args.threads = torch.get_num_threads()
-    elif args.threads < 1:
-        parser.error("--threads must be positive")
-    torch.set_num_threads(args.threads)
+    apply_threads(parser, args)
 
     started = time.perf_counter()
     path = resolve_model_path(args.model)

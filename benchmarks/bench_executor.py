@@ -36,7 +36,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF de-quantization progress bar
 
 import torch  # noqa: E402
-from common import device_name, load_hf, log, mark  # noqa: E402
+from common import add_model_args, apply_threads, device_name, load_hf, log, mark  # noqa: E402
 
 from choral import SamplingParams  # noqa: E402
 from choral.executor import Executor, ExecutorConfig, FinishReason, Request  # noqa: E402
@@ -521,9 +521,7 @@ def parse_list(text: str, kind: type) -> list[Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=MODEL,
-                        help=f"a bundled model name, .gguf file or HF directory (default {MODEL})")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    add_model_args(parser, MODEL)
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
     parser.add_argument("--requests", type=int, default=128, help="offline requests (default 128)")
     parser.add_argument("--min-prompt", type=int, default=32, help="shortest prompt (default 32)")
@@ -544,7 +542,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-max-output", type=int, default=64)
     parser.add_argument("--latency-dtypes", default=None,
                         help="dtypes for the latency run (default: the first of --dtypes)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", metavar="PATH", help="also write every number as JSON")
     args = parser.parse_args(argv)
 
@@ -567,11 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"prompt + output must fit max_model_len {MAX_MODEL_LEN}")
     if args.requests < 1 or args.latency_requests < 1 or args.max_num_seqs < 1:
         parser.error("--requests, --latency-requests and --max-num-seqs must be positive")
-    if args.threads is None:
-        args.threads = torch.get_num_threads()
-    elif args.threads < 1:
-        parser.error("--threads must be positive")
-    torch.set_num_threads(args.threads)
+    apply_threads(parser, args)
 
     started = time.perf_counter()
     path = resolve_model_path(args.model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
 import sys
 import time
@@ -72,3 +73,20 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
+    """``--model``, ``--device`` and ``--threads``, the same in every benchmark."""
+    parser.add_argument("--model", default=default_model,
+                        help=f"a bundled model name, .gguf file or HF directory (default {default_model})")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+
+
+def apply_threads(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check ``--threads`` and set torch's thread count (torch's own default when not given)."""
+    if args.threads is None:
+        args.threads = torch.get_num_threads()
+    elif args.threads < 1:
+        parser.error("--threads must be positive")
+    torch.set_num_threads(args.threads)
