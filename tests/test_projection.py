@@ -1,4 +1,4 @@
-"""Projection layouts compute x W^T + b like F.linear: the panel-packed C GEMM (CPU fp32), the
+"""Projection layouts compute x W^T + b like F.linear: the panel-packed C GEMM (CPU fp32/bf16), the
 oneDNN-packed one (CPU bf16/fp16) and the dense fallback, at every shape edge the kernels have."""
 
 from __future__ import annotations
@@ -29,6 +29,46 @@ def test_panels_match_linear(rows: int, in_features: int, out_features: int, bia
     wide = torch.randn(rows, in_features + 9, generator=g)
     view = wide[:, 3 : 3 + in_features]
     torch.testing.assert_close(proj(view), F.linear(view, w, b), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(("rows", "in_features", "out_features"), [
+    (1, 64, 96), (5, 7, 33), (13, 96, 70), (32, 130, 31), (64, 576, 960), (300, 48, 100),
+])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_panels_match_fp32_linear_then_rounding(rows: int, in_features: int, out_features: int,
+                                                     bias: bool) -> None:
+    """bf16 weights widened in registers and multiplied in fp32: the result is the fp32 product
+    of the bf16 operands, rounded once to bf16 (so within one bf16 ulp of it, not more)."""
+    if load_small_gemm() is None:
+        pytest.skip("no C compiler: the panel GEMM is unavailable")
+    g = torch.Generator().manual_seed(rows * 1000 + out_features + 7)
+    w = torch.randn(out_features, in_features, generator=g).bfloat16()
+    b = torch.randn(out_features, generator=g).bfloat16() if bias else None
+    x = torch.randn(rows, in_features, generator=g).bfloat16()
+    proj = Projection(w, b, "panels")
+    got = proj(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+    exact = F.linear(x.double(), w.double(), b.double() if b is not None else None)
+    # One rounding to bf16 (relative 2^-9) plus fp32 accumulation error over K terms.
+    tol = exact.abs() * 2.0 ** -8 + 1e-4 * in_features ** 0.5
+    assert ((got.double() - exact).abs() <= tol).all()
+    # Strided rows and an fp32 input take the same path.
+    wide = torch.randn(rows, in_features + 9, generator=g)
+    view = wide[:, 3 : 3 + in_features]
+    exact_view = F.linear(view.double(), w.double(), b.double() if b is not None else None)
+    tol_view = exact_view.abs() * 2.0 ** -8 + 1e-4 * in_features ** 0.5
+    assert ((proj(view).double() - exact_view).abs() <= tol_view).all()
+
+
+def test_bf16_panels_keep_nan_and_inf() -> None:
+    if load_small_gemm() is None:
+        pytest.skip("no C compiler: the panel GEMM is unavailable")
+    w = torch.ones(40, 8, dtype=torch.bfloat16)
+    x = torch.ones(2, 8)
+    x[0, 0] = float("nan")
+    x[1, 0] = float("inf")
+    y = Projection(w, None, "panels")(x)
+    assert torch.isnan(y[0]).all() and torch.isinf(y[1]).all()
 
 
 def test_dense_and_onednn_match_linear() -> None:

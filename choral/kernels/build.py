@@ -41,14 +41,17 @@ def load_paged_attention() -> ctypes.CDLL | None:
 
 @lru_cache(maxsize=1)
 def load_small_gemm() -> ctypes.CDLL | None:
-    """The compiled fp32 packed-weight GEMM (``small_gemm.c``), or None like the attention kernel."""
+    """The compiled packed-weight GEMM (``small_gemm.c``, fp32 and bf16 weights), or None like the
+    attention kernel."""
     lib = _compile("small_gemm")
     if lib is None:
         return None
-    lib.small_gemm_pack_f32.restype = None
-    lib.small_gemm_pack_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
-    lib.small_gemm_f32.restype = None
-    lib.small_gemm_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
+    for suffix in ("f32", "bf16"):
+        pack, gemm = getattr(lib, f"small_gemm_pack_{suffix}"), getattr(lib, f"small_gemm_{suffix}")
+        pack.restype = None
+        pack.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
+        gemm.restype = None
+        gemm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
     return lib
 
 

@@ -1,9 +1,13 @@
 """Projections (y = x W^T + b) with the weight stored the way the device's GEMM likes it.
 
-- Panel-packed (CPU fp32, when ``choral/kernels/small_gemm.c`` compiles): the weight packed once
-  into 32-column panels for our own GEMM. MKL re-packs the weight on every call, which at decode
-  batch sizes moves the weights through memory more than once per step (measured on SmolLM2's
-  projections at batch 32 with cold weights, 2 threads: 64 -> 44 ms per step; batch 8: 49 -> 28).
+- Panel-packed (CPU fp32 and bf16, when ``choral/kernels/small_gemm.c`` compiles): the weight
+  packed once into 32-column panels for our own GEMM. MKL re-packs the weight on every call,
+  which at decode batch sizes moves the weights through memory more than once per step
+  (measured on SmolLM2's projections at batch 32 with cold weights, 2 threads: 64 -> 44 ms per
+  step; batch 8: 49 -> 28). bf16 weights are widened to fp32 in registers and multiplied on the
+  fp32 FMA units: on CPUs without AMX those run twice as fast as the bf16 dot-product
+  instruction oneDNN uses (small_gemm.c says more), and the weights still move at half the bytes.
+  With AMX, bf16 stays on oneDNN, whose tile GEMM is far faster than any FMA kernel.
 - Dense: the weight kept transposed, [in, out], so ``x @ w`` reads it row-major; MKL runs that
   faster than F.linear's transposed-B GEMM at the small M of decode steps (fp32 without the
   kernel, and CUDA).
@@ -14,8 +18,8 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
+from functools import lru_cache
 
 import torch
 
@@ -42,49 +46,72 @@ def onednn_packing_works(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def panel_gemm_available(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether fp32 projections can use the panel-packed C GEMM here."""
-    return device.type == "cpu" and dtype == torch.float32 and load_small_gemm() is not None
+    """Whether projections in ``dtype`` should use the panel-packed C GEMM here.
+
+    bf16 only where the CPU lacks AMX: with AMX tiles oneDNN's bf16 GEMM runs several times the
+    fp32 FMA peak our kernel is bound by, so prefill would lose more than decode gains."""
+    if device.type != "cpu" or dtype not in _PANEL_SUFFIX or load_small_gemm() is None:
+        return False
+    return dtype == torch.float32 or not cpu_has_amx()
+
+
+@lru_cache(maxsize=1)
+def cpu_has_amx() -> bool:
+    """Whether this CPU advertises AMX bf16 tiles (Linux's /proc/cpuinfo flags; False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split()
+    except OSError:
+        pass
+    return False
 
 
 _PANEL = 32  # columns per packed panel (small_gemm.c's PANEL)
+_PANEL_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
 class Projection:
     """A frozen linear layer: ``proj(x)`` maps [T, in] -> [T, out].
 
-    ``layout`` is ``"onednn"`` (CPU bf16/fp16), ``"panels"`` (CPU fp32 with the C kernel) or
-    ``"dense"`` (anything else)."""
+    ``layout`` is ``"panels"`` (CPU fp32/bf16 with the C kernel), ``"onednn"`` (CPU bf16/fp16
+    without it) or ``"dense"`` (anything else)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layout: str):
         self.out_features, self.in_features = weight.shape
         self.bias = bias
+        self.dtype = weight.dtype
         self.layout = layout
         self.num_parameters = weight.numel() + (bias.numel() if bias is not None else 0)
-        self._lib: ctypes.CDLL | None = None
+        self._gemm = None
         if layout == "onednn":
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_BATCH_HINT)
         elif layout == "panels":
-            self._lib = load_small_gemm()
-            assert self._lib is not None, "panel layout without the compiled kernel"
+            lib = load_small_gemm()
+            assert lib is not None, "panel layout without the compiled kernel"
+            suffix = _PANEL_SUFFIX[self.dtype]
+            self._gemm = getattr(lib, f"small_gemm_{suffix}")
             w = weight.t().contiguous()  # [in, out]
             panels = -(-self.out_features // _PANEL)
-            self.weight = torch.empty(panels, self.in_features, _PANEL, dtype=torch.float32)
-            self._lib.small_gemm_pack_f32(w.data_ptr(), self.weight.data_ptr(), self.in_features,
-                                          self.out_features)
+            self.weight = torch.empty(panels, self.in_features, _PANEL, dtype=self.dtype)
+            getattr(lib, f"small_gemm_pack_{suffix}")(w.data_ptr(), self.weight.data_ptr(), self.in_features,
+                                                      self.out_features)
             if bias is not None:
                 self.bias = bias.contiguous()
         else:
             self.weight = weight.t().contiguous()  # [in, out]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._lib is not None:
+        if self._gemm is not None:
+            # The kernel reads x in fp32 (a bf16 x is widened here: M * K elements, small next
+            # to the M * K * N multiply-adds) and writes y in the weight's dtype.
             if x.dim() != 2 or x.stride(1) != 1 or x.dtype != torch.float32:
                 x = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
-            y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
-            self._lib.small_gemm_f32(x.data_ptr(), self.weight.data_ptr(),
-                                     self.bias.data_ptr() if self.bias is not None else None, y.data_ptr(),
-                                     x.shape[0], self.in_features, self.out_features, x.stride(0),
-                                     torch.get_num_threads())
+            y = torch.empty(x.shape[0], self.out_features, dtype=self.dtype)
+            self._gemm(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr() if self.bias is not None else None,
+                       y.data_ptr(), x.shape[0], self.in_features, self.out_features, x.stride(0),
+                       torch.get_num_threads())
             return y
         if self.layout == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")

@@ -46,10 +46,10 @@ class DecoderModel:
         self.final_norm: torch.Tensor
         self.lm_head: Projection
         self.layers: list[LayerWeights] = []
-        if onednn_packing_works(dtype, device):
-            self.projection_layout = "onednn"
-        elif panel_gemm_available(dtype, device):
+        if panel_gemm_available(dtype, device):
             self.projection_layout = "panels"
+        elif onednn_packing_works(dtype, device):
+            self.projection_layout = "onednn"
         else:
             self.projection_layout = "dense"
         # fp32 on the CPU: RMSNorm in one C pass (torch runs it as ~6 ops; see rms_norm.c), and
