@@ -57,26 +57,29 @@ def load_small_gemm() -> ctypes.CDLL | None:
 
 @lru_cache(maxsize=1)
 def load_rms_norm() -> ctypes.CDLL | None:
-    """The compiled fp32 RMSNorm (``rms_norm.c``), or None like the attention kernel."""
+    """The compiled RMSNorm (``rms_norm.c``, fp32 and bf16), or None like the attention kernel."""
     lib = _compile("rms_norm")
     if lib is None:
         return None
-    lib.rms_norm_f32.restype = None
-    lib.rms_norm_f32.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                 ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    for fn in (lib.rms_norm_f32, lib.rms_norm_bf16):
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_float, ctypes.c_int]
     return lib
 
 
 @lru_cache(maxsize=1)
 def load_rope_kv() -> ctypes.CDLL | None:
-    """The compiled fp32 RoPE + KV-cache store (``rope_kv.c``), or None like the attention kernel."""
+    """The compiled RoPE + KV-cache store (``rope_kv.c``, fp32 and bf16), or None like the attention
+    kernel."""
     lib = _compile("rope_kv")
     if lib is None:
         return None
-    lib.rope_kv_f32.restype = None
     pointer, integer = ctypes.c_void_p, ctypes.c_int
-    lib.rope_kv_f32.argtypes = [pointer, integer, pointer, integer, pointer, pointer, pointer, pointer, pointer,
-                                pointer, pointer, integer, integer, integer, integer, integer, integer]
+    for fn in (lib.rope_kv_f32, lib.rope_kv_bf16):
+        fn.restype = None
+        fn.argtypes = [pointer, integer, pointer, integer, pointer, pointer, pointer, pointer, pointer, pointer,
+                       pointer, integer, integer, integer, integer, integer, integer]
     return lib
 
 
@@ -88,7 +91,8 @@ def _compile(name: str) -> ctypes.CDLL | None:
     source_path = KERNEL_DIR / f"{name}.c"
     source = source_path.read_bytes()
     # -march=native ties the binary to this CPU, so the machine is part of the key.
-    key = hashlib.sha256(source + Path(__file__).read_bytes() + _cpu_flags()).hexdigest()[:16]
+    headers = b"".join(p.read_bytes() for p in sorted(KERNEL_DIR.glob("*.h")))
+    key = hashlib.sha256(source + headers + Path(__file__).read_bytes() + _cpu_flags()).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if not target.exists():
         if compiler is None:

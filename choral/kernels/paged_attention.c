@@ -21,23 +21,11 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define MAX_GROUP 16
 #define MAX_D 256
 #define MAX_BLOCK 256
-
-static inline float bf16_to_f32(uint16_t b) {
-    union { uint32_t u; float f; } x;
-    x.u = ((uint32_t)b) << 16;
-    return x.f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    union { uint32_t u; float f; } x;
-    x.f = f;
-    if ((x.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x.u >> 16) | 0x40); /* NaN */
-    x.u += 0x7fffu + ((x.u >> 16) & 1u); /* round to nearest even */
-    return (uint16_t)(x.u >> 16);
-}
 
 /* exp(x) for x <= 0 (scores minus their running max), branch-free so loops over it vectorize:
  * x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial (relative error ~2e-7), 2^n

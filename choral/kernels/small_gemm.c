@@ -20,6 +20,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define PANEL 32
 #define MR 12 /* 2 * MR accumulators + 2 weight vectors + 1 broadcast fit AVX-512's 32 registers */
 
@@ -161,12 +163,6 @@ void NAME(const float *x, const WT *packed, const WT *bias, YT *y, int M, int K,
 }
 
 static inline float f32_to_f32(float v) { return v; }
-static inline float bf16_to_f32(uint16_t b) {
-    uint32_t u = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 DEFINE_BLOCK(block_f32, float, float, LOAD_W_F32, store_row_f32)
 DEFINE_GEMM(small_gemm_f32, float, float, block_f32, f32_to_f32)

@@ -52,11 +52,13 @@ class DecoderModel:
             self.projection_layout = "onednn"
         else:
             self.projection_layout = "dense"
-        # fp32 on the CPU: RMSNorm in one C pass (torch runs it as ~6 ops; see rms_norm.c), and
-        # RoPE fused with the K/V cache store (rope_kv.c).
-        cpu_fp32 = device.type == "cpu" and dtype == torch.float32
-        self._norm_lib = load_rms_norm() if cpu_fp32 else None
-        self._rope_kv_lib = load_rope_kv() if cpu_fp32 and spec.head_dim <= 512 and spec.head_dim % 2 == 0 else None
+        # fp32 and bf16 on the CPU: RMSNorm in one C pass (torch runs it as ~6 ops; see
+        # rms_norm.c), and RoPE fused with the K/V cache store (rope_kv.c).
+        suffix = {torch.float32: "f32", torch.bfloat16: "bf16"}.get(dtype) if device.type == "cpu" else None
+        norm_lib = load_rms_norm() if suffix else None
+        rope_lib = load_rope_kv() if suffix and spec.head_dim <= 512 and spec.head_dim % 2 == 0 else None
+        self._norm_kernel = getattr(norm_lib, f"rms_norm_{suffix}") if norm_lib is not None else None
+        self._rope_kv_kernel = getattr(rope_lib, f"rope_kv_{suffix}") if rope_lib is not None else None
 
     # ---- loading -------------------------------------------------------------------------
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -144,10 +146,10 @@ class DecoderModel:
 
     # ---- forward -------------------------------------------------------------------------
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self._norm_lib is not None and x.dim() == 2 and x.stride(1) == 1:
-            out = torch.empty(x.shape, dtype=torch.float32)
-            self._norm_lib.rms_norm_f32(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), x.shape[0],
-                                        x.shape[1], self.spec.rms_norm_eps, torch.get_num_threads())
+        if self._norm_kernel is not None and x.dim() == 2 and x.stride(1) == 1:
+            out = torch.empty(x.shape, dtype=self.dtype)
+            self._norm_kernel(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1],
+                              self.spec.rms_norm_eps, torch.get_num_threads())
             return out
         # torch's RMSNorm reduces in fp32 like HF's; in fp32 it is the same math, in bf16/fp16 it
         # differs from HF only by where the last rounding falls.
@@ -158,12 +160,12 @@ class DecoderModel:
                  v_cache: torch.Tensor) -> torch.Tensor:
         """rope_kv.c: qk [T, H + KVH, D] and v [T, KVH, D] (rows strided, heads contiguous) ->
         rotated q [T, H, D]; rotated k and v go into their cache slots."""
-        assert self._rope_kv_lib is not None
+        assert self._rope_kv_kernel is not None
         spec = self.spec
         num_tokens, hd = qk.shape[0], spec.head_dim
         assert qk.stride(2) == 1 and qk.stride(1) == hd and v.stride(2) == 1 and v.stride(1) == hd
-        q = torch.empty(num_tokens, spec.num_heads, hd, dtype=torch.float32)
-        self._rope_kv_lib.rope_kv_f32(
+        q = torch.empty(num_tokens, spec.num_heads, hd, dtype=self.dtype)
+        self._rope_kv_kernel(
             qk.data_ptr(), qk.stride(0), v.data_ptr(), v.stride(0), cos.data_ptr(), sin.data_ptr(),
             kv_index[0].data_ptr(), kv_index[1].data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
             num_tokens, spec.num_heads, spec.num_kv_heads, hd, k_cache.shape[-1], torch.get_num_threads())
@@ -196,7 +198,7 @@ class DecoderModel:
             k_cache, v_cache = k_caches[i], v_caches[i]
             # Rotate q and k, and write this step's K/V first: queries then read themselves
             # through the cache.
-            if self._rope_kv_lib is not None:
+            if self._rope_kv_kernel is not None:
                 q = self._rope_kv(qk, v, cos, sin, kv_index, k_cache, v_cache)
             else:
                 qk = apply_rotary(qk, cos, sin)  # [T, H + KVH, D]

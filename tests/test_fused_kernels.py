@@ -1,0 +1,79 @@
+"""The fused C kernels next to the model's torch ops: RMSNorm (rms_norm.c) against HF's
+LlamaRMSNorm formula, and RoPE + KV-cache store (rope_kv.c) against apply_rotary + write_kv.
+In bf16 both must give the torch path's bits exactly, since they round where torch rounds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from choral.engine.attention import write_kv
+from choral.kernels.build import load_rms_norm, load_rope_kv
+from choral.models.rope import apply_rotary
+
+SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm.forward, written out."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 70])  # 70 crosses the kernel's multi-thread threshold
+def test_rms_norm_matches_hf(dtype: torch.dtype, rows: int) -> None:
+    lib = load_rms_norm()
+    if lib is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(rows)
+    wide = (torch.randn(rows, 100, generator=g) * 3).to(dtype)
+    x = wide[:, 4:94]  # row-strided input, as the model hands slices around
+    weight = torch.randn(90, generator=g).to(dtype)
+    out = torch.empty(rows, 90, dtype=dtype)
+    getattr(lib, f"rms_norm_{SUFFIX[dtype]}")(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), rows,
+                                              90, 1e-5, 2)
+    expected = hf_rms_norm(x, weight, 1e-5)
+    if dtype == torch.bfloat16:
+        # 1/sqrt vs rsqrt may differ in fp32's last bit, which can move a bf16 rounding by one ulp.
+        diff = (out.float() - expected.float()).abs()
+        assert (diff <= expected.float().abs() * 2.0**-7).all()
+        assert (out == expected).float().mean() > 0.99
+    else:
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 5, 66])
+def test_rope_kv_matches_torch_ops(dtype: torch.dtype, tokens: int) -> None:
+    lib = load_rope_kv()
+    if lib is None:
+        pytest.skip("no C compiler")
+    heads, kv_heads, dim, block_size, num_blocks = 6, 2, 32, 16, 12
+    g = torch.Generator().manual_seed(tokens)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g).to(dtype)
+    qk = qkv[:, : (heads + kv_heads) * dim].view(tokens, heads + kv_heads, dim)
+    v = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
+    angles = torch.rand(tokens, 1, dim, generator=g) * 6.28
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:tokens]
+    blocks, offsets = slots // block_size, slots % block_size
+
+    k_ref = torch.zeros(num_blocks, kv_heads, dim, block_size, dtype=dtype)
+    v_ref = torch.zeros(num_blocks, block_size, kv_heads, dim, dtype=dtype)
+    rotated = apply_rotary(qk, cos, sin)
+    write_kv(k_ref, v_ref, blocks, offsets, rotated[:, heads:], v)
+
+    k_cache, v_cache = torch.zeros_like(k_ref), torch.zeros_like(v_ref)
+    q = torch.empty(tokens, heads, dim, dtype=dtype)
+    getattr(lib, f"rope_kv_{SUFFIX[dtype]}")(
+        qk.data_ptr(), qk.stride(0), v.data_ptr(), v.stride(0), cos.data_ptr(), sin.data_ptr(), blocks.data_ptr(),
+        offsets.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tokens, heads, kv_heads, dim,
+        block_size, 2)
+    if dtype == torch.bfloat16:
+        assert torch.equal(q, rotated[:, :heads]) and torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    else:
+        torch.testing.assert_close(q, rotated[:, :heads], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(k_cache, k_ref, rtol=1e-6, atol=1e-6)
+        assert torch.equal(v_cache, v_ref)
