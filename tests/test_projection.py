@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from choral.kernels.build import load_small_gemm
-from choral.models.linear import Projection, onednn_packing_works
+from choral.models.linear import Projection, choose_layout, onednn_packing_works
 
 
 @pytest.mark.parametrize(("rows", "in_features", "out_features"), [
@@ -78,3 +78,15 @@ def test_dense_and_onednn_match_linear() -> None:
     if onednn_packing_works(torch.bfloat16, torch.device("cpu")):
         got = Projection(w.bfloat16(), b.bfloat16(), "onednn")(x.bfloat16()).float()
         assert (got - F.linear(x, w, b)).abs().max() < 0.1
+
+
+def test_layout_choice() -> None:
+    cpu = torch.device("cpu")
+    kernel = load_small_gemm() is not None
+    assert choose_layout(torch.float32, cpu) == ("panels" if kernel else "dense")
+    bf16 = choose_layout(torch.bfloat16, cpu)
+    onednn = onednn_packing_works(torch.bfloat16, cpu)
+    # bf16 is timed between the two packed layouts when both exist; otherwise the one that does.
+    assert bf16 in ({"panels", "onednn"} if kernel and onednn else {"panels"} if kernel else
+                    {"onednn"} if onednn else {"dense"})
+    assert choose_layout(torch.float32, torch.device("meta")) == "dense"

@@ -8,8 +8,10 @@
  * Layout (bf16): packed[p][k][i] for i < 16 is one 32-bit word holding W[k][32 p + i] in its low
  * half and W[k][32 p + 16 + i] in its high half. A shift and a mask turn the word vector into the
  * panel row's two fp32 vectors (bf16 is the top half of an fp32), so the bf16 kernel runs on fp32
- * FMAs with x given in fp32: on CPUs without AMX, vdpbf16ps has half the FMA units' throughput
- * (measured here: 157 vs 339 GFLOP/s on 2 cores), while the weights still move at half the bytes.
+ * FMAs with x given in fp32. Where vdpbf16ps runs at half the FMA units' throughput (an Intel
+ * AVX-512 VM without AMX: 157 vs 339 GFLOP/s on 2 cores) this is ~2x oneDNN, and the weights
+ * still move at half the bytes; where bf16 dot products are full rate (AMX, AMD Zen 4: oneDNN
+ * 420 vs 200 GFLOP/s here) oneDNN wins. choral/models/linear.py times both and picks.
  * Products of bf16 values are exact in fp32 and sums accumulate in fp32, as oneDNN's do; the
  * bf16 output is rounded to nearest even.
  * Each thread takes a contiguous run of panels (static schedule); within a panel, rows go in

@@ -5,9 +5,10 @@
   which at decode batch sizes moves the weights through memory more than once per step
   (measured on SmolLM2's projections at batch 32 with cold weights, 2 threads: 64 -> 44 ms per
   step; batch 8: 49 -> 28). bf16 weights are widened to fp32 in registers and multiplied on the
-  fp32 FMA units: on CPUs without AMX those run twice as fast as the bf16 dot-product
-  instruction oneDNN uses (small_gemm.c says more), and the weights still move at half the bytes.
-  With AMX, bf16 stays on oneDNN, whose tile GEMM is far faster than any FMA kernel.
+  fp32 FMA units: on CPUs whose bf16 dot product is half rate (Intel without AMX) those run
+  twice as fast as the instruction oneDNN uses (small_gemm.c says more), while moving half the
+  weight bytes. Where bf16 dot products are full rate (AMX, AMD Zen 4) oneDNN is ~2x faster;
+  ``choose_layout`` times both once and takes the faster.
 - Dense: the weight kept transposed, [in, out], so ``x @ w`` reads it row-major; MKL runs that
   faster than F.linear's transposed-B GEMM at the small M of decode steps (fp32 without the
   kernel, and CUDA).
@@ -19,6 +20,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from functools import lru_cache
 
 import torch
@@ -46,26 +48,44 @@ def onednn_packing_works(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def panel_gemm_available(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether projections in ``dtype`` should use the panel-packed C GEMM here.
+    """Whether projections in ``dtype`` can use the panel-packed C GEMM here."""
+    return device.type == "cpu" and dtype in _PANEL_SUFFIX and load_small_gemm() is not None
 
-    bf16 only where the CPU lacks AMX: with AMX tiles oneDNN's bf16 GEMM runs several times the
-    fp32 FMA peak our kernel is bound by, so prefill would lose more than decode gains."""
-    if device.type != "cpu" or dtype not in _PANEL_SUFFIX or load_small_gemm() is None:
-        return False
-    return dtype == torch.float32 or not cpu_has_amx()
+
+def choose_layout(dtype: torch.dtype, device: torch.device) -> str:
+    """The projection layout for a model in ``dtype`` on ``device``.
+
+    fp32 on the CPU: panels. bf16 on the CPU: whichever of panels and oneDNN is faster on this
+    CPU, timed once per process (``_bf16_panels_win``): on CPUs with full-rate bf16 dot products
+    (AMX tiles, or AMD Zen 4's vdpbf16ps) oneDNN runs ~2x our fp32-FMA kernel; on CPUs whose
+    bf16 dot product is half rate, the panels win by as much."""
+    panels, onednn = panel_gemm_available(dtype, device), onednn_packing_works(dtype, device)
+    if panels and onednn:
+        return "panels" if _bf16_panels_win() else "onednn"
+    return "panels" if panels else "onednn" if onednn else "dense"
 
 
 @lru_cache(maxsize=1)
-def cpu_has_amx() -> bool:
-    """Whether this CPU advertises AMX bf16 tiles (Linux's /proc/cpuinfo flags; False elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "amx_bf16" in line.split()
-    except OSError:
-        pass
-    return False
+def _bf16_panels_win() -> bool:
+    """Time both bf16 layouts on a decode-sized product ([64, 512] x [512, 1024], ~67 MFLOP, a
+    few ms in all) and say whether the panels were faster. Best of 5 after a warm-up, so a busy
+    moment on the machine does not decide it."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1024, 512, generator=g).bfloat16()
+    x = torch.randn(64, 512, generator=g).bfloat16()
+    best = {}
+    for layout in ("panels", "onednn"):
+        proj = Projection(w, None, layout)
+        proj(x)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            proj(x)
+            times.append(time.perf_counter() - t0)
+        best[layout] = min(times)
+    logger.info("bf16 projections: panels %.2f ms, oneDNN %.2f ms per [64, 512] x [512, 1024]",
+                best["panels"] * 1e3, best["onednn"] * 1e3)
+    return best["panels"] < best["onednn"]
 
 
 _PANEL = 32  # columns per packed panel (small_gemm.c's PANEL)

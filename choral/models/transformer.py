@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from choral.engine.attention import AttentionBackend, write_kv
 from choral.errors import ModelLoadError
 from choral.kernels.build import load_rms_norm, load_rope_kv
-from choral.models.linear import Projection, onednn_packing_works, panel_gemm_available
+from choral.models.linear import Projection, choose_layout
 from choral.models.rope import RotaryTable, apply_rotary
 from choral.models.spec import ModelSpec
 
@@ -46,12 +46,7 @@ class DecoderModel:
         self.final_norm: torch.Tensor
         self.lm_head: Projection
         self.layers: list[LayerWeights] = []
-        if panel_gemm_available(dtype, device):
-            self.projection_layout = "panels"
-        elif onednn_packing_works(dtype, device):
-            self.projection_layout = "onednn"
-        else:
-            self.projection_layout = "dense"
+        self.projection_layout = choose_layout(dtype, device)
         # fp32 and bf16 on the CPU: RMSNorm in one C pass (torch runs it as ~6 ops; see
         # rms_norm.c), and RoPE fused with the K/V cache store (rope_kv.c).
         suffix = {torch.float32: "f32", torch.bfloat16: "bf16"}.get(dtype) if device.type == "cpu" else None
