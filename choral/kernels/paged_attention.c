@@ -23,6 +23,10 @@
 
 #include "bf16.h"
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 #define MAX_GROUP 16
 #define MAX_D 256
 #define MAX_BLOCK 256
@@ -118,8 +122,14 @@ typedef _Float16 f16x16 __attribute__((vector_size(32)));
 
 static inline f32x16 loadv_f32(const float *p) { f32x16 v; __builtin_memcpy(&v, p, 64); return v; }
 static inline f32x16 loadv_bf16(const uint16_t *p) {
+#ifdef __AVX512F__
+    /* One vpmovzxwd from memory; gcc splits the generic conversion into 256-bit pieces when it
+     * prefers 256-bit vectors (znver4), tripling the instructions of the inner loops. */
+    return (f32x16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+#else
     u16x16 h; __builtin_memcpy(&h, p, 32);
     return (f32x16)(__builtin_convertvector(h, u32x16) << 16);
+#endif
 }
 static inline f32x16 loadv_f16(const _Float16 *p) {
     f16x16 h; __builtin_memcpy(&h, p, 32);
@@ -146,7 +156,6 @@ static inline f32x16 expv_nonpos(f32x16 x) {
 }
 
 #ifdef __AVX512F__
-#include <immintrin.h>
 static inline float hmax16(f32x16 v) { return _mm512_reduce_max_ps((__m512)v); }
 static inline float hsum16(f32x16 v) { return _mm512_reduce_add_ps((__m512)v); }
 #else
@@ -154,6 +163,14 @@ static inline float hmax16(f32x16 v) { float m = v[0]; for (int i = 1; i < 16; i
 static inline float hsum16(f32x16 v) { float s = 0.f; for (int i = 0; i < 16; i++) s += v[i]; return s; }
 #endif
 
+/* One query token against its keys, for a run of KV heads [kh0, kh1) at once: block by block,
+ * every head of the run reads its slice of the block before the next block. A block holds all
+ * KV heads side by side (K: KVH * D * BS contiguous elements, V: BS rows of KVH * D), so reading
+ * the whole run per block walks contiguous memory the hardware prefetchers follow; walking one
+ * head through all blocks first (the old order) touched every block KVH times, a third of each
+ * V row at a time (b64 x 350 context, 30 layers of SmolLM2, 2 threads: fp32 83 -> 62 ms, bf16
+ * 68 -> 57 ms). The next block's span is also prefetched while this one computes, since a
+ * sequence's blocks are scattered in the pool. */
 #define DEFINE_FAST(NAME, T_ELEM, LOAD, LOADV, STORE)                                              \
 static void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int32_t *block_tables, \
                  int max_blocks, const int32_t *tok_seq, const int32_t *tok_limit, int n_tokens,   \
@@ -164,79 +181,86 @@ static void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int3
     const int nv = head_dim / 16; /* vectors per head row */                                       \
     const long k_block = (long)n_kv_heads * head_dim * BS;                                         \
     const long v_row = (long)n_kv_heads * head_dim;                                                \
+    int run = (MAX_GROUP * MAX_D) / (group * head_dim); /* KV heads whose state fits the arrays */ \
+    if (run > n_kv_heads) run = n_kv_heads;                                                        \
+    const int n_runs = (n_kv_heads + run - 1) / run;                                               \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(n_threads)")                        \
-    for (int t = 0; t < n_tokens; t++) {                                                           \
-        for (int kh = 0; kh < n_kv_heads; kh++) {                                                  \
-            float qf[MAX_GROUP][MAX_D] __attribute__((aligned(64)));                               \
-            f32x16 acc[MAX_GROUP][MAX_D / 16];                                                     \
-            float m[MAX_GROUP], l[MAX_GROUP];                                                      \
-            const int32_t *bt = block_tables + (long)tok_seq[t] * max_blocks;                      \
-            const int limit = tok_limit[t];                                                        \
-            int start = 0;                                                                         \
-            if (window > 0 && limit > window) start = limit - window;                              \
-            for (int g = 0; g < group; g++) {                                                      \
-                const T_ELEM *qr = q + ((long)t * n_heads + kh * group + g) * head_dim;            \
-                for (int d = 0; d < head_dim; d++) qf[g][d] = LOAD(qr[d]) * scale;                 \
-                for (int j = 0; j < nv; j++) acc[g][j] = (f32x16){0};                              \
-                m[g] = -INFINITY; l[g] = 0.f;                                                      \
+    for (int job = 0; job < n_tokens * n_runs; job++) {                                            \
+        const int t = job / n_runs, kh0 = (job % n_runs) * run;                                    \
+        const int kh1 = kh0 + run < n_kv_heads ? kh0 + run : n_kv_heads;                           \
+        const int nh = (kh1 - kh0) * group; /* query heads of this run */                          \
+        float qf[MAX_GROUP * MAX_D] __attribute__((aligned(64))); /* [nh][head_dim], scaled */     \
+        f32x16 acc[MAX_GROUP * MAX_D / 16];                       /* [nh][nv] */                   \
+        float m[MAX_GROUP * MAX_D / 16], l[MAX_GROUP * MAX_D / 16];                                \
+        const int32_t *bt = block_tables + (long)tok_seq[t] * max_blocks;                          \
+        const int limit = tok_limit[t];                                                            \
+        int start = 0;                                                                             \
+        if (window > 0 && limit > window) start = limit - window;                                  \
+        for (int h = 0; h < nh; h++) {                                                             \
+            const T_ELEM *qr = q + ((long)t * n_heads + kh0 * group + h) * head_dim;               \
+            for (int d = 0; d < head_dim; d++) qf[h * head_dim + d] = LOAD(qr[d]) * scale;         \
+            for (int j = 0; j < nv; j++) acc[h * nv + j] = (f32x16){0};                            \
+            m[h] = -INFINITY; l[h] = 0.f;                                                          \
+        }                                                                                          \
+        const int head_elems = head_dim * BS;      /* one head's keys in a block */                \
+        const int run_bytes = (kh1 - kh0) * head_dim * (int)sizeof(T_ELEM); /* one V row's span */ \
+        for (int b = start / BS; b * BS < limit; b++) {                                            \
+            const int c0 = b * BS < start ? start - b * BS : 0;                                    \
+            const int c1 = (b + 1) * BS > limit ? limit - b * BS : BS;                             \
+            const T_ELEM *kblk = kc + (long)bt[b] * k_block;                                       \
+            const T_ELEM *vblk = vc + (long)bt[b] * BS * v_row;                                    \
+            if ((b + 1) * BS < limit) {                                                            \
+                /* Ask for the next block's span (K: contiguous; V: one span per row). */          \
+                const char *kn = (const char *)(kc + (long)bt[b + 1] * k_block + (long)kh0 * head_elems); \
+                const char *vn = (const char *)(vc + (long)bt[b + 1] * BS * v_row + (long)kh0 * head_dim); \
+                for (int off = 0; off < run_bytes * BS; off += 64) __builtin_prefetch(kn + off, 0, 2); \
+                for (int c = 0; c < BS; c++)                                                       \
+                    for (int off = 0; off < run_bytes; off += 64)                                  \
+                        __builtin_prefetch(vn + (long)c * v_row * sizeof(T_ELEM) + off, 0, 2);     \
             }                                                                                      \
-            for (int b = start / BS; b * BS < limit; b++) {                                        \
-                const int c0 = b * BS < start ? start - b * BS : 0;                                \
-                const int c1 = (b + 1) * BS > limit ? limit - b * BS : BS;                         \
-                const T_ELEM *kb = kc + (long)bt[b] * k_block + (long)kh * head_dim * BS;          \
-                const T_ELEM *vb = vc + (long)bt[b] * BS * v_row + (long)kh * head_dim;            \
-                if ((b + 1) * BS < limit) {                                                        \
-                    /* The next block comes from DRAM: ask for it while this one computes. */      \
-                    const char *kn = (const char *)(kc + (long)bt[b + 1] * k_block                 \
-                                                    + (long)kh * head_dim * BS);                   \
-                    const char *vn = (const char *)(vc + (long)bt[b + 1] * BS * v_row              \
-                                                    + (long)kh * head_dim);                        \
-                    const int row_bytes = head_dim * (int)sizeof(T_ELEM);                          \
-                    for (int off = 0; off < row_bytes * BS; off += 64) __builtin_prefetch(kn + off); \
-                    for (int c = 0; c < BS; c++)                                                   \
-                        for (int off = 0; off < row_bytes; off += 64)                              \
-                            __builtin_prefetch(vn + (long)c * v_row * sizeof(T_ELEM) + off);       \
+            f32x16 lane_ok = {0}; /* -inf on keys outside [c0, c1): partial first/last block */    \
+            if (c0 > 0 || c1 < BS)                                                                 \
+                for (int c = 0; c < 16; c++) lane_ok[c] = (c >= c0 && c < c1) ? 0.f : -INFINITY;   \
+            for (int h = 0; h < nh; h++) {                                                         \
+                const int kh = kh0 + h / group;                                                    \
+                const T_ELEM *kb = kblk + (long)kh * head_elems;                                   \
+                const T_ELEM *vb = vblk + (long)kh * head_dim;                                     \
+                const float *qg = qf + h * head_dim;                                               \
+                f32x16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};                                     \
+                for (int d = 0; d < head_dim; d += 4) {                                            \
+                    s0 += qg[d] * LOADV(kb + (long)d * BS);                                        \
+                    s1 += qg[d + 1] * LOADV(kb + (long)(d + 1) * BS);                              \
+                    s2 += qg[d + 2] * LOADV(kb + (long)(d + 2) * BS);                              \
+                    s3 += qg[d + 3] * LOADV(kb + (long)(d + 3) * BS);                              \
                 }                                                                                  \
-                f32x16 lane_ok = {0}; /* -inf on keys outside [c0, c1): partial first/last block */ \
-                if (c0 > 0 || c1 < BS)                                                             \
-                    for (int c = 0; c < 16; c++) lane_ok[c] = (c >= c0 && c < c1) ? 0.f : -INFINITY; \
-                for (int g = 0; g < group; g++) {                                                  \
-                    const float *qg = qf[g];                                                       \
-                    f32x16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};                                 \
-                    for (int d = 0; d < head_dim; d += 4) {                                        \
-                        s0 += qg[d] * LOADV(kb + (long)d * BS);                                    \
-                        s1 += qg[d + 1] * LOADV(kb + (long)(d + 1) * BS);                          \
-                        s2 += qg[d + 2] * LOADV(kb + (long)(d + 2) * BS);                          \
-                        s3 += qg[d + 3] * LOADV(kb + (long)(d + 3) * BS);                          \
+                const f32x16 sc = (s0 + s1) + (s2 + s3) + lane_ok;                                 \
+                const float bmax = hmax16(sc);                                                     \
+                const float cmax = bmax > m[h] ? bmax : m[h];                                      \
+                const f32x16 e = expv_nonpos(sc - cmax);                                           \
+                const float corr = exp_nonpos(m[h] - cmax);                                        \
+                l[h] = l[h] * corr + hsum16(e);                                                    \
+                m[h] = cmax;                                                                       \
+                f32x16 *ah = acc + h * nv;                                                         \
+                for (int j = 0; j < nv; j += 4) {                                                  \
+                    f32x16 a0 = ah[j] * corr, a1 = ah[j + 1] * corr;                               \
+                    f32x16 a2 = ah[j + 2] * corr, a3 = ah[j + 3] * corr;                           \
+                    for (int c = c0; c < c1; c++) {                                                \
+                        const T_ELEM *vr = vb + (long)c * v_row + j * 16;                          \
+                        const float p = e[c];                                                      \
+                        a0 += p * LOADV(vr);                                                       \
+                        a1 += p * LOADV(vr + 16);                                                  \
+                        a2 += p * LOADV(vr + 32);                                                  \
+                        a3 += p * LOADV(vr + 48);                                                  \
                     }                                                                              \
-                    const f32x16 sc = (s0 + s1) + (s2 + s3) + lane_ok;                             \
-                    const float bmax = hmax16(sc);                                                 \
-                    const float cmax = bmax > m[g] ? bmax : m[g];                                  \
-                    const f32x16 e = expv_nonpos(sc - cmax);                                       \
-                    const float corr = exp_nonpos(m[g] - cmax);                                    \
-                    l[g] = l[g] * corr + hsum16(e);                                                \
-                    m[g] = cmax;                                                                   \
-                    for (int j = 0; j < nv; j += 4) {                                              \
-                        f32x16 a0 = acc[g][j] * corr, a1 = acc[g][j + 1] * corr;                   \
-                        f32x16 a2 = acc[g][j + 2] * corr, a3 = acc[g][j + 3] * corr;               \
-                        for (int c = c0; c < c1; c++) {                                            \
-                            const T_ELEM *vr = vb + (long)c * v_row + j * 16;                      \
-                            const float p = e[c];                                                  \
-                            a0 += p * LOADV(vr);                                                   \
-                            a1 += p * LOADV(vr + 16);                                              \
-                            a2 += p * LOADV(vr + 32);                                              \
-                            a3 += p * LOADV(vr + 48);                                              \
-                        }                                                                          \
-                        acc[g][j] = a0; acc[g][j + 1] = a1; acc[g][j + 2] = a2; acc[g][j + 3] = a3; \
-                    }                                                                              \
+                    ah[j] = a0; ah[j + 1] = a1; ah[j + 2] = a2; ah[j + 3] = a3;                    \
                 }                                                                                  \
             }                                                                                      \
-            for (int g = 0; g < group; g++) {                                                      \
-                T_ELEM *orow = out + ((long)t * n_heads + kh * group + g) * head_dim;              \
-                const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;                                   \
-                for (int j = 0; j < nv; j++)                                                       \
-                    for (int i = 0; i < 16; i++) orow[j * 16 + i] = STORE(acc[g][j][i] * inv);     \
-            }                                                                                      \
+        }                                                                                          \
+        for (int h = 0; h < nh; h++) {                                                             \
+            T_ELEM *orow = out + ((long)t * n_heads + kh0 * group + h) * head_dim;                 \
+            const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;                                       \
+            for (int j = 0; j < nv; j++)                                                           \
+                for (int i = 0; i < 16; i++) orow[j * 16 + i] = STORE(acc[h * nv + j][i] * inv);   \
         }                                                                                          \
     }                                                                                              \
 }
