@@ -24,8 +24,23 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 @pytest.mark.parametrize(("block_size", "head_dim"), [(16, 64), (16, 128), (8, 64), (16, 32), (5, 16)])
 @pytest.mark.parametrize("window", [None, 7])
 def test_kernel_matches_torch(dtype: torch.dtype, block_size: int, head_dim: int, window: int | None) -> None:
-    g = torch.Generator().manual_seed(block_size * 1000 + head_dim)
-    heads, kv_heads, num_blocks = 6, 2, 64
+    check_kernel(dtype, block_size, head_dim, window, heads=6, kv_heads=2)
+
+
+# The fast path takes a KV head's query heads 4 at a time (a remainder of 1-3), and splits the KV
+# heads into runs when their query state passes 16 heads x 256 dims.
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [
+    (4, 4, 64), (8, 4, 64), (8, 2, 64), (10, 2, 64), (7, 1, 64), (16, 2, 128), (32, 2, 256), (48, 3, 128),
+])
+def test_kernel_head_groupings(heads: int, kv_heads: int, head_dim: int) -> None:
+    for dtype in (torch.float32, torch.bfloat16):
+        check_kernel(dtype, 16, head_dim, None, heads=heads, kv_heads=kv_heads)
+
+
+def check_kernel(dtype: torch.dtype, block_size: int, head_dim: int, window: int | None, heads: int,
+                 kv_heads: int) -> None:
+    g = torch.Generator().manual_seed(block_size * 1000 + head_dim + heads)
+    num_blocks = 64
     k_shape, v_shape = kv_cache_shapes(num_blocks, block_size, kv_heads, head_dim)
     k_cache = torch.zeros(k_shape, dtype=dtype)
     v_cache = torch.zeros(v_shape, dtype=dtype)

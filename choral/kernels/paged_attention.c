@@ -172,6 +172,50 @@ static inline float hsum16(f32x16 v) { float s = 0.f; for (int i = 0; i < 16; i+
  * 68 -> 57 ms). The next block's span is also prefetched while this one computes, since a
  * sequence's blocks are scattered in the pool. */
 #define DEFINE_FAST(NAME, T_ELEM, LOAD, LOADV, STORE)                                              \
+/* HG query heads sharing one KV head, against one block: each key and value vector is loaded   \
+ * (and widened) once for all HG heads, and the HG heads' FMA chains run side by side. HG is a   \
+ * constant after inlining, so the score and output accumulators stay in registers. */           \
+static inline __attribute__((always_inline)) void NAME##_heads(                                   \
+        const float *qf, f32x16 *acc, float *m, float *l, const T_ELEM *kb, const T_ELEM *vb,      \
+        long v_row, int head_dim, int c0, int c1, f32x16 lane_ok, const int HG) {                 \
+    const int BS = 16, nv = head_dim / 16;                                                         \
+    const int NCH = HG == 1 ? 4 : 2; /* independent score chains per head */                      \
+    f32x16 s[4][4];                                                                                \
+    for (int g = 0; g < HG; g++)                                                                   \
+        for (int i = 0; i < NCH; i++) s[g][i] = (f32x16){0};                                       \
+    for (int d = 0; d < head_dim; d += NCH)                                                        \
+        for (int i = 0; i < NCH; i++) {                                                            \
+            const f32x16 k = LOADV(kb + (long)(d + i) * BS);                                       \
+            for (int g = 0; g < HG; g++) s[g][i] += qf[g * head_dim + d + i] * k;                  \
+        }                                                                                          \
+    f32x16 e[4];                                                                                   \
+    float corr[4];                                                                                 \
+    for (int g = 0; g < HG; g++) {                                                                 \
+        f32x16 sc = s[g][0] + lane_ok;                                                             \
+        for (int i = 1; i < NCH; i++) sc += s[g][i];                                               \
+        const float bmax = hmax16(sc);                                                             \
+        const float cmax = bmax > m[g] ? bmax : m[g];                                              \
+        e[g] = expv_nonpos(sc - cmax);                                                             \
+        corr[g] = exp_nonpos(m[g] - cmax);                                                         \
+        l[g] = l[g] * corr[g] + hsum16(e[g]);                                                      \
+        m[g] = cmax;                                                                               \
+    }                                                                                              \
+    for (int j = 0; j < nv; j += 4) {                                                              \
+        f32x16 a[4][4];                                                                            \
+        for (int g = 0; g < HG; g++)                                                               \
+            for (int i = 0; i < 4; i++) a[g][i] = acc[g * nv + j + i] * corr[g];                   \
+        for (int c = c0; c < c1; c++) {                                                            \
+            const T_ELEM *vr = vb + (long)c * v_row + j * 16;                                      \
+            const f32x16 v0 = LOADV(vr), v1 = LOADV(vr + 16), v2 = LOADV(vr + 32), v3 = LOADV(vr + 48); \
+            for (int g = 0; g < HG; g++) {                                                         \
+                const float p = e[g][c];                                                           \
+                a[g][0] += p * v0; a[g][1] += p * v1; a[g][2] += p * v2; a[g][3] += p * v3;        \
+            }                                                                                      \
+        }                                                                                          \
+        for (int g = 0; g < HG; g++)                                                               \
+            for (int i = 0; i < 4; i++) acc[g * nv + j + i] = a[g][i];                             \
+    }                                                                                              \
+}                                                                                                  \
 static void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int32_t *block_tables, \
                  int max_blocks, const int32_t *tok_seq, const int32_t *tok_limit, int n_tokens,   \
                  int n_heads, int n_kv_heads, int head_dim, int window, float scale,               \
@@ -221,38 +265,19 @@ static void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int3
             f32x16 lane_ok = {0}; /* -inf on keys outside [c0, c1): partial first/last block */    \
             if (c0 > 0 || c1 < BS)                                                                 \
                 for (int c = 0; c < 16; c++) lane_ok[c] = (c >= c0 && c < c1) ? 0.f : -INFINITY;   \
-            for (int h = 0; h < nh; h++) {                                                         \
-                const int kh = kh0 + h / group;                                                    \
+            for (int kh = kh0; kh < kh1; kh++) {                                                   \
                 const T_ELEM *kb = kblk + (long)kh * head_elems;                                   \
                 const T_ELEM *vb = vblk + (long)kh * head_dim;                                     \
-                const float *qg = qf + h * head_dim;                                               \
-                f32x16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};                                     \
-                for (int d = 0; d < head_dim; d += 4) {                                            \
-                    s0 += qg[d] * LOADV(kb + (long)d * BS);                                        \
-                    s1 += qg[d + 1] * LOADV(kb + (long)(d + 1) * BS);                              \
-                    s2 += qg[d + 2] * LOADV(kb + (long)(d + 2) * BS);                              \
-                    s3 += qg[d + 3] * LOADV(kb + (long)(d + 3) * BS);                              \
-                }                                                                                  \
-                const f32x16 sc = (s0 + s1) + (s2 + s3) + lane_ok;                                 \
-                const float bmax = hmax16(sc);                                                     \
-                const float cmax = bmax > m[h] ? bmax : m[h];                                      \
-                const f32x16 e = expv_nonpos(sc - cmax);                                           \
-                const float corr = exp_nonpos(m[h] - cmax);                                        \
-                l[h] = l[h] * corr + hsum16(e);                                                    \
-                m[h] = cmax;                                                                       \
-                f32x16 *ah = acc + h * nv;                                                         \
-                for (int j = 0; j < nv; j += 4) {                                                  \
-                    f32x16 a0 = ah[j] * corr, a1 = ah[j + 1] * corr;                               \
-                    f32x16 a2 = ah[j + 2] * corr, a3 = ah[j + 3] * corr;                           \
-                    for (int c = c0; c < c1; c++) {                                                \
-                        const T_ELEM *vr = vb + (long)c * v_row + j * 16;                          \
-                        const float p = e[c];                                                      \
-                        a0 += p * LOADV(vr);                                                       \
-                        a1 += p * LOADV(vr + 16);                                                  \
-                        a2 += p * LOADV(vr + 32);                                                  \
-                        a3 += p * LOADV(vr + 48);                                                  \
+                for (int g0 = 0; g0 < group; g0 += 4) {                                            \
+                    const int h = (kh - kh0) * group + g0;                                         \
+                    const float *qh = qf + h * head_dim;                                           \
+                    f32x16 *ah = acc + h * nv;                                                     \
+                    switch (group - g0 < 4 ? group - g0 : 4) {                                     \
+                    case 1: NAME##_heads(qh, ah, m + h, l + h, kb, vb, v_row, head_dim, c0, c1, lane_ok, 1); break; \
+                    case 2: NAME##_heads(qh, ah, m + h, l + h, kb, vb, v_row, head_dim, c0, c1, lane_ok, 2); break; \
+                    case 3: NAME##_heads(qh, ah, m + h, l + h, kb, vb, v_row, head_dim, c0, c1, lane_ok, 3); break; \
+                    default: NAME##_heads(qh, ah, m + h, l + h, kb, vb, v_row, head_dim, c0, c1, lane_ok, 4); \
                     }                                                                              \
-                    ah[j] = a0; ah[j + 1] = a1; ah[j + 2] = a2; ah[j + 3] = a3;                    \
                 }                                                                                  \
             }                                                                                      \
         }                                                                                          \
