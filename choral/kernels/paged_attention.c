@@ -112,8 +112,9 @@ static void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int3
 }
 
 /* ---- Fast path: block_size 16, head_dim a multiple of 64 (the common case) -------------------
- * GCC vector types make the accumulators registers: scores use 4 independent FMA chains over d,
- * P @ V keeps 4 output vectors in registers across the block's 16 keys. */
+ * GCC vector types make the accumulators registers: up to 4 query heads of one KV head go
+ * together, each with 2-4 independent score chains over d, and P @ V keeps 4 output vectors per
+ * head in registers across the block's 16 keys. */
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
