@@ -1,5 +1,5 @@
 """The C kernel against the torch reference backend on random caches: every dtype, the fast
-(block 16, head_dim % 64 == 0) and generic paths, windows, GQA, mixed query runs."""
+(block 16, head_dim % 64 == 0) and generic paths, windows, GQA, mixed decodes and prompt chunks."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ def check_kernel(dtype: torch.dtype, block_size: int, head_dim: int, window: int
     k_shape, v_shape = kv_cache_shapes(num_blocks, block_size, kv_heads, head_dim)
     k_cache = torch.zeros(k_shape, dtype=dtype)
     v_cache = torch.zeros(v_shape, dtype=dtype)
-    # Sequences: (tokens already cached, new query tokens). Short runs go to the kernel.
-    seqs = [(0, 1), (37, 1), (3, 9), (20, 16), (50, 1)]
+    # Sequences: (tokens already cached, new query tokens): decodes and prompt chunks.
+    seqs = [(0, 1), (37, 1), (3, 9), (20, 16), (50, 1), (6, 40)]
     perm = torch.randperm(num_blocks, generator=g).tolist()
     tables, starts, lens, ctx = [], [], [], []
     cursor = 0

@@ -190,19 +190,19 @@ _KERNELS = {
 
 
 class CpuKernelAttention:
-    """The C kernel for short query runs (decodes, small chunks): each query token reads its own
-    keys through the block table, once. Long prompt chunks go to torch's flash attention, which
-    is faster there (a chunk of n queries reuses every key n times)."""
+    """The C kernel for every query run, decodes and prompt chunks alike: each query token reads
+    its own keys through the block table. Prompt chunks were once sent to torch's flash
+    attention, but the kernel (which shares each K/V load among a KV head's query heads) beat it
+    at every chunk length measured: one 512-token prompt's attention over 30 layers, fp32
+    167 -> 111 ms, bf16 176 -> 86 ms; a 2048-token one 2.43 -> 1.91 s; 4 x 128 tokens 90 -> 33 ms."""
 
     MAX_GROUP = 16
     MAX_HEAD_DIM = 256
     MAX_BLOCK = 256
-    LONG_CHUNK = 16  # query runs longer than this use the torch path
 
     def __init__(self, lib: ctypes.CDLL, num_threads: int):
         self.lib = lib
         self.num_threads = num_threads
-        self.long = TorchPagedAttention()
 
     @classmethod
     def supports(cls, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -216,23 +216,20 @@ class CpuKernelAttention:
         )
 
     def prepare(self, layout: AttentionLayout, device: torch.device) -> None:
-        short = [i for i, n in enumerate(layout.query_len) if n <= self.LONG_CHUNK]
-        long = [i for i, n in enumerate(layout.query_len) if n > self.LONG_CHUNK]
-        self.has_long = bool(long)
-        if long:
-            self.long.prepare(_subset(layout, long), device)
+        # Per query token: its sequence's row in the block tables, and how many cached tokens it
+        # sees (causal: its own position + 1). Query rows are the batch's rows in order.
         seq_of_token: list[int] = []
         limit_of_token: list[int] = []
         rows: list[int] = []
-        for row, i in enumerate(short):
-            n, ctx_len, start = layout.query_len[i], layout.context_len[i], layout.query_start[i]
+        for row, (start, n, ctx_len) in enumerate(
+                zip(layout.query_start, layout.query_len, layout.context_len, strict=True)):
             seq_of_token.extend([row] * n)
             limit_of_token.extend(range(ctx_len - n + 1, ctx_len + 1))
             rows.extend(range(start, start + n))
-        self.num_short = len(rows)
-        self.all_short = not long
-        self.short_rows = torch.tensor(rows, dtype=torch.long)
-        tables = _padded_tables([layout.block_tables[i] for i in short])
+        self.num_tokens = len(rows)
+        self.in_order = rows == list(range(len(rows)))
+        self.rows = torch.tensor(rows, dtype=torch.long)
+        tables = _padded_tables(layout.block_tables)
         self.block_tables = torch.tensor(tables, dtype=torch.int32)
         self.max_blocks = len(tables[0]) if tables else 1
         self.tok_seq = torch.tensor(seq_of_token, dtype=torch.int32)
@@ -240,32 +237,19 @@ class CpuKernelAttention:
         self.block_size = layout.block_size
 
     def attend(self, q, k_cache, v_cache, window, scale):  # type: ignore[no-untyped-def]
-        out = self.long.attend(q, k_cache, v_cache, window, scale) if self.has_long else torch.empty_like(q)
-        if self.num_short:
-            q_short = q.contiguous() if self.all_short else q.index_select(0, self.short_rows)
-            o_short = torch.empty_like(q_short)
+        queries = q.contiguous() if self.in_order else q.index_select(0, self.rows)
+        out = torch.empty_like(queries)
+        if self.num_tokens:
             fn = getattr(self.lib, _KERNELS[q.dtype])
             fn(
-                q_short.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), self.block_tables.data_ptr(),
+                queries.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), self.block_tables.data_ptr(),
                 self.max_blocks, self.tok_seq.data_ptr(), self.tok_limit.data_ptr(),
-                self.num_short, q.shape[1], k_cache.shape[1], q.shape[2], self.block_size,
-                window or 0, scale, o_short.data_ptr(), self.num_threads,
+                self.num_tokens, q.shape[1], k_cache.shape[1], q.shape[2], self.block_size,
+                window or 0, scale, out.data_ptr(), self.num_threads,
             )
-            if self.all_short:
-                return o_short
-            out.index_copy_(0, self.short_rows, o_short)
-        return out
-
-
-def _subset(layout: AttentionLayout, rows: list[int]) -> AttentionLayout:
-    """The same layout restricted to some sequences (query starts stay batch-absolute)."""
-    return AttentionLayout(
-        [layout.query_start[i] for i in rows],
-        [layout.query_len[i] for i in rows],
-        [layout.context_len[i] for i in rows],
-        [layout.block_tables[i] for i in rows],
-        layout.block_size,
-    )
+        if self.in_order:
+            return out
+        return torch.empty_like(q).index_copy_(0, self.rows, out)
 
 
 def make_backend(
