@@ -13,7 +13,7 @@ Issue 5's benchmark, on the bundled SmolLM2-135M-Instruct (GGUF), in fp32 and bf
 Prints markdown tables (see benchmarks/README.md for the columns). Progress goes to stderr.
 
     python benchmarks/bench_executor.py [--dtypes float32,bfloat16] [--requests 128]
-        [--min-output 32] [--max-output 256] [--no-hf] [--no-hf-cb] [--rates 0.5,1,2]
+        [--min-output 32] [--max-output 256] [--no-hf] [--no-hf-cb] [--no-hf-static] [--rates 0.5,1,2]
         [--latency-requests 32] [--threads N] [--json PATH]
 """
 
@@ -384,7 +384,8 @@ def estimate_s(work: Workload, lat_work: Workload, args: argparse.Namespace, dty
                 pl = work.prompt_lens[b0 : b0 + HF_STATIC_BATCH]
                 ol = work.output_lens[b0 : b0 + HF_STATIC_BATCH]
                 s += len(pl) * max(pl) / EST_HF_PREFILL_TOK_S + max(ol) * EST_HF_STATIC_STEP_S * len(pl) / 32
-            est[f"{dtype} HF static"] = k * s + EST_LOAD_S
+            if not args.no_hf_static:
+                est[f"{dtype} HF static"] = k * s + EST_LOAD_S
             if not args.no_hf_cb:
                 n, lmax = len(work.output_lens), max(work.output_lens)
                 out = work.total_output if args.hf_cb_mode == "per-request" else n * lmax
@@ -530,9 +531,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="fewest output tokens (default 32, or --max-output if that is smaller)")
     parser.add_argument("--max-output", type=int, default=256, help="most output tokens (default 256)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-num-seqs", type=int, default=64, help="choral's sequence cap (default 64)")
+    parser.add_argument("--max-num-seqs", type=int, default=128,
+                        help="choral's sequence cap (default 128: the whole offline run fits the KV pool)")
     parser.add_argument("--no-hf", action="store_true", help="skip both HF baselines")
     parser.add_argument("--no-hf-cb", action="store_true", help="skip the HF continuous-batching baseline")
+    parser.add_argument("--no-hf-static", action="store_true", help="skip the HF static-batching baseline")
     parser.add_argument("--hf-cb-mode", choices=("per-request", "generate_batch"), default="per-request",
                         help="per-request max_new_tokens through the CB manager (default), or one "
                              "generate_batch call with max L for all")
@@ -570,8 +573,12 @@ def main(argv: list[str] | None = None) -> int:
     path = resolve_model_path(args.model)
     work = make_lengths(args.requests, (args.min_prompt, args.max_prompt), (args.min_output, args.max_output),
                         args.seed)
-    lat_work = make_lengths(args.latency_requests, (args.min_prompt, args.max_prompt),
-                            (args.latency_min_output, args.latency_max_output), args.seed + 1)
+    # One workload per rate, each with its own prompts: a rate run after another would otherwise
+    # find the earlier run's prompts in the prefix cache and report cached TTFTs.
+    lat_works = [make_lengths(args.latency_requests, (args.min_prompt, args.max_prompt),
+                              (args.latency_min_output, args.latency_max_output), args.seed + 1 + i)
+                 for i in range(len(args.rates))]
+    lat_work = lat_works[0] if lat_works else make_lengths(1, (1, 1), (1, 1), 0)
     est = estimate_s(work, lat_work, args, dtypes)
     log(f"model {path}, {args.threads} threads; {args.requests} requests, {work.total_output} output tokens, "
         f"{sum(work.prompt_lens)} prompt tokens")
@@ -594,7 +601,8 @@ def main(argv: list[str] | None = None) -> int:
                 vocab = ex.engine.loaded.spec.vocab_size
                 special = special_ids(ex)
                 fill_prompts(work, vocab, special, args.seed)
-                fill_prompts(lat_work, vocab, special, args.seed + 1)
+                for i, lw in enumerate(lat_works):
+                    fill_prompts(lw, vocab, special, args.seed + 1 + i)
                 pad_id = ex.engine.eos_token_ids[0]
                 engine_info["special_ids_excluded"] = sorted(special)
             engine_info[dtype] = {"kv_cache_tokens": ex.engine.kv_size.num_tokens,
@@ -605,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             if dtype in lat_dtypes:
                 for i, rate in enumerate(args.rates):
-                    lr = choral_latency(ex, lat_work, rate, dtype, args.seed + 100 + i)
+                    lr = choral_latency(ex, lat_works[i], rate, dtype, args.seed + 100 + i)
                     log(f"{dtype}: {rate:g} req/s: TTFT p50 {lr.ttft_p50 * 1e3:.0f} ms, TPOT p50 "
                         f"{lr.tpot_p50 * 1e3:.1f} ms, {lr.tok_s:.1f} tok/s")
                     lat_rows.append(lr)
@@ -624,10 +632,11 @@ def main(argv: list[str] | None = None) -> int:
             hf_fp32, hf_how = load_hf(path, args.device)
         hf = hf_fp32 if dtype == "float32" else copy.deepcopy(hf_fp32).to(TORCH_DTYPES[dtype])
         assert pad_id is not None
-        srow, s_out = hf_static(hf, work, pad_id, dtype)
-        log(f"{dtype}: HF static {srow.tok_s:.1f} useful tok/s ({srow.wall_s:.1f} s)")
-        rows.append(srow)
-        row.extra["agree_with_hf_static"] = agree_prefix(choral_out, s_out)
+        if not args.no_hf_static:
+            srow, s_out = hf_static(hf, work, pad_id, dtype)
+            log(f"{dtype}: HF static {srow.tok_s:.1f} useful tok/s ({srow.wall_s:.1f} s)")
+            rows.append(srow)
+            row.extra["agree_with_hf_static"] = agree_prefix(choral_out, s_out)
         if not args.no_hf_cb:
             crow, c_out = hf_cb(hf, work, pad_id, dtype, args.hf_cb_mode)
             log(f"{dtype}: HF CB {crow.tok_s:.1f} useful tok/s ({crow.wall_s:.1f} s)")
