@@ -35,6 +35,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF de-quantization
 
 import torch  # noqa: E402
 from common import add_model_args, apply_threads, device_name, load_hf, log, mark, sync  # noqa: E402
+from limits import matmul_gflops, matmul_size, model_cost, read_bandwidth_gbs  # noqa: E402
 
 from choral.config import EngineConfig  # noqa: E402
 from choral.engine.llm_engine import LLMEngine  # noqa: E402
@@ -75,92 +76,6 @@ def median_time(fn, reps: int, warmup: int = 1, device: str | torch.device = "cp
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def matmul_size(device: str) -> int:
-    return 8192 if torch.device(device).type == "cuda" else 2048  # large enough to fill the device
-
-
-def best_time(fn, reps: int, device: str | torch.device = "cpu") -> float:  # type: ignore[no-untyped-def]
-    """The fastest of ``reps`` timed runs (after one warm-up): a machine's limit is what it can
-    do, and a busy neighbour only ever makes a run slower."""
-    fn()
-    sync(device)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def matmul_gflops(dtype: torch.dtype, device: str = "cpu", reps: int = 10) -> float:
-    n = matmul_size(device)
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
-    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
-    return 2 * n**3 / best_time(lambda: torch.mm(a, b), reps, device) / 1e9
-
-
-def read_bandwidth_gbs(device: str = "cpu", num_bytes: int = 1 << 30, reps: int = 10) -> float:
-    x = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
-    return num_bytes / best_time(lambda: x.sum(), reps, device) / 1e9
-
-
-# ---- model arithmetic ---------------------------------------------------------------------
-
-@dataclass
-class ModelCost:
-    layer_params: int  # weights of the per-layer matmuls (qkv, o, gate_up, down), all layers
-    lm_head_params: int
-    weight_bytes: int  # engine.loaded.model.weight_bytes: every weight the engine holds
-    kv_bytes_per_token: int  # already multiplied by the element size
-    num_layers: int
-    num_heads: int
-    head_dim: int
-
-    def attention_flops(self, query_len: int, context: int) -> float:
-        """QK^T and PV for ``query_len`` queries that see ``context`` keys each."""
-        return 4.0 * self.num_layers * self.num_heads * self.head_dim * context * query_len
-
-    def decode_floor(self, batch: int, context: float, gflops: float, gbs: float) -> dict[str, float]:
-        flops = 2.0 * (self.layer_params + self.lm_head_params) * batch
-        flops += self.attention_flops(batch, context)  # type: ignore[arg-type]
-        num_bytes = self.weight_bytes + batch * context * self.kv_bytes_per_token
-        return _floor(flops, num_bytes, gflops, gbs)
-
-    def prefill_floor(self, tokens: int, gflops: float, gbs: float) -> dict[str, float]:
-        # Every token goes through the layers; only the last one through lm_head. Causal
-        # attention: query i sees i + 1 keys.
-        flops = 2.0 * self.layer_params * tokens + 2.0 * self.lm_head_params
-        flops += 4.0 * self.num_layers * self.num_heads * self.head_dim * tokens * (tokens + 1) / 2
-        return _floor(flops, self.weight_bytes, gflops, gbs)
-
-
-def _floor(flops: float, num_bytes: float, gflops: float, gbs: float) -> dict[str, float]:
-    compute_s = flops / (gflops * 1e9)
-    memory_s = num_bytes / (gbs * 1e9)
-    return {"flops": flops, "bytes": num_bytes, "compute_ms": compute_s * 1e3,
-            "memory_ms": memory_s * 1e3, "floor_ms": max(compute_s, memory_s) * 1e3,
-            "bound": "compute" if compute_s >= memory_s else "memory"}
-
-
-def model_cost(engine: LLMEngine) -> ModelCost:
-    model = engine.loaded.model
-    spec = engine.loaded.spec
-    layer_params = sum(w.qkv.num_parameters + w.o.num_parameters + w.gate_up.num_parameters
-                       + w.down.num_parameters for w in model.layers)
-    elem = model.embed.element_size()
-    return ModelCost(
-        layer_params=layer_params,
-        lm_head_params=model.lm_head.num_parameters,
-        weight_bytes=model.weight_bytes,
-        kv_bytes_per_token=spec.kv_bytes_per_token * elem,
-        num_layers=spec.num_layers,
-        num_heads=spec.num_heads,
-        head_dim=spec.head_dim,
-    )
 
 
 # ---- choral -------------------------------------------------------------------------------
