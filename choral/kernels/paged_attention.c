@@ -112,56 +112,73 @@ static void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int3
 }
 
 /* ---- Fast path: block_size 16, head_dim a multiple of 64 (the common case) -------------------
- * GCC vector types make the accumulators registers: up to 4 query heads of one KV head go
+ * GCC vector types make the accumulators registers: up to HG_MAX query heads of one KV head go
  * together, each with 2-4 independent score chains over d, and P @ V keeps 4 output vectors per
- * head in registers across the block's 16 keys. */
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef _Float16 f16x16 __attribute__((vector_size(32)));
+ * head in registers across the block's 16 keys. Vectors have the ISA's native width, VL lanes
+ * (16 with AVX-512, 8 otherwise): gcc lowers wider generic vectors through the stack, which on
+ * an AVX2-only CPU (AMD Zen 3, 2 threads, SmolLM2's heads, per layer) cost decodes 2.7x (b64 x
+ * 350 context: 6.2 -> 2.3 ms) and a 512-token prompt 5x (34 -> 7 ms; torch's flash attention:
+ * 5-8 ms). A block's 16 scores take SV = 16 / VL vectors. */
+#ifdef __AVX512F__
+#define VL 16
+#define HG_MAX 4 /* 4 heads x 4 output vectors + 4 value vectors + 1 broadcast: 21 of 32 registers */
+#else
+#define VL 8
+#define HG_MAX 2 /* 2 heads x 4 output vectors + 4 value vectors + 1 broadcast: 13 of 16 registers */
+#endif
+#define SV (16 / VL)
+typedef float f32v __attribute__((vector_size(VL * 4)));
+typedef int32_t i32v __attribute__((vector_size(VL * 4)));
+typedef uint32_t u32v __attribute__((vector_size(VL * 4)));
+typedef uint16_t u16v __attribute__((vector_size(VL * 2)));
+typedef _Float16 f16v __attribute__((vector_size(VL * 2)));
 
-static inline f32x16 loadv_f32(const float *p) { f32x16 v; __builtin_memcpy(&v, p, 64); return v; }
-static inline f32x16 loadv_bf16(const uint16_t *p) {
+static inline f32v loadv_f32(const float *p) { f32v v; __builtin_memcpy(&v, p, sizeof v); return v; }
+static inline f32v loadv_bf16(const uint16_t *p) {
 #ifdef __AVX512F__
     /* One vpmovzxwd from memory; gcc splits the generic conversion into 256-bit pieces when it
      * prefers 256-bit vectors (znver4), tripling the instructions of the inner loops. */
-    return (f32x16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+    return (f32v)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
 #else
-    u16x16 h; __builtin_memcpy(&h, p, 32);
-    return (f32x16)(__builtin_convertvector(h, u32x16) << 16);
+    u16v h; __builtin_memcpy(&h, p, sizeof h);
+    return (f32v)(__builtin_convertvector(h, u32v) << 16);
 #endif
 }
-static inline f32x16 loadv_f16(const _Float16 *p) {
-    f16x16 h; __builtin_memcpy(&h, p, 32);
-    return __builtin_convertvector(h, f32x16);
+static inline f32v loadv_f16(const _Float16 *p) {
+    f16v h; __builtin_memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, f32v);
 }
 
 /* exp(x) for x <= 0 lane-wise; same polynomial as exp_nonpos. */
-static inline f32x16 expv_nonpos(f32x16 x) {
-    const f32x16 lo = x - x - 87.0f;
-    const i32x16 keep = x > lo;  /* -1 where x > -87 */
-    x = (f32x16)(((i32x16)x & keep) | ((i32x16)lo & ~keep));
+static inline f32v expv_nonpos(f32v x) {
+    const f32v lo = x - x - 87.0f;
+    const i32v keep = x > lo;  /* -1 where x > -87 */
+    x = (f32v)(((i32v)x & keep) | ((i32v)lo & ~keep));
     /* y <= 0, so truncating y - 0.5 toward zero rounds y to the nearest integer. */
-    const i32x16 n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i32x16);
-    const f32x16 nf = __builtin_convertvector(n, f32x16);
-    const f32x16 r = x - nf * 0.693145751953125f - nf * 1.42860682030941723e-06f;
-    f32x16 p = r * (1.0f / 720.0f) + 1.0f / 120.0f;
+    const i32v n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i32v);
+    const f32v nf = __builtin_convertvector(n, f32v);
+    const f32v r = x - nf * 0.693145751953125f - nf * 1.42860682030941723e-06f;
+    f32v p = r * (1.0f / 720.0f) + 1.0f / 120.0f;
     p = p * r + 1.0f / 24.0f;
     p = p * r + 1.0f / 6.0f;
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    const f32x16 scale = (f32x16)((n + 127) << 23);
-    return (f32x16)((i32x16)(p * scale) & keep);
+    const f32v scale = (f32v)((n + 127) << 23);
+    return (f32v)((i32v)(p * scale) & keep);
+}
+
+static inline f32v maxv(f32v a, f32v b) {
+    const i32v gt = a > b;
+    return (f32v)(((i32v)a & gt) | ((i32v)b & ~gt));
 }
 
 #ifdef __AVX512F__
-static inline float hmax16(f32x16 v) { return _mm512_reduce_max_ps((__m512)v); }
-static inline float hsum16(f32x16 v) { return _mm512_reduce_add_ps((__m512)v); }
+static inline float hmaxv(f32v v) { return _mm512_reduce_max_ps((__m512)v); }
+static inline float hsumv(f32v v) { return _mm512_reduce_add_ps((__m512)v); }
 #else
-static inline float hmax16(f32x16 v) { float m = v[0]; for (int i = 1; i < 16; i++) m = v[i] > m ? v[i] : m; return m; }
-static inline float hsum16(f32x16 v) { float s = 0.f; for (int i = 0; i < 16; i++) s += v[i]; return s; }
+static inline float hmaxv(f32v v) { float m = v[0]; for (int i = 1; i < VL; i++) m = v[i] > m ? v[i] : m; return m; }
+static inline float hsumv(f32v v) { float s = 0.f; for (int i = 0; i < VL; i++) s += v[i]; return s; }
 #endif
 
 /* One query token against its keys, for a run of KV heads [kh0, kh1) at once: block by block,
@@ -177,39 +194,47 @@ static inline float hsum16(f32x16 v) { float s = 0.f; for (int i = 0; i < 16; i+
  * (and widened) once for all HG heads, and the HG heads' FMA chains run side by side. HG is a   \
  * constant after inlining, so the score and output accumulators stay in registers. */           \
 static inline __attribute__((always_inline)) void NAME##_heads(                                   \
-        const float *qf, f32x16 *acc, float *m, float *l, const T_ELEM *kb, const T_ELEM *vb,      \
-        long v_row, int head_dim, int c0, int c1, f32x16 lane_ok, const int HG) {                 \
-    const int BS = 16, nv = head_dim / 16;                                                         \
+        const float *qf, f32v *acc, float *m, float *l, const T_ELEM *kb, const T_ELEM *vb,        \
+        long v_row, int head_dim, int c0, int c1, const f32v *lane_ok, const int HG) {            \
+    const int BS = 16, nv = head_dim / VL;                                                         \
     const int NCH = HG == 1 ? 4 : 2; /* independent score chains per head */                      \
-    f32x16 s[4][4];                                                                                \
+    f32v s[HG_MAX][4][SV];                                                                         \
     for (int g = 0; g < HG; g++)                                                                   \
-        for (int i = 0; i < NCH; i++) s[g][i] = (f32x16){0};                                       \
+        for (int i = 0; i < NCH; i++)                                                              \
+            for (int u = 0; u < SV; u++) s[g][i][u] = (f32v){0};                                   \
     for (int d = 0; d < head_dim; d += NCH)                                                        \
-        for (int i = 0; i < NCH; i++) {                                                            \
-            const f32x16 k = LOADV(kb + (long)(d + i) * BS);                                       \
-            for (int g = 0; g < HG; g++) s[g][i] += qf[g * head_dim + d + i] * k;                  \
-        }                                                                                          \
-    f32x16 e[4];                                                                                   \
-    float corr[4];                                                                                 \
+        for (int i = 0; i < NCH; i++)                                                              \
+            for (int u = 0; u < SV; u++) {                                                         \
+                const f32v k = LOADV(kb + (long)(d + i) * BS + u * VL);                            \
+                for (int g = 0; g < HG; g++) s[g][i][u] += qf[g * head_dim + d + i] * k;           \
+            }                                                                                      \
+    f32v e[HG_MAX][SV];                                                                            \
+    float corr[HG_MAX];                                                                            \
     for (int g = 0; g < HG; g++) {                                                                 \
-        f32x16 sc = s[g][0] + lane_ok;                                                             \
-        for (int i = 1; i < NCH; i++) sc += s[g][i];                                               \
-        const float bmax = hmax16(sc);                                                             \
+        f32v sc[SV];                                                                               \
+        for (int u = 0; u < SV; u++) {                                                             \
+            sc[u] = s[g][0][u] + lane_ok[u];                                                       \
+            for (int i = 1; i < NCH; i++) sc[u] += s[g][i][u];                                     \
+        }                                                                                          \
+        f32v top = sc[0];                                                                          \
+        for (int u = 1; u < SV; u++) top = maxv(top, sc[u]);                                       \
+        const float bmax = hmaxv(top);                                                             \
         const float cmax = bmax > m[g] ? bmax : m[g];                                              \
-        e[g] = expv_nonpos(sc - cmax);                                                             \
+        f32v sum = {0};                                                                            \
+        for (int u = 0; u < SV; u++) { e[g][u] = expv_nonpos(sc[u] - cmax); sum += e[g][u]; }     \
         corr[g] = exp_nonpos(m[g] - cmax);                                                         \
-        l[g] = l[g] * corr[g] + hsum16(e[g]);                                                      \
+        l[g] = l[g] * corr[g] + hsumv(sum);                                                        \
         m[g] = cmax;                                                                               \
     }                                                                                              \
     for (int j = 0; j < nv; j += 4) {                                                              \
-        f32x16 a[4][4];                                                                            \
+        f32v a[HG_MAX][4];                                                                         \
         for (int g = 0; g < HG; g++)                                                               \
             for (int i = 0; i < 4; i++) a[g][i] = acc[g * nv + j + i] * corr[g];                   \
         for (int c = c0; c < c1; c++) {                                                            \
-            const T_ELEM *vr = vb + (long)c * v_row + j * 16;                                      \
-            const f32x16 v0 = LOADV(vr), v1 = LOADV(vr + 16), v2 = LOADV(vr + 32), v3 = LOADV(vr + 48); \
+            const T_ELEM *vr = vb + (long)c * v_row + j * VL;                                      \
+            const f32v v0 = LOADV(vr), v1 = LOADV(vr + VL), v2 = LOADV(vr + 2 * VL), v3 = LOADV(vr + 3 * VL); \
             for (int g = 0; g < HG; g++) {                                                         \
-                const float p = e[g][c];                                                           \
+                const float p = e[g][c / VL][c % VL];                                              \
                 a[g][0] += p * v0; a[g][1] += p * v1; a[g][2] += p * v2; a[g][3] += p * v3;        \
             }                                                                                      \
         }                                                                                          \
@@ -223,7 +248,7 @@ static void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int3
                  T_ELEM *out, int n_threads) {                                                     \
     const int BS = 16;                                                                             \
     const int group = n_heads / n_kv_heads;                                                        \
-    const int nv = head_dim / 16; /* vectors per head row */                                       \
+    const int nv = head_dim / VL; /* vectors per head row */                                       \
     const long k_block = (long)n_kv_heads * head_dim * BS;                                         \
     const long v_row = (long)n_kv_heads * head_dim;                                                \
     int run = (MAX_GROUP * MAX_D) / (group * head_dim); /* KV heads whose state fits the arrays */ \
@@ -235,7 +260,7 @@ static void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int3
         const int kh1 = kh0 + run < n_kv_heads ? kh0 + run : n_kv_heads;                           \
         const int nh = (kh1 - kh0) * group; /* query heads of this run */                          \
         float qf[MAX_GROUP * MAX_D] __attribute__((aligned(64))); /* [nh][head_dim], scaled */     \
-        f32x16 acc[MAX_GROUP * MAX_D / 16];                       /* [nh][nv] */                   \
+        f32v acc[MAX_GROUP * MAX_D / VL];                         /* [nh][nv] */                   \
         float m[MAX_GROUP * MAX_D / 16], l[MAX_GROUP * MAX_D / 16];                                \
         const int32_t *bt = block_tables + (long)tok_seq[t] * max_blocks;                          \
         const int limit = tok_limit[t];                                                            \
@@ -244,7 +269,7 @@ static void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int3
         for (int h = 0; h < nh; h++) {                                                             \
             const T_ELEM *qr = q + ((long)t * n_heads + kh0 * group + h) * head_dim;               \
             for (int d = 0; d < head_dim; d++) qf[h * head_dim + d] = LOAD(qr[d]) * scale;         \
-            for (int j = 0; j < nv; j++) acc[h * nv + j] = (f32x16){0};                            \
+            for (int j = 0; j < nv; j++) acc[h * nv + j] = (f32v){0};                              \
             m[h] = -INFINITY; l[h] = 0.f;                                                          \
         }                                                                                          \
         const int head_elems = head_dim * BS;      /* one head's keys in a block */                \
@@ -263,21 +288,23 @@ static void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int3
                     for (int off = 0; off < run_bytes; off += 64)                                  \
                         __builtin_prefetch(vn + (long)c * v_row * sizeof(T_ELEM) + off, 0, 2);     \
             }                                                                                      \
-            f32x16 lane_ok = {0}; /* -inf on keys outside [c0, c1): partial first/last block */    \
+            f32v lane_ok[SV] = {{0}}; /* -inf on keys outside [c0, c1): partial first/last block */\
             if (c0 > 0 || c1 < BS)                                                                 \
-                for (int c = 0; c < 16; c++) lane_ok[c] = (c >= c0 && c < c1) ? 0.f : -INFINITY;   \
+                for (int c = 0; c < BS; c++) lane_ok[c / VL][c % VL] = (c >= c0 && c < c1) ? 0.f : -INFINITY; \
             for (int kh = kh0; kh < kh1; kh++) {                                                   \
                 const T_ELEM *kb = kblk + (long)kh * head_elems;                                   \
                 const T_ELEM *vb = vblk + (long)kh * head_dim;                                     \
-                for (int g0 = 0; g0 < group; g0 += 4) {                                            \
+                for (int g0 = 0; g0 < group; g0 += HG_MAX) {                                       \
                     const int h = (kh - kh0) * group + g0;                                         \
                     const float *qh = qf + h * head_dim;                                           \
-                    f32x16 *ah = acc + h * nv;                                                     \
-                    switch (group - g0 < 4 ? group - g0 : 4) {                                     \
+                    f32v *ah = acc + h * nv;                                                       \
+                    switch (group - g0 < HG_MAX ? group - g0 : HG_MAX) {                           \
                     case 1: NAME##_heads(qh, ah, m + h, l + h, kb, vb, v_row, head_dim, c0, c1, lane_ok, 1); break; \
                     case 2: NAME##_heads(qh, ah, m + h, l + h, kb, vb, v_row, head_dim, c0, c1, lane_ok, 2); break; \
-                    case 3: NAME##_heads(qh, ah, m + h, l + h, kb, vb, v_row, head_dim, c0, c1, lane_ok, 3); break; \
-                    default: NAME##_heads(qh, ah, m + h, l + h, kb, vb, v_row, head_dim, c0, c1, lane_ok, 4); \
+                    case 3: /* only reached when HG_MAX = 4 */                                    \
+                        if (HG_MAX > 3) NAME##_heads(qh, ah, m + h, l + h, kb, vb, v_row, head_dim, c0, c1, lane_ok, 3); \
+                        break;                                                                     \
+                    default: NAME##_heads(qh, ah, m + h, l + h, kb, vb, v_row, head_dim, c0, c1, lane_ok, HG_MAX); \
                     }                                                                              \
                 }                                                                                  \
             }                                                                                      \
@@ -286,7 +313,7 @@ static void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int3
             T_ELEM *orow = out + ((long)t * n_heads + kh0 * group + h) * head_dim;                 \
             const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;                                       \
             for (int j = 0; j < nv; j++)                                                           \
-                for (int i = 0; i < 16; i++) orow[j * 16 + i] = STORE(acc[h * nv + j][i] * inv);   \
+                for (int i = 0; i < VL; i++) orow[j * VL + i] = STORE(acc[h * nv + j][i] * inv);   \
         }                                                                                          \
     }                                                                                              \
 }

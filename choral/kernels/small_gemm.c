@@ -15,9 +15,17 @@
  * Products of bf16 values are exact in fp32 and sums accumulate in fp32, as oneDNN's do; the
  * bf16 output is rounded to nearest even.
  * Each thread takes a contiguous run of panels (static schedule); within a panel, rows go in
- * blocks of up to MR, whose 2 * MR accumulators (16 lanes each) stay in registers while k runs
- * over K. The panel (K * 128 B) comes from cache: while a panel computes, its row blocks
+ * blocks of up to MR, whose accumulators stay in registers while k runs over K: 2 vectors of VL
+ * lanes per row, so a panel takes NV / 2 passes over K (one with AVX-512's 16 lanes, two with
+ * AVX2's 8). The panel (K * 128 B) comes from cache: while a panel computes, its row blocks
  * prefetch the next panel into L2 at an even rate.
+ *
+ * Vector width follows the ISA the kernel is compiled for (-march=native): 16 lanes with
+ * AVX-512, 8 otherwise. gcc lowers 64-byte generic vectors on a 256-bit-only CPU (AVX2) through
+ * the stack, which ran this kernel at 4 GFLOP/s on an AMD Zen 3 VM (2 threads; torch fp32
+ * 110-160). At the native width: ~175 fp32 and bf16 at M >= 64. Two passes of 16 columns with
+ * 6-row blocks halve the L2 reads per FMA against one 32-column pass with 3-row blocks (that
+ * one ran at ~86).
  */
 #include <stdint.h>
 #include <string.h>
@@ -25,13 +33,21 @@
 #include "bf16.h"
 
 #define PANEL 32
+#ifdef __AVX512F__
+#define VL 16
 #define MR 12 /* 2 * MR accumulators + 2 weight vectors + 1 broadcast fit AVX-512's 32 registers */
+#else
+#define VL 8
+#define MR 6 /* 2 * MR accumulators + 2 weight vectors + 1 broadcast fit AVX2's 16 registers */
+#endif
+#define NV (PANEL / VL)  /* fp32 vectors per panel row: 2 or 4 */
+#define PASSES (NV / 2)  /* passes over K per panel, 2 vectors (2 * VL columns) each */
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef float f32v __attribute__((vector_size(VL * 4)));
+typedef uint32_t u32v __attribute__((vector_size(VL * 4)));
 
-static inline f32x16 load16(const float *p) { f32x16 v; memcpy(&v, p, 64); return v; }
-static inline void store16(float *p, f32x16 v) { memcpy(p, &v, 64); }
+static inline f32v loadv(const float *p) { f32v v; memcpy(&v, p, sizeof v); return v; }
+static inline void storev(float *p, f32v v) { memcpy(p, &v, sizeof v); }
 
 void small_gemm_pack_f32(const float *w, float *packed, int K, int N) {
     int panels = (N + PANEL - 1) / PANEL;
@@ -60,81 +76,86 @@ void small_gemm_pack_bf16(const uint16_t *w, uint16_t *packed, int K, int N) {
     }
 }
 
-/* Row k of a panel as two fp32 vectors (columns 0-15 and 16-31). */
-#define LOAD_W_F32(panel, k, w0, w1)                                                              \
-    w0 = load16(panel + (int64_t)(k) * PANEL);                                                    \
-    w1 = load16(panel + (int64_t)(k) * PANEL + 16);
-#define LOAD_W_BF16(panel, k, w0, w1)                                                             \
-    {                                                                                             \
-        u32x16 words;                                                                             \
-        memcpy(&words, panel + (int64_t)(k) * PANEL, 64);                                         \
-        w0 = (f32x16)(words << 16);                                                               \
-        w1 = (f32x16)(words & 0xffff0000u);                                                       \
+/* Pass h's two vectors of panel row k: w[i] = columns (2 h + i) * VL .. + VL - 1. bf16: word
+ * vector j holds columns j * VL + lane in its low halves and 16 + j * VL + lane in its high
+ * halves, so vector v of the row is word vector v % (NV / 2), shifted (v < NV / 2) or masked. */
+#define LOAD_W_F32(panel, k, h, w)                                                                \
+    for (int i = 0; i < 2; i++) w[i] = loadv(panel + (int64_t)(k) * PANEL + (2 * (h) + i) * VL);
+#define LOAD_W_BF16(panel, k, h, w)                                                               \
+    for (int i = 0; i < 2; i++) {                                                                 \
+        const int v = 2 * (h) + i;                                                                \
+        u32v words;                                                                               \
+        memcpy(&words, panel + (int64_t)(k) * PANEL + 2 * (v % (NV / 2)) * VL, sizeof words);     \
+        w[i] = v < NV / 2 ? (f32v)(words << 16) : (f32v)(words & 0xffff0000u);                   \
     }
 
-static inline void store_row_f32(float *out, f32x16 a0, f32x16 a1, int ncols) {
-    if (ncols == PANEL) {
-        store16(out, a0);
-        store16(out + 16, a1);
-    } else {
-        float tmp[PANEL];
-        store16(tmp, a0);
-        store16(tmp + 16, a1);
+/* fp32 -> bf16, round to nearest even; NaN stays NaN (quiet). */
+static inline void to_bf16(uint16_t *out, f32v a) {
+    u32v u = (u32v)a;
+    const u32v nan = (u & 0x7fffffffu) > 0x7f800000u;
+    u32v rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    rounded = (rounded & ~nan) | (((u >> 16) | 0x40u) & nan);
+    for (int i = 0; i < VL; i++) out[i] = (uint16_t)rounded[i];
+}
+
+/* Columns [c, c + 2 VL) of a row (``out`` points at column c), of which ``ncols`` exist. */
+static inline void store_f32(float *out, const f32v *a, int ncols) {
+    if (ncols >= 2 * VL) {
+        storev(out, a[0]);
+        storev(out + VL, a[1]);
+    } else if (ncols > 0) {
+        float tmp[2 * VL];
+        storev(tmp, a[0]);
+        storev(tmp + VL, a[1]);
         memcpy(out, tmp, sizeof(float) * ncols);
     }
 }
 
-/* fp32 -> bf16, round to nearest even; NaN stays NaN (quiet). */
-static inline void to_bf16(uint16_t *out, f32x16 a) {
-    u32x16 u = (u32x16)a;
-    const u32x16 nan = (u & 0x7fffffffu) > 0x7f800000u;
-    u32x16 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    rounded = (rounded & ~nan) | (((u >> 16) | 0x40u) & nan);
-    for (int i = 0; i < 16; i++) out[i] = (uint16_t)rounded[i];
+static inline void store_bf16(uint16_t *out, const f32v *a, int ncols) {
+    if (ncols <= 0) return;
+    uint16_t tmp[2 * VL];
+    to_bf16(tmp, a[0]);
+    to_bf16(tmp + VL, a[1]);
+    memcpy(out, tmp, sizeof(uint16_t) * (ncols < 2 * VL ? ncols : 2 * VL));
 }
 
-static inline void store_row_bf16(uint16_t *out, f32x16 a0, f32x16 a1, int ncols) {
-    uint16_t tmp[PANEL];
-    to_bf16(tmp, a0);
-    to_bf16(tmp + 16, a1);
-    memcpy(out, tmp, sizeof(uint16_t) * ncols);
-}
-
-/* Rows r0 .. r0 + mr - 1 of y, columns col0 .. col0 + ncols - 1 (one panel). ``mr`` is a
- * constant after inlining, so the accumulator arrays live in registers. */
-#define DEFINE_BLOCK(NAME, WT, YT, LOAD_W, STORE_ROW)                                             \
+/* Rows r0 .. r0 + mr - 1 of y, columns col0 .. col0 + ncols - 1 (one panel), pass by pass.
+ * ``mr`` is a constant after inlining, so the accumulator arrays live in registers. */
+#define DEFINE_BLOCK(NAME, WT, YT, LOAD_W, STORE)                                                 \
 static inline __attribute__((always_inline)) void NAME(                                           \
         const float *x, const WT *panel, const float *bias32, YT *y, int K, int N, int ldx,      \
         int r0, int mr, int col0, int ncols, const WT *prefetch, int pf_row, int pf_every) {     \
-    f32x16 acc0[MR], acc1[MR];                                                                    \
-    f32x16 b0 = load16(bias32), b1 = load16(bias32 + 16);                                         \
-    for (int r = 0; r < mr; r++) { acc0[r] = b0; acc1[r] = b1; }                                  \
     const float *xr = x + (int64_t)r0 * ldx;                                                      \
     int countdown = 0;                                                                            \
-    for (int k = 0; k < K; k++) {                                                                 \
-        f32x16 w0, w1;                                                                            \
-        LOAD_W(panel, k, w0, w1)                                                                  \
-        if (prefetch && --countdown < 0) { /* one row of the next panel into L2 */                \
-            const char *row = (const char *)(prefetch + (int64_t)pf_row * PANEL);                 \
-            for (int off = 0; off < PANEL * (int)sizeof(WT); off += 64)                           \
-                __builtin_prefetch(row + off, 0, 2);                                              \
-            pf_row++;                                                                             \
-            countdown = pf_every - 1;                                                             \
+    for (int h = 0; h < PASSES; h++) {                                                            \
+        f32v acc[MR][2];                                                                          \
+        for (int r = 0; r < mr; r++)                                                              \
+            for (int i = 0; i < 2; i++) acc[r][i] = loadv(bias32 + (2 * h + i) * VL);             \
+        for (int k = 0; k < K; k++) {                                                             \
+            f32v w[2];                                                                            \
+            LOAD_W(panel, k, h, w)                                                                \
+            if (prefetch && --countdown < 0) { /* one row of the next panel into L2 */            \
+                const char *row = (const char *)(prefetch + (int64_t)pf_row * PANEL);             \
+                for (int off = 0; off < PANEL * (int)sizeof(WT); off += 64)                       \
+                    __builtin_prefetch(row + off, 0, 2);                                          \
+                pf_row++;                                                                         \
+                countdown = pf_every - 1;                                                         \
+            }                                                                                     \
+            for (int r = 0; r < mr; r++) {                                                        \
+                float s = xr[(int64_t)r * ldx + k];                                               \
+                acc[r][0] += s * w[0];                                                            \
+                acc[r][1] += s * w[1];                                                            \
+            }                                                                                     \
         }                                                                                         \
-        for (int r = 0; r < mr; r++) {                                                            \
-            float s = xr[(int64_t)r * ldx + k];                                                   \
-            acc0[r] += s * w0;                                                                    \
-            acc1[r] += s * w1;                                                                    \
-        }                                                                                         \
+        for (int r = 0; r < mr; r++)                                                              \
+            STORE(y + (int64_t)(r0 + r) * N + col0 + 2 * h * VL, acc[r], ncols - 2 * h * VL);     \
     }                                                                                             \
-    for (int r = 0; r < mr; r++)                                                                  \
-        STORE_ROW(y + (int64_t)(r0 + r) * N + col0, acc0[r], acc1[r], ncols);                     \
 }
 
 /* x [M, K] fp32 (row stride ldx) times the packed weight -> y [M, N]. Each thread takes a
- * contiguous run of panels. */
+ * contiguous run of panels. CASE is a row block of n rows (n <= MR: larger n never occur). */
 #define CASE(BLOCK, n)                                                                            \
-    case n: BLOCK(x, panel, bias32, y, K, N, ldx, r0, n, col0, ncols, pf, pf_row, blocks); break;
+    case n: if (n <= MR) BLOCK(x, panel, bias32, y, K, N, ldx, r0, n, col0, ncols, pf, pf_row, blocks * PASSES); break;
 #define DEFINE_GEMM(NAME, WT, YT, BLOCK, BIAS_TO_F32)                                             \
 void NAME(const float *x, const WT *packed, const WT *bias, YT *y, int M, int K, int N, int ldx, \
           int n_threads) {                                                                        \
@@ -166,7 +187,7 @@ void NAME(const float *x, const WT *packed, const WT *bias, YT *y, int M, int K,
 
 static inline float f32_to_f32(float v) { return v; }
 
-DEFINE_BLOCK(block_f32, float, float, LOAD_W_F32, store_row_f32)
+DEFINE_BLOCK(block_f32, float, float, LOAD_W_F32, store_f32)
 DEFINE_GEMM(small_gemm_f32, float, float, block_f32, f32_to_f32)
-DEFINE_BLOCK(block_bf16, uint16_t, uint16_t, LOAD_W_BF16, store_row_bf16)
+DEFINE_BLOCK(block_bf16, uint16_t, uint16_t, LOAD_W_BF16, store_bf16)
 DEFINE_GEMM(small_gemm_bf16, uint16_t, uint16_t, block_bf16, bf16_to_f32)
