@@ -3,11 +3,14 @@ oneDNN-packed one (CPU bf16/fp16) and the dense fallback, at every shape edge th
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from choral.kernels.build import load_small_gemm
+from choral.models import linear
 from choral.models.linear import Projection, choose_layout, onednn_packing_works
 
 
@@ -83,10 +86,48 @@ def test_dense_and_onednn_match_linear() -> None:
 def test_layout_choice() -> None:
     cpu = torch.device("cpu")
     kernel = load_small_gemm() is not None
-    assert choose_layout(torch.float32, cpu) == ("panels" if kernel else "dense")
+    # The panels are timed against torch's layout for the dtype: oneDNN's packed one for bf16
+    # where it works, else dense.
+    assert choose_layout(torch.float32, cpu) in ({"panels", "dense"} if kernel else {"dense"})
     bf16 = choose_layout(torch.bfloat16, cpu)
-    onednn = onednn_packing_works(torch.bfloat16, cpu)
-    # bf16 is timed between the two packed layouts when both exist; otherwise the one that does.
-    assert bf16 in ({"panels", "onednn"} if kernel and onednn else {"panels"} if kernel else
-                    {"onednn"} if onednn else {"dense"})
+    other = "onednn" if onednn_packing_works(torch.bfloat16, cpu) else "dense"
+    assert bf16 in ({"panels", other} if kernel else {other})
     assert choose_layout(torch.float32, torch.device("meta")) == "dense"
+
+
+def test_layout_choice_times_the_kernel(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """A CPU where the panel GEMM is slower than torch (it once ran at 4 GFLOP/s on an AVX2-only
+    CPU) gets torch's layout: the choice is timed, not assumed."""
+    lib = load_small_gemm()
+    if lib is None:
+        pytest.skip("no C compiler: the panel GEMM is unavailable")
+    cpu = torch.device("cpu")
+    request.addfinalizer(linear._panels_win.cache_clear)  # forget what the patched kernels timed
+
+    class SlowKernel:
+        def __init__(self, delay: float):
+            self.delay = delay
+
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            fn = getattr(lib, name)
+            if not name.startswith("small_gemm_f32"):
+                return fn
+
+            def slow(*args):  # type: ignore[no-untyped-def]
+                time.sleep(self.delay)
+                return fn(*args)
+            return slow
+
+    monkeypatch.setattr(linear, "load_small_gemm", lambda: SlowKernel(0.2))
+    linear._panels_win.cache_clear()
+    assert choose_layout(torch.float32, cpu) == "dense"
+    # And the other way: torch's GEMM made slow, the panels win.
+    monkeypatch.setattr(linear, "load_small_gemm", lambda: lib)
+    real_mm = torch.mm
+
+    def slow_mm(*args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(0.2)
+        return real_mm(*args, **kwargs)
+    monkeypatch.setattr(torch, "mm", slow_mm)
+    linear._panels_win.cache_clear()
+    assert choose_layout(torch.float32, cpu) == "panels"

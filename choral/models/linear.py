@@ -7,8 +7,9 @@
   step; batch 8: 49 -> 28). bf16 weights are widened to fp32 in registers and multiplied on the
   fp32 FMA units: on CPUs whose bf16 dot product is half rate (Intel without AMX) those run
   twice as fast as the instruction oneDNN uses (small_gemm.c says more), while moving half the
-  weight bytes. Where bf16 dot products are full rate (AMX, AMD Zen 4) oneDNN is ~2x faster;
-  ``choose_layout`` times both once and takes the faster.
+  weight bytes. Where bf16 dot products are full rate (AMX, AMD Zen 4) oneDNN is ~2x faster.
+  ``choose_layout`` times the panels against torch's layout for the dtype once and takes the
+  faster, in fp32 as in bf16.
 - Dense: the weight kept transposed, [in, out], so ``x @ w`` reads it row-major; MKL runs that
   faster than F.linear's transposed-B GEMM at the small M of decode steps (fp32 without the
   kernel, and CUDA).
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -55,26 +56,31 @@ def panel_gemm_available(dtype: torch.dtype, device: torch.device) -> bool:
 def choose_layout(dtype: torch.dtype, device: torch.device) -> str:
     """The projection layout for a model in ``dtype`` on ``device``.
 
-    fp32 on the CPU: panels. bf16 on the CPU: whichever of panels and oneDNN is faster on this
-    CPU, timed once per process (``_bf16_panels_win``): on CPUs with full-rate bf16 dot products
-    (AMX tiles, or AMD Zen 4's vdpbf16ps) oneDNN runs ~2x our fp32-FMA kernel; on CPUs whose
-    bf16 dot product is half rate, the panels win by as much."""
-    panels, onednn = panel_gemm_available(dtype, device), onednn_packing_works(dtype, device)
-    if panels and onednn:
-        return "panels" if _bf16_panels_win() else "onednn"
-    return "panels" if panels else "onednn" if onednn else "dense"
+    On the CPU the panel-packed C GEMM competes with torch's best layout for the dtype (dense
+    MKL for fp32; oneDNN's packed layout for bf16/fp16 where it works, else dense), timed once
+    per process and dtype (``_panels_win``), and the faster one is used. Which wins depends on
+    the CPU: for bf16, oneDNN runs ~2x our fp32-FMA kernel where bf16 dot products are full rate
+    (AMX tiles, AMD Zen 4) and the panels win by as much where they are half rate; for fp32 the
+    panels win where MKL re-packs weights each call (decode batch sizes). Timing rather than
+    guessing also keeps a CPU nobody measured from running a kernel slower than torch."""
+    if device.type != "cpu":
+        return "dense"
+    other = "onednn" if onednn_packing_works(dtype, device) else "dense"
+    if not panel_gemm_available(dtype, device):
+        return other
+    return "panels" if _panels_win(dtype, other) else other
 
 
-@lru_cache(maxsize=1)
-def _bf16_panels_win() -> bool:
-    """Time both bf16 layouts on a decode-sized product ([64, 512] x [512, 1024], ~67 MFLOP, a
-    few ms in all) and say whether the panels were faster. Best of 5 after a warm-up, so a busy
-    moment on the machine does not decide it."""
+@cache
+def _panels_win(dtype: torch.dtype, other: str) -> bool:
+    """Time the panels and ``other`` in ``dtype`` on a decode-sized product ([64, 512] x
+    [512, 1024], ~67 MFLOP, a few ms each) and say whether the panels were faster. Best of 5
+    after a warm-up, so a busy moment on the machine does not decide it."""
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(1024, 512, generator=g).bfloat16()
-    x = torch.randn(64, 512, generator=g).bfloat16()
+    w = torch.randn(1024, 512, generator=g).to(dtype)
+    x = torch.randn(64, 512, generator=g).to(dtype)
     best = {}
-    for layout in ("panels", "onednn"):
+    for layout in ("panels", other):
         proj = Projection(w, None, layout)
         proj(x)
         times = []
@@ -83,9 +89,12 @@ def _bf16_panels_win() -> bool:
             proj(x)
             times.append(time.perf_counter() - t0)
         best[layout] = min(times)
-    logger.info("bf16 projections: panels %.2f ms, oneDNN %.2f ms per [64, 512] x [512, 1024]",
-                best["panels"] * 1e3, best["onednn"] * 1e3)
-    return best["panels"] < best["onednn"]
+    logger.info("%s projections: panels %.2f ms, %s %.2f ms per [64, 512] x [512, 1024]",
+                dtype, best["panels"] * 1e3, other, best[other] * 1e3)
+    # fp32 panels get slack: this product's weight (2 MB) stays in cache, which hides what MKL's
+    # re-packing of cold weights on every call costs in a real step (the panels' whole point).
+    slack = 1.5 if dtype == torch.float32 else 1.0
+    return best["panels"] < best[other] * slack
 
 
 _PANEL = 32  # columns per packed panel (small_gemm.c's PANEL)
