@@ -217,7 +217,8 @@ class CpuKernelAttention:
 
     def prepare(self, layout: AttentionLayout, device: torch.device) -> None:
         # Per query token: its sequence's row in the block tables, and how many cached tokens it
-        # sees (causal: its own position + 1). Query rows are the batch's rows in order.
+        # sees (causal: its own position + 1). The runner packs sequences in order, so q goes to
+        # the kernel as is; any other layout is gathered into that order and scattered back.
         seq_of_token: list[int] = []
         limit_of_token: list[int] = []
         rows: list[int] = []
