@@ -34,6 +34,7 @@ from choral.executor.responses import Responder
 from choral.executor.scheduler import Scheduler
 from choral.executor.stats import AggregateStats, IterationStats
 from choral.executor.step_runner import StepRunner
+from choral.kernels.openmp import release_thread_pool
 from choral.sampling.params import SamplingParams
 
 
@@ -65,6 +66,9 @@ class Executor:
         self.step_runner = StepRunner(self.engine, self.kv, self.scheduler, self.intake, self.responder)
         self._queue = RequestQueue(self.config.max_queue_size)
         self._loop = Loop(self._queue, self.config, self.kv, self.scheduler, self.step_runner, self.responder)
+        # The loop thread runs every forward from here on; the idle OpenMP pool this thread built
+        # while loading would stop the loop's workers from spinning between kernels.
+        release_thread_pool()
         self._loop.thread.start()
 
     # ---- public API: enqueue / await ------------------------------------------------------------
