@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from choral.kernels.build import load_small_gemm
-from choral.kernels.openmp import release_thread_pool
+from choral.kernels.openmp import loaded_libgomp, release_thread_pool
 from choral.models.linear import Projection
 
 
@@ -19,16 +19,8 @@ def _os_threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
-def _gomp_loaded() -> bool:
-    try:
-        import ctypes
-        ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)
-        return True
-    except (OSError, AttributeError):
-        return False
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or not _gomp_loaded(), reason="needs Linux and libgomp")
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or loaded_libgomp() is None,
+                    reason="needs Linux and torch's libgomp")
 def test_release_frees_the_workers_and_work_goes_on() -> None:
     if torch.get_num_threads() < 2:
         pytest.skip("one OpenMP thread: there is no pool to release")

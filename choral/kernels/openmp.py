@@ -26,16 +26,20 @@ logger = logging.getLogger(__name__)
 _OMP_PAUSE_HARD = 2  # omp_pause_resource_t: omp_pause_soft = 1, omp_pause_hard = 2
 
 
+def loaded_libgomp() -> ctypes.CDLL | None:
+    """The libgomp already in this process (torch's), or None; never loads a second runtime."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)
+    except OSError:  # no libgomp in this process: nothing pooled by it
+        return None
+
+
 def release_thread_pool() -> bool:
     """Free this thread's libgomp worker pool. True when a loaded libgomp did it."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        # Only a libgomp already in the process (torch's): never load a second runtime.
-        gomp = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)
-    except OSError:  # no libgomp in this process: nothing pooled by it
-        return False
-    pause = getattr(gomp, "omp_pause_resource_all", None)
+    gomp = loaded_libgomp()
+    pause = getattr(gomp, "omp_pause_resource_all", None) if gomp is not None else None
     if pause is None:
         return False
     pause.restype = ctypes.c_int
