@@ -14,7 +14,7 @@
  * 420 vs 200 GFLOP/s here) oneDNN wins. choral/models/linear.py times both and picks.
  * Products of bf16 values are exact in fp32 and sums accumulate in fp32, as oneDNN's do; the
  * bf16 output is rounded to nearest even.
- * Each thread takes a contiguous run of panels (static schedule); within a panel, rows go in
+ * Threads take panels (small_gemm_f32 says how they are handed out); within a panel, rows go in
  * blocks of up to MR, whose accumulators stay in registers while k runs over K: 2 vectors of VL
  * lanes per row, so a panel takes NV / 2 passes over K (one with AVX-512's 16 lanes, two with
  * AVX2's 8). The panel (K * 128 B) comes from cache: while a panel computes, its row blocks
@@ -152,36 +152,50 @@ static inline __attribute__((always_inline)) void NAME(                         
     }                                                                                             \
 }
 
-/* x [M, K] fp32 (row stride ldx) times the packed weight -> y [M, N]. Each thread takes a
- * contiguous run of panels. CASE is a row block of n rows (n <= MR: larger n never occur). */
+/* x [M, K] fp32 (row stride ldx) times the packed weight -> y [M, N], one panel per call.
+ * CASE is a row block of n rows (n <= MR: larger n never occur). */
 #define CASE(BLOCK, n)                                                                            \
     case n: if (n <= MR) BLOCK(x, panel, bias32, y, K, N, ldx, r0, n, col0, ncols, pf, pf_row, blocks * PASSES); break;
 #define DEFINE_GEMM(NAME, WT, YT, BLOCK, BIAS_TO_F32)                                             \
+static inline __attribute__((always_inline)) void NAME##_panel(                                   \
+        const float *x, const WT *packed, const WT *bias, YT *y, int M, int K, int N, int ldx,   \
+        int p, int panels) {                                                                      \
+    const WT *panel = packed + (int64_t)p * K * PANEL;                                            \
+    int col0 = p * PANEL;                                                                         \
+    int ncols = N - col0 < PANEL ? N - col0 : PANEL;                                              \
+    float bias32[PANEL] = {0};                                                                    \
+    if (bias)                                                                                     \
+        for (int c = 0; c < ncols; c++) bias32[c] = BIAS_TO_F32(bias[col0 + c]);                  \
+    /* The next panel streams into L2 while this one computes: row block j of ``blocks``          \
+     * prefetches its j-th share of the next panel's rows, one row every ``blocks`` steps of      \
+     * k, so DRAM is read at an even rate over the whole panel's compute. */                      \
+    const int blocks = (M + MR - 1) / MR;                                                         \
+    const WT *pf = p + 1 < panels ? panel + (int64_t)K * PANEL : 0;                               \
+    for (int r0 = 0; r0 < M; r0 += MR) {                                                          \
+        int mr = M - r0 < MR ? M - r0 : MR;                                                       \
+        int pf_row = (int)((int64_t)(r0 / MR) * K / blocks);                                      \
+        switch (mr) {                                                                             \
+            CASE(BLOCK, 1) CASE(BLOCK, 2) CASE(BLOCK, 3) CASE(BLOCK, 4) CASE(BLOCK, 5)            \
+            CASE(BLOCK, 6) CASE(BLOCK, 7) CASE(BLOCK, 8) CASE(BLOCK, 9) CASE(BLOCK, 10)           \
+            CASE(BLOCK, 11) CASE(BLOCK, 12)                                                       \
+        }                                                                                         \
+    }                                                                                             \
+}                                                                                                 \
+/* Small M (decode steps) streams the weights: each thread takes a contiguous run of panels, so \
+ * its next-panel prefetches are the panels it computes next (M = 32, 30 layers of SmolLM2's    \
+ * projections, Zen 3, 2 threads: 48 ms; handing out panels one by one: 60). Large M computes   \
+ * for long per panel: panels go one at a time to whichever thread is free, so a thread that    \
+ * loses its core for a while (a busy VM) does not hold the other at the barrier (M = 512, three \
+ * runs: static 720-1030 ms, one at a time 660-830). */                                          \
 void NAME(const float *x, const WT *packed, const WT *bias, YT *y, int M, int K, int N, int ldx, \
           int n_threads) {                                                                        \
     const int panels = (N + PANEL - 1) / PANEL;                                                   \
-    _Pragma("omp parallel for schedule(static) num_threads(n_threads)")                           \
-    for (int p = 0; p < panels; p++) {                                                            \
-        const WT *panel = packed + (int64_t)p * K * PANEL;                                        \
-        int col0 = p * PANEL;                                                                     \
-        int ncols = N - col0 < PANEL ? N - col0 : PANEL;                                          \
-        float bias32[PANEL] = {0};                                                                \
-        if (bias)                                                                                 \
-            for (int c = 0; c < ncols; c++) bias32[c] = BIAS_TO_F32(bias[col0 + c]);              \
-        /* The next panel streams into L2 while this one computes: row block j of ``blocks``      \
-         * prefetches its j-th share of the next panel's rows, one row every ``blocks`` steps of  \
-         * k, so DRAM is read at an even rate over the whole panel's compute. */                  \
-        const int blocks = (M + MR - 1) / MR;                                                     \
-        const WT *pf = p + 1 < panels ? panel + (int64_t)K * PANEL : 0;                           \
-        for (int r0 = 0; r0 < M; r0 += MR) {                                                      \
-            int mr = M - r0 < MR ? M - r0 : MR;                                                   \
-            int pf_row = (int)((int64_t)(r0 / MR) * K / blocks);                                  \
-            switch (mr) {                                                                         \
-                CASE(BLOCK, 1) CASE(BLOCK, 2) CASE(BLOCK, 3) CASE(BLOCK, 4) CASE(BLOCK, 5)        \
-                CASE(BLOCK, 6) CASE(BLOCK, 7) CASE(BLOCK, 8) CASE(BLOCK, 9) CASE(BLOCK, 10)       \
-                CASE(BLOCK, 11) CASE(BLOCK, 12)                                                   \
-            }                                                                                     \
-        }                                                                                         \
+    if (M >= 128) {                                                                               \
+        _Pragma("omp parallel for schedule(dynamic, 1) num_threads(n_threads)")                   \
+        for (int p = 0; p < panels; p++) NAME##_panel(x, packed, bias, y, M, K, N, ldx, p, panels); \
+    } else {                                                                                      \
+        _Pragma("omp parallel for schedule(static) num_threads(n_threads)")                       \
+        for (int p = 0; p < panels; p++) NAME##_panel(x, packed, bias, y, M, K, N, ldx, p, panels); \
     }                                                                                             \
 }
 
