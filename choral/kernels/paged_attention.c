@@ -23,7 +23,7 @@
 
 #include "bf16.h"
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -180,6 +180,19 @@ static inline f32v maxv(f32v a, f32v b) {
 #ifdef __AVX512F__
 static inline float hmaxv(f32v v) { return _mm512_reduce_max_ps((__m512)v); }
 static inline float hsumv(f32v v) { return _mm512_reduce_add_ps((__m512)v); }
+#elif defined(__AVX__)
+/* Halving trees (3 steps); gcc turned the plain loops into a chain of 7 scalar ops each, and a
+ * block takes two of these per query head. */
+static inline float hmaxv(f32v v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+static inline float hsumv(f32v v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
 #else
 static inline float hmaxv(f32v v) { float m = v[0]; for (int i = 1; i < VL; i++) m = v[i] > m ? v[i] : m; return m; }
 static inline float hsumv(f32v v) { float s = 0.f; for (int i = 0; i < VL; i++) s += v[i]; return s; }
