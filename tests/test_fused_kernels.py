@@ -1,14 +1,17 @@
 """The fused C kernels next to the model's torch ops: RMSNorm (rms_norm.c) against HF's
-LlamaRMSNorm formula, and RoPE + KV-cache store (rope_kv.c) against apply_rotary + write_kv.
-In bf16 both must give the torch path's bits exactly, since they round where torch rounds."""
+LlamaRMSNorm formula, RoPE + KV-cache store (rope_kv.c) against apply_rotary + write_kv, and
+SiLU(gate) * up (silu_mul.c) against F.silu and a product. In bf16 they must give the torch
+path's bits (RMSNorm and SiLU: up to a last-bit difference in fp32 that can move a rounding),
+since they round where torch rounds."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from choral.engine.attention import write_kv
-from choral.kernels.build import load_rms_norm, load_rope_kv
+from choral.kernels.build import load_rms_norm, load_rope_kv, load_silu_mul
 from choral.models.rope import apply_rotary
 
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -77,3 +80,26 @@ def test_rope_kv_matches_torch_ops(dtype: torch.dtype, tokens: int) -> None:
         torch.testing.assert_close(q, rotated[:, :heads], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(k_cache, k_ref, rtol=1e-6, atol=1e-6)
         assert torch.equal(v_cache, v_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "inter"), [(1, 8), (3, 37), (70, 1536)])  # 37: a partial vector; 70 x 1536: threads
+def test_silu_mul_matches_torch(dtype: torch.dtype, rows: int, inter: int) -> None:
+    lib = load_silu_mul()
+    if lib is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(rows * 10 + inter)
+    wide = torch.randn(rows, 2 * inter + 5, generator=g) * 6
+    wide[0, :4] = torch.tensor([-200.0, -88.5, 90.0, 0.0])  # past exp's range both ways, and 0
+    gate_up = wide.to(dtype)[:, : 2 * inter]  # row-strided, as a view of a wider tensor
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = F.silu(gate) * up
+    out = torch.empty(rows, inter, dtype=dtype)
+    getattr(lib, f"silu_mul_{SUFFIX[dtype]}")(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), rows, inter, 2)
+    if dtype == torch.bfloat16:
+        # exp's last fp32 bit can differ from torch's, which can move a bf16 rounding by one ulp.
+        diff = (out.float() - expected.float()).abs()
+        assert (diff <= expected.float().abs() * 2.0**-7 + 1e-30).all()
+        assert (out == expected).float().mean() > 0.99
+    else:
+        torch.testing.assert_close(out, expected, rtol=2e-6, atol=1e-30)

@@ -1,5 +1,5 @@
-"""Compile the C kernels (``paged_attention.c``, ``small_gemm.c``, ``rms_norm.c``, ``rope_kv.c``)
-once per machine and source version, and load them with ctypes."""
+"""Compile the C kernels (``paged_attention.c``, ``small_gemm.c``, ``rms_norm.c``, ``rope_kv.c``,
+``silu_mul.c``) once per machine and source version, and load them with ctypes."""
 
 from __future__ import annotations
 
@@ -80,6 +80,19 @@ def load_rope_kv() -> ctypes.CDLL | None:
         fn.restype = None
         fn.argtypes = [pointer, integer, pointer, integer, pointer, pointer, pointer, pointer, pointer, pointer,
                        pointer, integer, integer, integer, integer, integer, integer]
+    return lib
+
+
+@lru_cache(maxsize=1)
+def load_silu_mul() -> ctypes.CDLL | None:
+    """The compiled SwiGLU activation (``silu_mul.c``, fp32 and bf16), or None like the attention
+    kernel."""
+    lib = _compile("silu_mul")
+    if lib is None:
+        return None
+    for fn in (lib.silu_mul_f32, lib.silu_mul_bf16):
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     return lib
 
 

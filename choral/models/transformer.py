@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from choral.engine.attention import AttentionBackend, write_kv
 from choral.errors import ModelLoadError
-from choral.kernels.build import load_rms_norm, load_rope_kv
+from choral.kernels.build import load_rms_norm, load_rope_kv, load_silu_mul
 from choral.models.linear import Projection, choose_layout
 from choral.models.rope import RotaryTable, apply_rotary
 from choral.models.spec import ModelSpec
@@ -48,12 +48,15 @@ class DecoderModel:
         self.layers: list[LayerWeights] = []
         self.projection_layout = choose_layout(dtype, device)
         # fp32 and bf16 on the CPU: RMSNorm in one C pass (torch runs it as ~6 ops; see
-        # rms_norm.c), and RoPE fused with the K/V cache store (rope_kv.c).
+        # rms_norm.c), RoPE fused with the K/V cache store (rope_kv.c), and SiLU(gate) * up in
+        # one pass over the gate/up output (silu_mul.c; torch: two ops, two [T, I] tensors).
         suffix = {torch.float32: "f32", torch.bfloat16: "bf16"}.get(dtype) if device.type == "cpu" else None
         norm_lib = load_rms_norm() if suffix else None
         rope_lib = load_rope_kv() if suffix and spec.head_dim <= 512 and spec.head_dim % 2 == 0 else None
+        act_lib = load_silu_mul() if suffix else None
         self._norm_kernel = getattr(norm_lib, f"rms_norm_{suffix}") if norm_lib is not None else None
         self._rope_kv_kernel = getattr(rope_lib, f"rope_kv_{suffix}") if rope_lib is not None else None
+        self._act_kernel = getattr(act_lib, f"silu_mul_{suffix}") if act_lib is not None else None
 
     # ---- loading -------------------------------------------------------------------------
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -150,6 +153,17 @@ class DecoderModel:
         # differs from HF only by where the last rounding falls.
         return F.rms_norm(x, weight.shape, weight, self.spec.rms_norm_eps)
 
+    def _act(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[T, 2 * inter] (gate, then up) -> silu(gate) * up, [T, inter]."""
+        if self._act_kernel is not None and gate_up.dim() == 2 and gate_up.stride(1) == 1:
+            num_tokens, inter = gate_up.shape[0], gate_up.shape[1] // 2
+            out = torch.empty(num_tokens, inter, dtype=self.dtype)
+            self._act_kernel(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), num_tokens, inter,
+                             torch.get_num_threads())
+            return out
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
     def _rope_kv(self, qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  kv_index: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
                  v_cache: torch.Tensor) -> torch.Tensor:
@@ -202,8 +216,7 @@ class DecoderModel:
             attn = attention.attend(q, k_cache, v_cache, spec.layer_windows[i], self.scale)
             hidden = hidden + w.o(attn.view(num_tokens, nh * hd))
             x = self._norm(hidden, w.post_norm)
-            gate, up = w.gate_up(x).chunk(2, dim=-1)  # [T, inter] each
-            hidden = hidden + w.down(F.silu(gate) * up)
+            hidden = hidden + w.down(self._act(w.gate_up(x)))  # gate_up: [T, 2 * inter]
         last = self._norm(hidden.index_select(0, logits_indices), self.final_norm)
         return self.lm_head(last).float()
 
