@@ -137,6 +137,8 @@ typedef uint32_t u32v __attribute__((vector_size(VL * 4)));
 typedef uint16_t u16v __attribute__((vector_size(VL * 2)));
 typedef _Float16 f16v __attribute__((vector_size(VL * 2)));
 
+#include "exp_poly.h" /* after f32v: it is written in it */
+
 static inline f32v loadv_f32(const float *p) { f32v v; __builtin_memcpy(&v, p, sizeof v); return v; }
 static inline f32v loadv_bf16(const uint16_t *p) {
 #ifdef __AVX512F__
@@ -153,7 +155,7 @@ static inline f32v loadv_f16(const _Float16 *p) {
     return __builtin_convertvector(h, f32v);
 }
 
-/* exp(x) for x <= 0 lane-wise; same polynomial as exp_nonpos. */
+/* exp(x) for x <= 0 lane-wise; the same polynomial as exp_nonpos (exp_poly.h). */
 static inline f32v expv_nonpos(f32v x) {
     const f32v lo = x - x - 87.0f;
     const i32v keep = x > lo;  /* -1 where x > -87 */
@@ -161,13 +163,7 @@ static inline f32v expv_nonpos(f32v x) {
     /* y <= 0, so truncating y - 0.5 toward zero rounds y to the nearest integer. */
     const i32v n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i32v);
     const f32v nf = __builtin_convertvector(n, f32v);
-    const f32v r = x - nf * 0.693145751953125f - nf * 1.42860682030941723e-06f;
-    f32v p = r * (1.0f / 720.0f) + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    const f32v p = exp_reduced(x, nf);
     const f32v scale = (f32v)((n + 127) << 23);
     return (f32v)((i32v)(p * scale) & keep);
 }

@@ -19,13 +19,17 @@
 typedef float f32v __attribute__((vector_size(VL * 4)));
 typedef int32_t i32v __attribute__((vector_size(VL * 4)));
 
-static inline f32v select_v(i32v mask, f32v a, f32v b) { return (f32v)(((i32v)a & mask) | ((i32v)b & ~mask)); }
+#include "exp_poly.h" /* after f32v: it is written in it */
+
+static inline f32v select_v(i32v mask, f32v a, f32v b) {
+    return (f32v)(((i32v)a & mask) | ((i32v)b & ~mask));
+}
 
 /* e^x lane-wise, as far as fp32 reaches: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6
- * Taylor polynomial (relative error ~1.2e-7), and n added to its exponent bits (not multiplied
- * by a built 2^n: for n = 128 that is inf, yet e^88.5 is finite). Past 88.72 the result is inf,
- * as e^x is (silu(x) of x < -88.72 is then -0, as torch's is); below -86.5, x is clamped:
- * e^x < 3e-38 only ever meets 1 + e^x here, where it vanishes anyway. */
+ * Taylor polynomial (exp_poly.h; relative error ~1.2e-7), and n added to its exponent bits (not
+ * multiplied by a built 2^n: for n = 128 that is inf, yet e^88.5 is finite). Past 88.72 the
+ * result is inf, as e^x is (silu(x) of x < -88.72 is then -0, as torch's is); below -86.5, x is
+ * clamped: e^x < 3e-38 only ever meets 1 + e^x here, where it vanishes anyway. */
 static inline f32v exp_v(f32v x) {
     const f32v lo = x - x - 86.5f, hi = x - x + 88.72f, inf = x - x + __builtin_inff();
     const i32v over = x > hi;
@@ -35,13 +39,7 @@ static inline f32v exp_v(f32v x) {
     const f32v half = (f32v)(((i32v)x & (int32_t)0x80000000) | 0x3f000000);
     const i32v n = __builtin_convertvector(x * 1.44269504088896341f + half, i32v);
     const f32v nf = __builtin_convertvector(n, f32v);
-    const f32v r = x - nf * 0.693145751953125f - nf * 1.42860682030941723e-06f;
-    f32v p = r * (1.0f / 720.0f) + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    const f32v p = exp_reduced(x, nf);
     return select_v(over, inf, (f32v)((i32v)p + (n << 23)));
 }
 
