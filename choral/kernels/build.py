@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -25,75 +26,58 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-@lru_cache(maxsize=1)
-def load_paged_attention() -> ctypes.CDLL | None:
-    """The compiled attention kernel, or None when no compiler is available (or CHORAL_NO_KERNELS=1)."""
-    lib = _compile("paged_attention")
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float  # pointer, int, float arguments
+
+
+def _load(name: str, signatures: dict[str, list[Any]]) -> ctypes.CDLL | None:
+    """``<name>.c`` compiled and loaded, with each listed function's argument types set (all
+    return void), or None when no compiler is available (or CHORAL_NO_KERNELS=1)."""
+    lib = _compile(name)
     if lib is None:
         return None
-    for name in ("paged_attention_f32", "paged_attention_bf16", "paged_attention_f16"):
-        fn = getattr(lib, name)
+    for function, argtypes in signatures.items():
+        fn = getattr(lib, function)
         fn.restype = None
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [
-            ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+        fn.argtypes = argtypes
     return lib
+
+
+@lru_cache(maxsize=1)
+def load_paged_attention() -> ctypes.CDLL | None:
+    """The compiled attention kernel (fp32, bf16, fp16), or None."""
+    args = [_P] * 4 + [_I, _P, _P] + [_I] * 6 + [_F, _P, _I]
+    return _load("paged_attention", {f"paged_attention_{s}": args for s in ("f32", "bf16", "f16")})
 
 
 @lru_cache(maxsize=1)
 def load_small_gemm() -> ctypes.CDLL | None:
-    """The compiled packed-weight GEMM (``small_gemm.c``, fp32 and bf16 weights), or None like the
-    attention kernel."""
-    lib = _compile("small_gemm")
-    if lib is None:
-        return None
+    """The compiled packed-weight GEMM (``small_gemm.c``, fp32 and bf16 weights), or None."""
+    signatures: dict[str, list[Any]] = {}
     for suffix in ("f32", "bf16"):
-        pack, gemm = getattr(lib, f"small_gemm_pack_{suffix}"), getattr(lib, f"small_gemm_{suffix}")
-        pack.restype = None
-        pack.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
-        gemm.restype = None
-        gemm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
-    return lib
+        signatures[f"small_gemm_pack_{suffix}"] = [_P] * 2 + [_I] * 2
+        signatures[f"small_gemm_{suffix}"] = [_P] * 4 + [_I] * 5
+    return _load("small_gemm", signatures)
 
 
 @lru_cache(maxsize=1)
 def load_rms_norm() -> ctypes.CDLL | None:
-    """The compiled RMSNorm (``rms_norm.c``, fp32 and bf16), or None like the attention kernel."""
-    lib = _compile("rms_norm")
-    if lib is None:
-        return None
-    for fn in (lib.rms_norm_f32, lib.rms_norm_bf16):
-        fn.restype = None
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_float, ctypes.c_int]
-    return lib
+    """The compiled RMSNorm (``rms_norm.c``, fp32 and bf16), or None."""
+    args = [_P, _I, _P, _P, _I, _I, _F, _I]
+    return _load("rms_norm", {f"rms_norm_{s}": args for s in ("f32", "bf16")})
 
 
 @lru_cache(maxsize=1)
 def load_rope_kv() -> ctypes.CDLL | None:
-    """The compiled RoPE + KV-cache store (``rope_kv.c``, fp32 and bf16), or None like the attention
-    kernel."""
-    lib = _compile("rope_kv")
-    if lib is None:
-        return None
-    pointer, integer = ctypes.c_void_p, ctypes.c_int
-    for fn in (lib.rope_kv_f32, lib.rope_kv_bf16):
-        fn.restype = None
-        fn.argtypes = [pointer, integer, pointer, integer, pointer, pointer, pointer, pointer, pointer, pointer,
-                       pointer, integer, integer, integer, integer, integer, integer]
-    return lib
+    """The compiled RoPE + KV-cache store (``rope_kv.c``, fp32 and bf16), or None."""
+    args = [_P, _I, _P, _I] + [_P] * 7 + [_I] * 6
+    return _load("rope_kv", {f"rope_kv_{s}": args for s in ("f32", "bf16")})
 
 
 @lru_cache(maxsize=1)
 def load_silu_mul() -> ctypes.CDLL | None:
-    """The compiled SwiGLU activation (``silu_mul.c``, fp32 and bf16), or None like the attention
-    kernel."""
-    lib = _compile("silu_mul")
-    if lib is None:
-        return None
-    for fn in (lib.silu_mul_f32, lib.silu_mul_bf16):
-        fn.restype = None
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    return lib
+    """The compiled SwiGLU activation (``silu_mul.c``, fp32 and bf16), or None."""
+    args = [_P, _I, _P, _I, _I, _I]
+    return _load("silu_mul", {f"silu_mul_{s}": args for s in ("f32", "bf16")})
 
 
 def _compile(name: str) -> ctypes.CDLL | None:
