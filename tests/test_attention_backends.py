@@ -37,15 +37,28 @@ def test_kernel_head_groupings(heads: int, kv_heads: int, head_dim: int) -> None
         check_kernel(dtype, 16, head_dim, None, heads=heads, kv_heads=kv_heads)
 
 
+# Prompt chunks go through the fast path in tiles of consecutive tokens (2-4 by head grouping),
+# each token masking its own window: chunks here start at every offset within a block, and a
+# window of 3 makes a tile's second token skip the first token's block (cached 17: limits 18, 19
+# see keys from 15 and from 16).
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 3), (8, 4), (6, 2), (8, 2), (10, 2)])
+@pytest.mark.parametrize("window", [None, 3, 16, 17])
+def test_kernel_prompt_tiles(heads: int, kv_heads: int, window: int | None) -> None:
+    seqs = [(17, 8), (15, 33), (0, 7), (40, 1), (31, 2), (1, 19), (64, 5)]
+    for dtype in (torch.float32, torch.bfloat16):
+        check_kernel(dtype, 16, 64, window, heads=heads, kv_heads=kv_heads, seqs=seqs)
+
+
 def check_kernel(dtype: torch.dtype, block_size: int, head_dim: int, window: int | None, heads: int,
-                 kv_heads: int) -> None:
+                 kv_heads: int, seqs: list[tuple[int, int]] | None = None) -> None:
     g = torch.Generator().manual_seed(block_size * 1000 + head_dim + heads)
     num_blocks = 64
     k_shape, v_shape = kv_cache_shapes(num_blocks, block_size, kv_heads, head_dim)
     k_cache = torch.zeros(k_shape, dtype=dtype)
     v_cache = torch.zeros(v_shape, dtype=dtype)
     # Sequences: (tokens already cached, new query tokens): decodes and prompt chunks.
-    seqs = [(0, 1), (37, 1), (3, 9), (20, 16), (50, 1), (6, 40)]
+    if seqs is None:
+        seqs = [(0, 1), (37, 1), (3, 9), (20, 16), (50, 1), (6, 40)]
     perm = torch.randperm(num_blocks, generator=g).tolist()
     tables, starts, lens, ctx = [], [], [], []
     cursor = 0

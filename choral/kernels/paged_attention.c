@@ -19,6 +19,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
@@ -112,13 +113,15 @@ static void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int3
 }
 
 /* ---- Fast path: block_size 16, head_dim a multiple of 64 (the common case) -------------------
- * GCC vector types make the accumulators registers: up to HG_MAX = 4 query heads of one KV head
- * go together, with 1-4 independent score chains over d each, and P @ V keeps PVW output vectors
- * per head in registers across the block's 16 keys. Register budget (VL = 16: 32 registers;
- * VL = 8: 16): AVX-512 keeps 4 heads x 4 output vectors + 4 value vectors + 1 broadcast (21);
- * AVX2 narrows to 1 score chain (4 heads) and 2 output vectors (3-4 heads): 4 x 2 + 2 + 1 = 11.
- * Before, AVX2 went 2 heads at a time, so SmolLM2's 3-head groups took two passes over each
- * block's keys and values (b64 x 350 context per layer, Zen 3, 2 threads: bf16 1.43 -> 1.10 ms,
+ * GCC vector types make the accumulators registers. A call takes rows (token, query head): up
+ * to HG_MAX = 4 query heads of one KV head for each of up to QT_MAX tokens of a prompt chunk, at
+ * most ROWS_MAX rows, with 1-4 independent score chains over d each, and P @ V keeps PVW output
+ * vectors per row in registers across the block's 16 keys. Register budget (VL = 16: 32
+ * registers; VL = 8: 16): AVX-512 keeps up to 6 rows x 4 output vectors + 4 value vectors + 1
+ * broadcast (29), 8 rows with 2 outputs; AVX2 takes 1 score chain and 2 output vectors from 3-4
+ * rows on, and at most 6 rows: 6 x 2 + 2 + 1 = 15. Before, AVX2 went 2 heads at a time, so
+ * SmolLM2's 3-head groups took two passes over each block's keys and values (b64 x 350 context
+ * per layer, Zen 3, 2 threads: bf16 1.43 -> 1.10 ms,
  * fp32 ~5% less). Vectors have the ISA's native width, VL lanes
  * (16 with AVX-512, 8 otherwise): gcc lowers wider generic vectors through the stack, which on
  * an AVX2-only CPU (AMD Zen 3, 2 threads, SmolLM2's heads, per layer) cost decodes 2.7x (b64 x
@@ -126,10 +129,14 @@ static void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int3
  * 5-8 ms). A block's 16 scores take SV = 16 / VL vectors. */
 #ifdef __AVX512F__
 #define VL 16
+#define ROWS_MAX 8 /* query rows per call (tokens x heads): 8 x 2 score chains, 8 x 2 outputs */
 #else
 #define VL 8
+#define ROWS_MAX 6 /* 6 rows x 1 chain x 2 score vectors; 6 x 2 outputs + 2 values + 1 broadcast */
 #endif
 #define HG_MAX 4
+#define QT_MAX 4   /* tokens per tile */
+#define QT_STATE (2 * MAX_GROUP) /* a job's query rows of up to MAX_D floats: its arrays' size */
 #define SV (16 / VL)
 typedef float f32v __attribute__((vector_size(VL * 4)));
 typedef int32_t i32v __attribute__((vector_size(VL * 4)));
@@ -194,29 +201,43 @@ static inline float hmaxv(f32v v) { float m = v[0]; for (int i = 1; i < VL; i++)
 static inline float hsumv(f32v v) { float s = 0.f; for (int i = 0; i < VL; i++) s += v[i]; return s; }
 #endif
 
-/* One query token against its keys, for a run of KV heads [kh0, kh1) at once: block by block,
- * every head of the run reads its slice of the block before the next block. A block holds all
- * KV heads side by side (K: KVH * D * BS contiguous elements, V: BS rows of KVH * D), so reading
- * the whole run per block walks contiguous memory the hardware prefetchers follow; walking one
- * head through all blocks first (the old order) touched every block KVH times, a third of each
- * V row at a time (b64 x 350 context, 30 layers of SmolLM2, 2 threads: fp32 83 -> 62 ms, bf16
- * 68 -> 57 ms). A decode token also prefetches the next block while this one computes, since
- * a sequence's blocks are scattered in the pool. */
+/* A tile of query tokens against their keys, for a run of KV heads [kh0, kh1) at once: block by
+ * block, every head of the run reads its slice of the block before the next block. A block holds
+ * all KV heads side by side (K: KVH * D * BS contiguous elements, V: BS rows of KVH * D), so
+ * reading the whole run per block walks contiguous memory the hardware prefetchers follow;
+ * walking one head through all blocks first (the old order) touched every block KVH times, a
+ * third of each V row at a time (b64 x 350 context, 30 layers of SmolLM2, 2 threads: fp32 83 ->
+ * 62 ms, bf16 68 -> 57 ms). A decode token also prefetches the next block while this one
+ * computes, since a sequence's blocks are scattered in the pool.
+ *
+ * A tile is up to QT consecutive tokens of one prompt chunk (a decode token is a tile of one).
+ * Its tokens share the block walk: each key and value vector loaded serves QT x HG query rows,
+ * and QK and P @ V run that many independent FMA chains (a 512-token prompt's layer, SmolLM2,
+ * Zen 3, 2 threads, interleaved runs: fp32 4.3 -> 3.1 ms, bf16 5.7 -> 4.3 ms; the same code with
+ * one token per tile ran as before). Rows are (token, head) pairs, at most ROWS_MAX per call;
+ * each token masks the keys outside its own range [start, limit), so a tile's tokens may see
+ * different windows. */
 #define DEFINE_FAST(NAME, T_ELEM, LOAD, LOADV, STORE)                                              \
-/* HG query heads sharing one KV head, against one block: each key and value vector is loaded   \
- * (and widened) once for all HG heads, and the HG heads' FMA chains run side by side. HG is a   \
- * constant after inlining, so the score and output accumulators stay in registers. */           \
-static inline __attribute__((always_inline)) void NAME##_heads(                                   \
-        const float *qf, f32v *acc, float *m, float *l, const T_ELEM *kb, const T_ELEM *vb,        \
-        long v_row, int head_dim, int c0, int c1, const f32v *lane_ok, const char *pk, const char *pv, \
-        const int HG) {                                                                            \
-    const int BS = 16, nv = head_dim / VL;                                                         \
-    const int NCH = HG == 1 ? 4 : (VL == 8 && HG == 4) ? 1 : 2; /* independent score chains per head */ \
-    const int PVW = (VL == 8 && HG >= 3) ? 2 : 4; /* output vectors per head per walk of the keys */ \
-    f32v s[HG_MAX][4][SV];                                                                         \
-    for (int g = 0; g < HG; g++)                                                                   \
+/* NT tokens x HG query heads sharing one KV head, against one block: each key and value vector  \
+ * is loaded (and widened) once for all R = NT * HG rows, and the rows' FMA chains run side by    \
+ * side. HG and NT are constants after inlining, so the score and output accumulators stay in   \
+ * registers. The rows' queries come interleaved, qc[d * R + r] (row r = t * HG + g), so one     \
+ * pointer serves every row's broadcast, and the d loop takes the rows one at a time: with a     \
+ * pointer per row and every row's broadcast live at once, gcc ran out of AVX2's 16 registers   \
+ * and kept two score accumulators on the stack, so QK waited on memory (~2.4x its FMA time on  \
+ * a 512-token prompt, Zen 3). Row (t, g) keeps acc[t * acc_tok + g * nv] and                    \
+ * m, l[t * ml_tok + g]; lane_ok[t * SV + u] is 0 on token t's keys of the block, -inf elsewhere. */ \
+static inline __attribute__((always_inline)) void NAME##_rows(                                    \
+        const float *qc, f32v *acc, int acc_tok, float *m, float *l, int ml_tok,                   \
+        const T_ELEM *kb, const T_ELEM *vb, long v_row, int head_dim, int c_lo, int c_hi,          \
+        const f32v *lane_ok, const char *pk, const char *pv, const int HG, const int NT) {         \
+    const int BS = 16, nv = head_dim / VL, R = HG * NT;                                            \
+    const int NCH = R == 1 ? 4 : (VL == 8 && R >= 4) ? 1 : 2; /* independent score chains per row */ \
+    const int PVW = ((VL == 8 && R >= 3) || R > 6) ? 2 : 4; /* output vectors per row per walk */ \
+    f32v s[ROWS_MAX][4][SV];                                                                       \
+    for (int r = 0; r < R; r++)                                                                    \
         for (int i = 0; i < NCH; i++)                                                              \
-            for (int u = 0; u < SV; u++) s[g][i][u] = (f32v){0};                                   \
+            for (int u = 0; u < SV; u++) s[r][i][u] = (f32v){0};                                   \
     /* pv (or NULL): this head's value rows in the next block, 16 spans of row_bytes at a stride \
      * of v_row; pk (or NULL): its keys there, one span. Each step of d asks for an even share  \
      * of them (step bytes of each, a V share always within one row), so the fetch overlaps the \
@@ -229,52 +250,69 @@ static inline __attribute__((always_inline)) void NAME##_heads(                 
     const char *vp = pv;                                                                           \
     int in_row = 0;                                                                                \
     for (int d = 0; d < head_dim; d += NCH) {                                                      \
-        if (vp) {                                                                                  \
+        if (NT == 1 && vp) { /* tiles are prompt chunks: only a lone token prefetches */          \
             for (int o = 0; o < step; o += 64) __builtin_prefetch(vp + in_row + o, 0, 2);          \
             in_row += step;                                                                        \
             if (in_row == row_bytes) { in_row = 0; vp += v_row * (long)sizeof(T_ELEM); }           \
         }                                                                                          \
-        if (pk)                                                                                    \
+        if (NT == 1 && pk)                                                                         \
             for (int o = 0; o < step; o += 64) __builtin_prefetch(pk + d / NCH * step + o, 0, 2);  \
-        for (int i = 0; i < NCH; i++)                                                              \
-            for (int u = 0; u < SV; u++) {                                                         \
-                const f32v k = LOADV(kb + (long)(d + i) * BS + u * VL);                            \
-                for (int g = 0; g < HG; g++) s[g][i][u] += qf[g * head_dim + d + i] * k;           \
+        /* Row by row, each row's query value broadcast once for the SV key vectors: only one    \
+         * broadcast is live at a time (R x SV accumulators + SV keys + 1 fit AVX2's 16). */      \
+        for (int i = 0; i < NCH; i++) {                                                            \
+            f32v k[SV];                                                                            \
+            for (int u = 0; u < SV; u++) k[u] = LOADV(kb + (long)(d + i) * BS + u * VL);           \
+            const float *qd = qc + (long)(d + i) * R;                                              \
+            for (int r = 0; r < R; r++) {                                                          \
+                const float qv = qd[r];                                                            \
+                for (int u = 0; u < SV; u++) s[r][i][u] += qv * k[u];                              \
             }                                                                                      \
-    }                                                                                              \
-    f32v e[HG_MAX][SV];                                                                            \
-    float corr[HG_MAX];                                                                            \
-    for (int g = 0; g < HG; g++) {                                                                 \
-        f32v sc[SV];                                                                               \
-        for (int u = 0; u < SV; u++) {                                                             \
-            sc[u] = s[g][0][u] + lane_ok[u];                                                       \
-            for (int i = 1; i < NCH; i++) sc[u] += s[g][i][u];                                     \
         }                                                                                          \
-        f32v top = sc[0];                                                                          \
-        for (int u = 1; u < SV; u++) top = maxv(top, sc[u]);                                       \
-        const float bmax = hmaxv(top);                                                             \
-        const float cmax = bmax > m[g] ? bmax : m[g];                                              \
-        f32v sum = {0};                                                                            \
-        for (int u = 0; u < SV; u++) { e[g][u] = expv_nonpos(sc[u] - cmax); sum += e[g][u]; }     \
-        corr[g] = exp_nonpos(m[g] - cmax);                                                         \
-        l[g] = l[g] * corr[g] + hsumv(sum);                                                        \
-        m[g] = cmax;                                                                               \
     }                                                                                              \
+    f32v e[ROWS_MAX][SV];                                                                          \
+    float corr[ROWS_MAX];                                                                          \
+    for (int t = 0; t < NT; t++)                                                                   \
+        for (int g = 0; g < HG; g++) {                                                             \
+            const int r = t * HG + g;                                                              \
+            float *mr = m + t * ml_tok + g, *lr = l + t * ml_tok + g;                              \
+            f32v sc[SV];                                                                           \
+            for (int u = 0; u < SV; u++) {                                                         \
+                sc[u] = s[r][0][u] + lane_ok[t * SV + u];                                          \
+                for (int i = 1; i < NCH; i++) sc[u] += s[r][i][u];                                 \
+            }                                                                                      \
+            f32v top = sc[0];                                                                      \
+            for (int u = 1; u < SV; u++) top = maxv(top, sc[u]);                                   \
+            const float bmax = hmaxv(top);                                                         \
+            const float cmax = bmax > *mr ? bmax : *mr;                                            \
+            /* -inf while a row has seen none of its keys (a tile's later token whose window     \
+             * starts past this block): exp(-inf - 0) = 0 keeps its state at zero. */            \
+            const float ref = cmax == -INFINITY ? 0.f : cmax;                                      \
+            f32v sum = {0};                                                                        \
+            for (int u = 0; u < SV; u++) { e[r][u] = expv_nonpos(sc[u] - ref); sum += e[r][u]; }  \
+            corr[r] = exp_nonpos(*mr - ref);                                                       \
+            *lr = *lr * corr[r] + hsumv(sum);                                                      \
+            *mr = cmax;                                                                            \
+        }                                                                                          \
     for (int j = 0; j < nv; j += PVW) {                                                            \
-        f32v a[HG_MAX][4];                                                                         \
-        for (int g = 0; g < HG; g++)                                                               \
-            for (int i = 0; i < PVW; i++) a[g][i] = acc[g * nv + j + i] * corr[g];                 \
-        for (int c = c0; c < c1; c++) {                                                            \
+        f32v a[ROWS_MAX][4];                                                                       \
+        for (int t = 0; t < NT; t++)                                                               \
+            for (int g = 0; g < HG; g++)                                                           \
+                for (int i = 0; i < PVW; i++)                                                      \
+                    a[t * HG + g][i] = acc[t * acc_tok + g * nv + j + i] * corr[t * HG + g];       \
+        const float *pe = (const float *)e; /* row r's 16 weights at pe + 16 r */                 \
+        for (int c = c_lo; c < c_hi; c++) {                                                        \
             const T_ELEM *vr = vb + (long)c * v_row + j * VL;                                      \
             f32v v[4];                                                                             \
             for (int i = 0; i < PVW; i++) v[i] = LOADV(vr + i * VL);                               \
-            for (int g = 0; g < HG; g++) {                                                         \
-                const float p = e[g][c / VL][c % VL];                                              \
-                for (int i = 0; i < PVW; i++) a[g][i] += p * v[i];                                 \
+            for (int r = 0; r < R; r++) {                                                          \
+                const float p = pe[r * 16 + c];                                                    \
+                for (int i = 0; i < PVW; i++) a[r][i] += p * v[i];                                 \
             }                                                                                      \
         }                                                                                          \
-        for (int g = 0; g < HG; g++)                                                               \
-            for (int i = 0; i < PVW; i++) acc[g * nv + j + i] = a[g][i];                           \
+        for (int t = 0; t < NT; t++)                                                               \
+            for (int g = 0; g < HG; g++)                                                           \
+                for (int i = 0; i < PVW; i++)                                                      \
+                    acc[t * acc_tok + g * nv + j + i] = a[t * HG + g][i];                          \
     }                                                                                              \
 }                                                                                                  \
 static void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int32_t *block_tables, \
@@ -286,45 +324,83 @@ static void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int3
     const int nv = head_dim / VL; /* vectors per head row */                                       \
     const long k_block = (long)n_kv_heads * head_dim * BS;                                         \
     const long v_row = (long)n_kv_heads * head_dim;                                                \
-    int run = (MAX_GROUP * MAX_D) / (group * head_dim); /* KV heads whose state fits the arrays */ \
+    /* Tokens per tile: as many as keep a call's rows (tokens x heads of one call) in registers. */\
+    const int hg_first = group < HG_MAX ? group : HG_MAX;                                          \
+    const int qt = ROWS_MAX / hg_first < QT_MAX ? ROWS_MAX / hg_first : QT_MAX;                    \
+    /* KV heads per job: as many as the tile's query state fits the arrays (QT_STATE rows of D). */\
+    int run = QT_STATE * MAX_D / (qt * group * head_dim);                                          \
     if (run > n_kv_heads) run = n_kv_heads;                                                        \
     const int n_runs = (n_kv_heads + run - 1) / run;                                               \
+    /* tiles[i] = first token of tile i; tiles[n_tiles] = n_tokens. Without memory, a tile per    \
+     * token (tile_of(i) = i). */                                                                  \
+    int *tiles = (int *)malloc(sizeof(int) * ((size_t)n_tokens + 1));                              \
+    int n_tiles = 0;                                                                               \
+    if (tiles) {                                                                                   \
+        for (int t = 0; t < n_tokens;) {                                                           \
+            int nt = 1;                                                                            \
+            while (nt < qt && t + nt < n_tokens && tok_seq[t + nt] == tok_seq[t]) nt++;            \
+            tiles[n_tiles++] = t;                                                                  \
+            t += nt;                                                                               \
+        }                                                                                          \
+        tiles[n_tiles] = n_tokens;                                                                 \
+    } else {                                                                                       \
+        n_tiles = n_tokens;                                                                        \
+    }                                                                                              \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(n_threads)")                        \
-    for (int job = 0; job < n_tokens * n_runs; job++) {                                            \
-        const int t = job / n_runs, kh0 = (job % n_runs) * run;                                    \
+    for (int job = 0; job < n_tiles * n_runs; job++) {                                             \
+        const int ti = job / n_runs, kh0 = (job % n_runs) * run;                                   \
+        const int t0 = tiles ? tiles[ti] : ti, nt = (tiles ? tiles[ti + 1] : ti + 1) - t0;         \
         const int kh1 = kh0 + run < n_kv_heads ? kh0 + run : n_kv_heads;                           \
         const int nh = (kh1 - kh0) * group; /* query heads of this run */                          \
-        float qf[MAX_GROUP * MAX_D] __attribute__((aligned(64))); /* [nh][head_dim], scaled */     \
-        f32v acc[MAX_GROUP * MAX_D / VL];                         /* [nh][nv] */                   \
-        float m[MAX_GROUP * MAX_D / 16], l[MAX_GROUP * MAX_D / 16];                                \
-        const int32_t *bt = block_tables + (long)tok_seq[t] * max_blocks;                          \
-        const int limit = tok_limit[t];                                                            \
+        /* Scaled queries, one chunk per call (KV head kh, heads g0 .. g0 + hg - 1): the chunk of \
+         * heads h0 = (kh - kh0) * group + g0 starts at h0 * nt * head_dim and holds [d][nt][hg]. */ \
+        float qf[QT_STATE * MAX_D] __attribute__((aligned(64)));                                  \
+        f32v acc[QT_STATE * MAX_D / VL];                         /* [nt][nh][nv] */                \
+        float m[QT_STATE * MAX_D / 64], l[QT_STATE * MAX_D / 64]; /* [nt][nh] */                   \
+        int lo[QT_MAX], hi[QT_MAX]; /* each token's keys: [lo, hi) */                              \
+        const int32_t *bt = block_tables + (long)tok_seq[t0] * max_blocks;                         \
+        int first = tok_limit[t0], last = 0;                                                       \
+        for (int i = 0; i < nt; i++) {                                                             \
+            const int limit = tok_limit[t0 + i];                                                   \
+            lo[i] = window > 0 && limit > window ? limit - window : 0;                             \
+            hi[i] = limit;                                                                         \
+            if (lo[i] < first) first = lo[i];                                                      \
+            if (hi[i] > last) last = hi[i];                                                        \
+            for (int h = 0; h < nh; h++) {                                                         \
+                const T_ELEM *qr = q + ((long)(t0 + i) * n_heads + kh0 * group + h) * head_dim;    \
+                const int g = h % group, g0 = g - g % HG_MAX;                                      \
+                const int hg = group - g0 < HG_MAX ? group - g0 : HG_MAX;                          \
+                float *qd = qf + (long)(h - g + g0) * nt * head_dim + i * hg + (g - g0);           \
+                for (int d = 0; d < head_dim; d++) qd[(long)d * nt * hg] = LOAD(qr[d]) * scale;    \
+                for (int j = 0; j < nv; j++) acc[(i * nh + h) * nv + j] = (f32v){0};               \
+                m[i * nh + h] = -INFINITY; l[i * nh + h] = 0.f;                                    \
+            }                                                                                      \
+        }                                                                                          \
         /* A decode token (alone in its sequence) streams its context from memory once: prefetch  \
          * the next block while this one computes. A prompt chunk's tokens share their blocks,    \
          * which stay in cache, so prefetching them only costs instructions. */                    \
-        const int lone = (t == 0 || tok_seq[t - 1] != tok_seq[t]) &&                               \
-                         (t + 1 == n_tokens || tok_seq[t + 1] != tok_seq[t]);                      \
-        int start = 0;                                                                             \
-        if (window > 0 && limit > window) start = limit - window;                                  \
-        for (int h = 0; h < nh; h++) {                                                             \
-            const T_ELEM *qr = q + ((long)t * n_heads + kh0 * group + h) * head_dim;               \
-            for (int d = 0; d < head_dim; d++) qf[h * head_dim + d] = LOAD(qr[d]) * scale;         \
-            for (int j = 0; j < nv; j++) acc[h * nv + j] = (f32v){0};                              \
-            m[h] = -INFINITY; l[h] = 0.f;                                                          \
-        }                                                                                          \
+        const int lone = nt == 1 && (t0 == 0 || tok_seq[t0 - 1] != tok_seq[t0]) &&                 \
+                         (t0 + 1 == n_tokens || tok_seq[t0 + 1] != tok_seq[t0]);                   \
         const int head_elems = head_dim * BS;      /* one head's keys in a block */                \
-        for (int b = start / BS; b * BS < limit; b++) {                                            \
-            const int c0 = b * BS < start ? start - b * BS : 0;                                    \
-            const int c1 = (b + 1) * BS > limit ? limit - b * BS : BS;                             \
+        for (int b = first / BS; b * BS < last; b++) {                                             \
+            f32v lane_ok[QT_MAX * SV]; /* [nt][SV]: 0 on a token's keys in this block, else -inf */\
+            int c_lo = BS, c_hi = 0;   /* keys any token of the tile sees here */                  \
+            for (int i = 0; i < nt; i++) {                                                         \
+                int c0 = lo[i] - b * BS, c1 = hi[i] - b * BS;                                      \
+                c0 = c0 < 0 ? 0 : c0 > BS ? BS : c0;                                               \
+                c1 = c1 < 0 ? 0 : c1 > BS ? BS : c1;                                               \
+                if (c0 < c1) { c_lo = c0 < c_lo ? c0 : c_lo; c_hi = c1 > c_hi ? c1 : c_hi; }       \
+                for (int u = 0; u < SV; u++) lane_ok[i * SV + u] = (f32v){0};                      \
+                if (c0 > 0 || c1 < BS)                                                             \
+                    for (int c = 0; c < BS; c++)                                                   \
+                        lane_ok[i * SV + c / VL][c % VL] = (c >= c0 && c < c1) ? 0.f : -INFINITY;  \
+            }                                                                                      \
             const T_ELEM *kblk = kc + (long)bt[b] * k_block;                                       \
             const T_ELEM *vblk = vc + (long)bt[b] * BS * v_row;                                    \
-            const int has_next = lone && (b + 1) * BS < limit;                                     \
+            const int has_next = lone && (b + 1) * BS < last;                                      \
             const T_ELEM *kn = has_next && head_elems * (int)sizeof(T_ELEM) < 4096                 \
                 ? kc + (long)bt[b + 1] * k_block : NULL;                                           \
             const T_ELEM *vn = has_next ? vc + (long)bt[b + 1] * BS * v_row : NULL;                \
-            f32v lane_ok[SV] = {{0}}; /* -inf on keys outside [c0, c1): partial first/last block */\
-            if (c0 > 0 || c1 < BS)                                                                 \
-                for (int c = 0; c < BS; c++) lane_ok[c / VL][c % VL] = (c >= c0 && c < c1) ? 0.f : -INFINITY; \
             for (int kh = kh0; kh < kh1; kh++) {                                                   \
                 const T_ELEM *kb = kblk + (long)kh * head_elems;                                   \
                 const T_ELEM *vb = vblk + (long)kh * head_dim;                                     \
@@ -332,26 +408,39 @@ static void NAME(const T_ELEM *q, const T_ELEM *kc, const T_ELEM *vc, const int3
                 const char *pv0 = vn ? (const char *)(vn + (long)kh * head_dim) : NULL;            \
                 for (int g0 = 0; g0 < group; g0 += HG_MAX) {                                       \
                     const int h = (kh - kh0) * group + g0;                                         \
-                    const float *qh = qf + h * head_dim;                                           \
+                    const int hg = group - g0 < HG_MAX ? group - g0 : HG_MAX;                      \
+                    const float *qh = qf + (long)h * nt * head_dim;                                \
                     const char *pk = g0 == 0 ? pk0 : NULL, *pv = g0 == 0 ? pv0 : NULL;             \
                     f32v *ah = acc + h * nv;                                                       \
-                    switch (group - g0 < HG_MAX ? group - g0 : HG_MAX) {                           \
-                    case 1: NAME##_heads(qh, ah, m + h, l + h, kb, vb, v_row, head_dim, c0, c1, lane_ok, pk, pv, 1); break; \
-                    case 2: NAME##_heads(qh, ah, m + h, l + h, kb, vb, v_row, head_dim, c0, c1, lane_ok, pk, pv, 2); break; \
-                    case 3: NAME##_heads(qh, ah, m + h, l + h, kb, vb, v_row, head_dim, c0, c1, lane_ok, pk, pv, 3); break; \
-                    default: NAME##_heads(qh, ah, m + h, l + h, kb, vb, v_row, head_dim, c0, c1, lane_ok, pk, pv, HG_MAX); \
+                    switch (hg * 8 + nt) {                                                         \
+                    ROWS_CASE(NAME, 1, 1) ROWS_CASE(NAME, 1, 2) ROWS_CASE(NAME, 1, 3) ROWS_CASE(NAME, 1, 4) \
+                    ROWS_CASE(NAME, 2, 1) ROWS_CASE(NAME, 2, 2) ROWS_CASE(NAME, 2, 3) ROWS_CASE(NAME, 2, 4) \
+                    ROWS_CASE(NAME, 3, 1) ROWS_CASE(NAME, 3, 2)                                    \
+                    ROWS_CASE(NAME, 4, 1) ROWS_CASE(NAME, 4, 2)                                    \
                     }                                                                              \
                 }                                                                                  \
             }                                                                                      \
         }                                                                                          \
-        for (int h = 0; h < nh; h++) {                                                             \
-            T_ELEM *orow = out + ((long)t * n_heads + kh0 * group + h) * head_dim;                 \
-            const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;                                       \
-            for (int j = 0; j < nv; j++)                                                           \
-                for (int i = 0; i < VL; i++) orow[j * VL + i] = STORE(acc[h * nv + j][i] * inv);   \
-        }                                                                                          \
+        for (int i = 0; i < nt; i++)                                                               \
+            for (int h = 0; h < nh; h++) {                                                         \
+                T_ELEM *orow = out + ((long)(t0 + i) * n_heads + kh0 * group + h) * head_dim;      \
+                const float inv = l[i * nh + h] > 0.f ? 1.f / l[i * nh + h] : 0.f;                 \
+                for (int j = 0; j < nv; j++)                                                       \
+                    for (int c = 0; c < VL; c++)                                                   \
+                        orow[j * VL + c] = STORE(acc[(i * nh + h) * nv + j][c] * inv);             \
+            }                                                                                      \
     }                                                                                              \
+    free(tiles);                                                                                   \
 }
+
+/* One call of NAME##_rows for HG heads x NT tokens: only combinations whose rows fit ROWS_MAX
+ * (the tile size guarantees no other occurs). */
+#define ROWS_CASE(NAME, HGc, NTc)                                                                  \
+    case HGc * 8 + NTc:                                                                            \
+        if (HGc * NTc <= ROWS_MAX)                                                                 \
+            NAME##_rows(qh, ah, nh * nv, m + h, l + h, nh, kb, vb, v_row, head_dim,                \
+                        c_lo, c_hi, lane_ok, pk, pv, HGc, HGc * NTc <= ROWS_MAX ? NTc : 1);        \
+        break;
 
 #define LOAD_F32(x) (x)
 #define STORE_F32(x) (x)
