@@ -15,7 +15,8 @@ from choral.models.linear import Projection, choose_layout, onednn_packing_works
 
 
 @pytest.mark.parametrize(("rows", "in_features", "out_features"), [
-    (1, 64, 96), (5, 7, 33), (12, 576, 960), (13, 96, 70), (32, 130, 31), (64, 64, 32), (300, 48, 100),
+    (1, 64, 96), (5, 7, 33), (12, 576, 960), (13, 96, 70), (32, 130, 31), (64, 64, 32), (100, 96, 1100),
+    (300, 48, 100),
 ])
 @pytest.mark.parametrize("bias", [False, True])
 def test_panels_match_linear(rows: int, in_features: int, out_features: int, bias: bool) -> None:
@@ -35,7 +36,7 @@ def test_panels_match_linear(rows: int, in_features: int, out_features: int, bia
 
 
 @pytest.mark.parametrize(("rows", "in_features", "out_features"), [
-    (1, 64, 96), (5, 7, 33), (13, 96, 70), (32, 130, 31), (64, 576, 960), (300, 48, 100),
+    (1, 64, 96), (5, 7, 33), (13, 96, 70), (32, 130, 31), (64, 576, 960), (80, 64, 2000), (300, 48, 100),
 ])
 @pytest.mark.parametrize("bias", [False, True])
 def test_bf16_panels_match_fp32_linear_then_rounding(rows: int, in_features: int, out_features: int,
