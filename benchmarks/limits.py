@@ -17,9 +17,13 @@ def matmul_size(device: str) -> int:
     return 8192 if torch.device(device).type == "cuda" else 2048  # large enough to fill the device
 
 
-def best_time(fn, reps: int, device: str | torch.device = "cpu") -> float:  # type: ignore[no-untyped-def]
+def best_time(fn, reps: int, device: str | torch.device = "cpu",  # type: ignore[no-untyped-def]
+              budget_s: float = 30.0) -> float:
     """The fastest of ``reps`` timed runs (after one warm-up): a machine's limit is what it can
-    do, and a busy neighbour only ever makes a run slower."""
+    do, and a busy neighbour only ever makes a run slower. Runs stop early once ``budget_s`` is
+    spent (at least one is timed): torch's bf16 matmul on a CPU without AVX-512 bf16 takes
+    ~1 minute a call at n = 2048, and ten of them held a run up for 10 minutes."""
+    start = time.perf_counter()
     fn()
     sync(device)
     best = float("inf")
@@ -28,6 +32,8 @@ def best_time(fn, reps: int, device: str | torch.device = "cpu") -> float:  # ty
         fn()
         sync(device)
         best = min(best, time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s:
+            break
     return best
 
 
