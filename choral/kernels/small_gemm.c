@@ -188,23 +188,18 @@ static inline __attribute__((always_inline)) void NAME##_panel(                 
  * loses its core for a while (a busy VM) does not hold the other at the barrier (M = 512, three \
  * runs: static 720-1030 ms, one at a time 660-830). In between (M = 64-127), runs of an eighth \
  * of a thread's share go to whichever thread is free: mostly contiguous, and a slow thread     \
- * costs at most a run (a 64-sequence decode step, SmolLM2, Zen 3, three interleaved pairs:     \
- * medians 196-222 ms against 235-244 with fixed halves; at 32 and 48 sequences fixed halves    \
- * stayed as fast or faster, so they keep them). */                                              \
+ * costs at most a run (a 64-sequence decode step, SmolLM2, Zen 3, two interleaved pairs:       \
+ * medians 215 and 179 ms against 260 and 245 with fixed halves; at 32 and 48 sequences fixed   \
+ * halves stayed as fast or faster, so they keep them). */                                      \
 void NAME(const float *x, const WT *packed, const WT *bias, YT *y, int M, int K, int N, int ldx, \
           int n_threads) {                                                                        \
     const int panels = (N + PANEL - 1) / PANEL;                                                   \
-    if (M >= 128) {                                                                               \
-        _Pragma("omp parallel for schedule(dynamic, 1) num_threads(n_threads)")                   \
-        for (int p = 0; p < panels; p++) NAME##_panel(x, packed, bias, y, M, K, N, ldx, p, panels); \
-    } else if (M >= 64) {                                                                         \
-        const int run = panels / (8 * n_threads) > 0 ? panels / (8 * n_threads) : 1;             \
-        _Pragma("omp parallel for schedule(dynamic, run) num_threads(n_threads)")                 \
-        for (int p = 0; p < panels; p++) NAME##_panel(x, packed, bias, y, M, K, N, ldx, p, panels); \
-    } else {                                                                                      \
-        _Pragma("omp parallel for schedule(static) num_threads(n_threads)")                       \
-        for (int p = 0; p < panels; p++) NAME##_panel(x, packed, bias, y, M, K, N, ldx, p, panels); \
-    }                                                                                             \
+    /* Panels per hand-out: 1 from 128 rows, an eighth of a thread's share from 64, else a thread's \
+     * whole share (one contiguous run each). */                                                  \
+    const int share = (panels + n_threads - 1) / n_threads;                                      \
+    const int run = M >= 128 ? 1 : M >= 64 ? (share / 8 > 0 ? share / 8 : 1) : share;           \
+    _Pragma("omp parallel for schedule(dynamic, run) num_threads(n_threads)")                     \
+    for (int p = 0; p < panels; p++) NAME##_panel(x, packed, bias, y, M, K, N, ldx, p, panels);   \
 }
 
 static inline float f32_to_f32(float v) { return v; }
