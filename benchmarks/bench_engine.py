@@ -35,7 +35,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF de-quantization
 
 import torch  # noqa: E402
 from common import add_model_args, apply_threads, device_name, load_hf, log, mark, sync  # noqa: E402
-from limits import matmul_gflops, matmul_size, model_cost, read_bandwidth_gbs  # noqa: E402
+from limits import floor_gflops, matmul_gflops, matmul_size, model_cost, read_bandwidth_gbs  # noqa: E402
 
 from choral.config import EngineConfig  # noqa: E402
 from choral.engine.llm_engine import LLMEngine  # noqa: E402
@@ -231,7 +231,10 @@ def bench_dtype(dtype: str, args: argparse.Namespace, limits: dict[str, float],
     load_s = time.perf_counter() - t0
     cost = model_cost(engine)
     vocab = engine.loaded.spec.vocab_size
-    gflops, gbs = limits[f"matmul_gflops_{dtype}"], limits["read_gbs"]
+    rates = {d: limits[f"matmul_gflops_{d}"] for d in TORCH_DTYPES if f"matmul_gflops_{d}" in limits}
+    gflops, gflops_dtype = floor_gflops(rates, dtype)
+    gbs = limits["read_gbs"]
+    log(f"{dtype}: floors at the {SHORT[gflops_dtype]} matmul rate, {gflops:.1f} GFLOP/s")
     info = {"choral_load_s": load_s, "attention_backend": type(engine.runner.attention).__name__,
             "kv_cache_tokens": engine.kv_size.num_tokens, "weight_bytes": cost.weight_bytes,
             "matmul_params_per_token": cost.layer_params + cost.lm_head_params}
@@ -348,10 +351,13 @@ def render(rows: list[Row], limits: dict[str, float], meta: dict[str, Any]) -> s
         "|---|---:|",
     ]
     n = meta["matmul_n"]
-    for dtype in meta["dtypes"]:
-        lines.append(f"| matmul {SHORT[dtype]} {n}^3 | {limits[f'matmul_gflops_{dtype}']:.1f} GFLOP/s |")
+    for dtype in TORCH_DTYPES:
+        if f"matmul_gflops_{dtype}" in limits:
+            lines.append(f"| matmul {SHORT[dtype]} {n}^3 | {limits[f'matmul_gflops_{dtype}']:.1f} GFLOP/s |")
     lines.append(f"| read bandwidth (sum of 1 GiB fp32) | {limits['read_gbs']:.1f} GB/s |")
     lines += [
+        "",
+        "Floors take the faster of the dtype's and fp32's matmul rate (a bf16 model can run on fp32 arithmetic).",
         "",
         "| dtype | case | batch | ctx | ms/step | tok/s | floor ms | bound | x floor | sampler % "
         "| HF ms/step | HF tok/s | choral/HF | target |",
@@ -419,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"model {path}, device {args.device}, {args.threads} threads")
 
     log("machine limits")
-    limits = {f"matmul_gflops_{d}": matmul_gflops(TORCH_DTYPES[d], args.device) for d in dtypes}
+    # fp32 always: a bf16 floor may be computed at its rate (limits.floor_gflops)
+    limits = {f"matmul_gflops_{d}": matmul_gflops(TORCH_DTYPES[d], args.device)
+              for d in dict.fromkeys(["float32", *dtypes])}
     limits["read_gbs"] = read_bandwidth_gbs(args.device)
 
     hf_fp32 = None

@@ -37,7 +37,14 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF de-quantization
 
 import torch  # noqa: E402
 from common import add_model_args, apply_threads, device_name, load_hf, log, mark  # noqa: E402
-from limits import ModelCost, matmul_gflops, matmul_size, model_cost, read_bandwidth_gbs  # noqa: E402
+from limits import (  # noqa: E402
+    ModelCost,
+    floor_gflops,
+    matmul_gflops,
+    matmul_size,
+    model_cost,
+    read_bandwidth_gbs,
+)
 
 from choral import SamplingParams  # noqa: E402
 from choral.executor import Executor, ExecutorConfig, FinishReason, Request  # noqa: E402
@@ -504,14 +511,19 @@ def render(rows: list[Row], lat: list[LatencyRow], meta: dict[str, Any]) -> str:
                          f"({'at least' if t.get('lower_bound') else 'measured'} {t['value']:.2f}x)")
     limits = meta.get("limits")
     if limits:
-        lines += ["", f"Machine limits (same run, best of 10; matmul {limits['matmul_n']}^3) and choral's compute "
-                      "floor (the run's useful FLOPs at the matmul rate):", "",
-                  "| dtype | matmul GFLOP/s | read GB/s | useful TFLOP | floor s | choral wall s | choral / floor |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        rates = limits["matmul_gflops"]
+        lines += ["", f"Machine limits (same run, best of 10; matmul {limits['matmul_n']}^3): "
+                      + ", ".join(f"matmul {SHORT[d]} {g:.1f} GFLOP/s" for d, g in rates.items())
+                      + f", read {limits['read_gbs']:.1f} GB/s. choral's compute floor: the run's useful FLOPs at "
+                      "the faster of its dtype's and fp32's matmul rate (a bf16 model can run on fp32 arithmetic):",
+                  "",
+                  "| dtype | floor at | useful TFLOP | floor s | choral wall s | choral / floor |",
+                  "|---|---|---:|---:|---:|---:|"]
         for r in rows:
             if r.system == "choral" and "floor_s" in r.extra:
                 e = r.extra
-                lines.append(f"| {SHORT[r.dtype]} | {limits['matmul_gflops'][r.dtype]:.0f} | {limits['read_gbs']:.1f} "
+                at = e.get("floor_rate_dtype", r.dtype)
+                lines.append(f"| {SHORT[r.dtype]} | {SHORT[at]} {rates[at]:.0f} GFLOP/s "
                              f"| {e['useful_flops'] / 1e12:.2f} | {e['floor_s']:.1f} | {r.wall_s:.1f} "
                              f"| {r.wall_s / e['floor_s']:.2f}x |")
     if lat:
@@ -654,7 +666,9 @@ def main(argv: list[str] | None = None) -> int:
 
     log("machine limits")
     limits: dict[str, Any] = {"matmul_n": matmul_size(args.device), "read_gbs": read_bandwidth_gbs(args.device),
-                              "matmul_gflops": {d: matmul_gflops(TORCH_DTYPES[d], args.device) for d in dtypes}}
+                              # fp32 always: a bf16 floor may be computed at its rate (limits.floor_gflops)
+                              "matmul_gflops": {d: matmul_gflops(TORCH_DTYPES[d], args.device)
+                                                for d in dict.fromkeys(["float32", *dtypes])}}
     rows: list[Row] = []
     lat_rows: list[LatencyRow] = []
     engine_info: dict[str, Any] = {}
@@ -677,7 +691,9 @@ def main(argv: list[str] | None = None) -> int:
             row, choral_out = choral_throughput(ex, work, dtype)
             log(f"{dtype}: choral {row.tok_s:.1f} tok/s ({row.wall_s:.1f} s)")
             row.extra["useful_flops"] = offline_flops(model_cost(ex.engine), work)
-            row.extra["floor_s"] = row.extra["useful_flops"] / (limits["matmul_gflops"][dtype] * 1e9)
+            rate, rate_dtype = floor_gflops(limits["matmul_gflops"], dtype)
+            row.extra["floor_s"] = row.extra["useful_flops"] / (rate * 1e9)
+            row.extra["floor_rate_dtype"] = rate_dtype
             rows.append(row)
             if dtype in lat_dtypes:
                 for i, rate in enumerate(args.rates):

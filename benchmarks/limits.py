@@ -50,6 +50,18 @@ def read_bandwidth_gbs(device: str = "cpu", num_bytes: int = 1 << 30, reps: int 
     return num_bytes / best_time(lambda: x.sum(), reps, device) / 1e9
 
 
+def floor_gflops(rates: dict[str, float], dtype: str) -> tuple[float, str]:
+    """The matmul rate a ``dtype`` floor is computed at, and whose measurement it is
+    (``rates`` maps dtype names such as ``"float32"`` to GFLOP/s).
+
+    Any engine may compute a bf16 model with fp32 arithmetic, widening weights as they load (choral's
+    CPU projections do), so a floor uses the faster of the dtype's own rate and fp32's. Without
+    native bf16 dot products torch's bf16 mm runs below 1 GFLOP/s (against ~150 in fp32), and a
+    floor at that rate binds no one."""
+    own, fp32 = rates[dtype], rates.get("float32", 0.0)
+    return (own, dtype) if own >= fp32 else (fp32, "float32")
+
+
 # ---- model arithmetic ---------------------------------------------------------------------
 
 @dataclass
