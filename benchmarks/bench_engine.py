@@ -35,7 +35,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF de-quantization
 
 import torch  # noqa: E402
 from common import add_model_args, apply_threads, device_name, load_hf, log, mark, sync  # noqa: E402
-from limits import floor_gflops, matmul_gflops, matmul_size, model_cost, read_bandwidth_gbs  # noqa: E402
+from limits import floor_gflops, matmul_rates, matmul_size, model_cost, read_bandwidth_gbs  # noqa: E402
 
 from choral.config import EngineConfig  # noqa: E402
 from choral.engine.llm_engine import LLMEngine  # noqa: E402
@@ -425,9 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"model {path}, device {args.device}, {args.threads} threads")
 
     log("machine limits")
-    # fp32 always: a bf16 floor may be computed at its rate (limits.floor_gflops)
-    limits = {f"matmul_gflops_{d}": matmul_gflops(TORCH_DTYPES[d], args.device)
-              for d in dict.fromkeys(["float32", *dtypes])}
+    limits = {f"matmul_gflops_{d}": g for d, g in matmul_rates(dtypes, args.device).items()}
     limits["read_gbs"] = read_bandwidth_gbs(args.device)
 
     hf_fp32 = None

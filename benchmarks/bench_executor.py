@@ -40,7 +40,7 @@ from common import add_model_args, apply_threads, device_name, load_hf, log, mar
 from limits import (  # noqa: E402
     ModelCost,
     floor_gflops,
-    matmul_gflops,
+    matmul_rates,
     matmul_size,
     model_cost,
     read_bandwidth_gbs,
@@ -666,9 +666,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log("machine limits")
     limits: dict[str, Any] = {"matmul_n": matmul_size(args.device), "read_gbs": read_bandwidth_gbs(args.device),
-                              # fp32 always: a bf16 floor may be computed at its rate (limits.floor_gflops)
-                              "matmul_gflops": {d: matmul_gflops(TORCH_DTYPES[d], args.device)
-                                                for d in dict.fromkeys(["float32", *dtypes])}}
+                              "matmul_gflops": matmul_rates(dtypes, args.device)}
     rows: list[Row] = []
     lat_rows: list[LatencyRow] = []
     engine_info: dict[str, Any] = {}

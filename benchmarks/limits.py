@@ -4,6 +4,7 @@ do at best on this machine, measured in the same run, so tables can say how far 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,12 @@ def matmul_gflops(dtype: torch.dtype, device: str = "cpu", reps: int = 10) -> fl
     a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
     return 2 * n**3 / best_time(lambda: torch.mm(a, b), reps, device) / 1e9
+
+
+def matmul_rates(dtypes: Iterable[str], device: str = "cpu") -> dict[str, float]:
+    """``matmul_gflops`` per dtype name (``"float32"``, ``"bfloat16"``), fp32 always among them:
+    ``floor_gflops`` may compute a bf16 floor at fp32's rate."""
+    return {d: matmul_gflops(getattr(torch, d), device) for d in dict.fromkeys(["float32", *dtypes])}
 
 
 def read_bandwidth_gbs(device: str = "cpu", num_bytes: int = 1 << 30, reps: int = 10) -> float:
