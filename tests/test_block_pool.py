@@ -102,6 +102,23 @@ def test_pinned_blocks_are_never_evicted() -> None:
     assert pool.allocate(1) == [a]
 
 
+def test_pins_are_counted() -> None:
+    pool = BlockPool(2, 2)
+    (a,) = pool.allocate(1)
+    h = BlockPool.chain_hash(None, [5, 6])
+    pool.register(a, h, [5, 6])
+    pool.pin([a])
+    pool.pin([a])  # two prompts sharing this block both pin it
+    pool.free([a])
+    assert pool.num_pinned_blocks == 1 and pool.num_free_blocks == 1
+    pool.unpin([a])
+    assert pool.num_free_blocks == 1 and pool.lookup(h, [5, 6]) == a  # still pinned once
+    pool.unpin([a])
+    pool.unpin([a])  # an extra unpin is a no-op
+    assert pool.num_pinned_blocks == 0 and pool.num_free_blocks == 2
+    pool.check_invariants({})
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["alloc", "share", "free", "cache"]),
                           st.integers(0, 5)), max_size=60))

@@ -53,7 +53,13 @@ class KvManager:
         self.pool.share(hits)
         seq.block_table = list(hits)
         seq.num_computed_tokens = len(hits) * self.block_size
-        seq.num_cached_tokens = max(seq.num_cached_tokens, min(seq.num_computed_tokens, seq.num_prompt_tokens))
+        if self.enable_prefix_cache:
+            self.pool.stats.prefix_queries += (seq.num_tokens - 1) // self.block_size
+            self.pool.stats.prefix_hits += len(hits)
+        if seq.num_preemptions == 0:
+            # The prompt tokens the cache saved this request. A preempted sequence finds its own
+            # blocks again on readmission: those were computed by the request itself.
+            seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
         seq.block_hashes = []
         parent: int | None = None
         for i in range(len(hits)):

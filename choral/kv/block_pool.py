@@ -7,7 +7,8 @@ they cache.
   the blocks before it, checked against its stored tokens); when its last owner frees it, it
   becomes *evictable*: still cached, reusable by a later prefix match, and reclaimed in LRU order
   only when the free list runs dry.
-- Pinned blocks are never evicted.
+- Pinned blocks are never evicted. Pins are counted per block, so prompts that share a prefix
+  can be pinned and unpinned independently.
 
 Paired check/commit methods (``can_allocate`` / ``allocate``) let callers decide before they
 change anything, so running out of blocks is a result, never a half-done operation.
@@ -33,7 +34,11 @@ class Block:
     ref_count: int = 0
     block_hash: int | None = None  # set once the block is full and registered in the prefix cache
     token_ids: tuple[int, ...] = ()  # the tokens behind block_hash, to rule out hash collisions
-    pinned: bool = False
+    pin_count: int = 0  # pins are counted: two prompts sharing this block may each pin and unpin it
+
+    @property
+    def pinned(self) -> bool:
+        return self.pin_count > 0
 
 
 @dataclass(frozen=True)
@@ -55,8 +60,9 @@ class KvCacheSize:
 
 @dataclass
 class BlockPoolStats:
-    prefix_hits: int = 0  # blocks found in the prefix cache
-    prefix_queries: int = 0
+    # Counted once per admission (not per lookup: a request waiting for room looks up every step).
+    prefix_hits: int = 0  # full prompt blocks served by the prefix cache
+    prefix_queries: int = 0  # full prompt blocks that could have been
     evictions: int = 0
     events: list[tuple[str, int, int]] = field(default_factory=list)  # (kind, block_id, hash)
 
@@ -88,6 +94,10 @@ class BlockPool:
     @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - self.num_free_blocks
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        return sum(1 for b in self.blocks if b.pin_count)
 
     @property
     def num_cached_blocks(self) -> int:
@@ -176,28 +186,28 @@ class BlockPool:
         self._event("stored", block)
 
     def lookup(self, block_hash: int, token_ids: Sequence[int]) -> int | None:
-        """The cached block with this hash and exactly these tokens, or None. Does not share it."""
-        self.stats.prefix_queries += 1
+        """The cached block with this hash and exactly these tokens, or None. Does not share it
+        (nor count it: the caller counts hits when it takes them, see ``stats``)."""
         block_id = self._by_hash.get(block_hash)
         if block_id is None or self.blocks[block_id].token_ids != tuple(token_ids):
             return None
-        self.stats.prefix_hits += 1
         return block_id
 
     def pin(self, block_ids: Iterable[int]) -> None:
-        """Keep these (hashed) blocks out of eviction until unpinned."""
+        """Keep these (hashed) blocks out of eviction until unpinned as often as pinned."""
         for block_id in block_ids:
             block = self.blocks[block_id]
-            block.pinned = True
+            block.pin_count += 1
             self._evictable.pop(block_id, None)
 
     def unpin(self, block_ids: Iterable[int]) -> None:
+        """Drop one pin from each block (blocks not pinned are left alone)."""
         for block_id in block_ids:
             block = self.blocks[block_id]
-            if not block.pinned:
+            if not block.pin_count:
                 continue
-            block.pinned = False
-            if block.ref_count == 0:
+            block.pin_count -= 1
+            if block.pin_count == 0 and block.ref_count == 0:
                 self._evictable[block_id] = None
 
     def evict_all(self) -> int:
