@@ -51,6 +51,11 @@ class QueueFull(ChoralError):
     """The executor's queue holds ``max_queue_size`` requests; retry later."""
 
 
+class RequestFailedError(ChoralError):
+    """The executor could not finish one request (its logits processor raised, say); the request's
+    blocks were freed and every other request goes on."""
+
+
 class ProcessorStopped(ChoralError):
     """The executor has been shut down and accepts no more requests."""
 
@@ -93,3 +98,13 @@ class CorruptStateError(StateLoadError):
 
 class UnsupportedStateVersionError(StateLoadError):
     """The saved state uses a format version newer than this choral understands."""
+
+
+class ExecutorUsageError(ChoralError):
+    """An Executor call that cannot work where it was made: a blocking call from a request
+    callback, which runs on the executor's own loop thread and would wait for itself."""
+
+
+class ExecutorLoopError(ChoralError, RuntimeError):
+    """The executor's loop thread died (a bug; its error is the cause): every request it had not
+    finished fails with this, and the executor accepts no more."""

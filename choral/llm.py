@@ -80,8 +80,8 @@ class LLM:
         finished: queue.SimpleQueue[int] = queue.SimpleQueue()  # request ids, as they finish
 
         def on_response(response: Response) -> None:  # called on the executor's thread
-            if response.result is not None and response.result.is_final:
-                finished.put(response.request_id)
+            if response.has_error or (response.result is not None and response.result.is_final):
+                finished.put(response.request_id)  # poll() returns the Completion or raises the error
 
         requests = [Request(ids, sp, callback=on_response) for (_, ids), sp in zip(encoded, params, strict=True)]
         executor = self.executor

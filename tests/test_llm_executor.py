@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from choral import LLM, SamplingParams
+from choral.errors import RequestFailedError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
@@ -55,18 +56,20 @@ def test_prefix_caching_is_opt_in(tiny_models) -> None:  # type: ignore[no-untyp
         llm.close()
 
 
-def test_a_failing_logits_processor_is_raised_and_the_llm_recovers(tiny_models) -> None:  # type: ignore[no-untyped-def]
+def test_a_failing_logits_processor_fails_its_request_only(tiny_models) -> None:  # type: ignore[no-untyped-def]
     llm = make(tiny_models)
 
     def broken(request_id: str, logits: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
         raise ValueError("broken processor")
 
     llm.register_logits_processor("broken", broken)
-    with pytest.raises(RuntimeError, match="executor loop failed") as err:
+    executor = llm.executor
+    with pytest.raises(RequestFailedError, match="ValueError: broken processor"):
         llm.generate([[5, 6, 7], [8, 9]], [GREEDY, SamplingParams(max_tokens=4, logits_processors=["broken"])])
-    assert isinstance(err.value.__cause__, ValueError)
+    assert llm.executor is executor and executor.is_running  # the loop lives on
+    assert len(llm.generate([5, 6, 7], GREEDY)[0].outputs[0].token_ids) == 6
     pool = llm.engine.pool
-    assert pool.num_used_blocks == 0  # the failed loop gave its blocks back
+    assert pool.num_used_blocks == 0  # the failed request's blocks, and the cancelled one's, are back
     pool.check_invariants({})
-    assert len(llm.generate([5, 6, 7], GREEDY)[0].outputs[0].token_ids) == 6  # a new executor
+    assert executor.aggregate.failed == 1
     llm.close()

@@ -12,14 +12,19 @@ class BatchingStrategy(enum.Enum):
     """When requests join a batch (zigllama's four plus TRT-LLM's static batching).
 
     - CONTINUOUS: every step admits waiting requests while budgets allow (in-flight batching).
-    - STATIC: a batch is admitted only when nothing runs; it runs to completion.
-    - FIXED_SIZE: like STATIC, but a batch starts only once ``batch_size`` requests wait.
-    - DYNAMIC_TIMEOUT: like STATIC, but a batch starts when ``batch_size`` requests wait or the
-      oldest has waited ``timeout_ms``.
+    - STATIC: when nothing runs, the waiting requests (up to ``max_num_seqs`` sequences) form a
+      batch, which runs to completion before the next forms.
+    - FIXED_SIZE: like STATIC, but a batch forms only once ``batch_size`` requests wait, and
+      takes the first ``batch_size``.
+    - DYNAMIC_TIMEOUT: like FIXED_SIZE, but a batch also forms when the oldest waiting request
+      has waited ``timeout_ms``.
+      (A batch keeps its members: one that does not fit yet, or is preempted, is admitted again
+      as room frees up; no other request joins until every member has ended.)
     - ADAPTIVE: CONTINUOUS with a sequence cap that follows load: after each step, if the step
       took longer than ``latency_target_ms`` the cap shrinks to 3/4 (not below
-      ``adaptive_min_batch``); else, if requests are waiting, it grows by 1 (up to
-      ``max_num_seqs``). The cap is reported in the iteration stats.
+      ``adaptive_min_batch`` or above ``max_num_seqs``); else, if requests are waiting, it grows
+      by 1 (up to ``max_num_seqs``). The cap is reported in the iteration stats; a request wider
+      than the cap is admitted when nothing else runs.
     """
 
     CONTINUOUS = "continuous"

@@ -53,15 +53,14 @@ class Job:
     bad_words: list[tuple[int, ...]] = field(default_factory=list)  # token-id form, for every sample
     beam: BeamGroup | None = None  # beam search (beam_width > 1)
     num_forks: int = 0  # sequences forked so far (beams number theirs from this)
+    error: str | None = None  # why the request failed on its own (its answer is an error Response)
+    # The prompt as text, put before the output when exclude_input_from_output is False: the
+    # prompt itself, or its tokens decoded (token ids, rendered chat messages).
+    prompt_text: str | None = None
 
     @property
     def root(self) -> ExecSequence:
         return self.sequences[0]
-
-    @property
-    def prompt_text(self) -> str | None:
-        prompt = self.request.prompt
-        return prompt if isinstance(prompt, str) else None
 
     @property
     def num_samples(self) -> int:

@@ -14,7 +14,7 @@ from collections import deque
 
 from choral.errors import ProcessorStopped
 from choral.executor.config import ExecutorConfig
-from choral.executor.job import ExecSequence
+from choral.executor.job import ExecSequence, Job
 from choral.executor.kv_manager import KvManager
 from choral.executor.request import FinishReason
 from choral.executor.request_queue import RequestQueue
@@ -59,7 +59,7 @@ class Loop:
                         if not q.drain:
                             cancels |= {j.request_id for j in incoming}
                 for job in incoming:
-                    self.scheduler.add(job.root)
+                    self._accept(job)
                 for fn, future in commands:
                     try:
                         future.set_result(fn())
@@ -73,6 +73,8 @@ class Loop:
                 started = time.perf_counter()
                 step = self.scheduler.schedule()
                 if not step.items:
+                    if step.preempted:  # a sequence gave its blocks up and nothing could run
+                        self._record(step, time.perf_counter() - started)
                     with q.cond:
                         q.cond.wait(_IDLE_WAIT_S)
                     continue
@@ -95,6 +97,23 @@ class Loop:
                     future.set_exception(ProcessorStopped("the executor has been shut down"))
                 q.commands.clear()
                 q.cond.notify_all()
+
+    def _accept(self, job: Job) -> None:
+        """Hand a new request to the scheduler, unless prefix pins made since its intake check
+        leave it no room to ever run: then it fails now rather than waiting forever."""
+        pool = self.kv.pool
+        need, usable = self.scheduler.blocks_to_run_alone(job), pool.num_blocks - pool.num_pinned_blocks
+        if need <= usable:
+            self.scheduler.add(job.root)
+            return
+        self._end_queued(job)
+        self.responder.fail_job(job, f"the request may need {need} KV blocks at once; {usable} are not pinned")
+
+    def _end_queued(self, job: Job) -> None:
+        if job.timing.first_scheduled is None:
+            with self.queue.cond:
+                self.queue.num_queued -= 1
+            job.timing.first_scheduled = time.monotonic()
 
     def _give_back_blocks(self) -> None:
         """After a failure: free what the loop's sequences hold, so the engine (and its pool,
@@ -120,12 +139,9 @@ class Loop:
     def _end_jobs(self, request_ids: set[int], reason: FinishReason) -> None:
         for rid in request_ids:
             job = self.queue.jobs.get(rid)
-            if job is None or job.done:
+            if job is None or job.done or job.error is not None:
                 continue
-            if job.timing.first_scheduled is None:
-                with self.queue.cond:
-                    self.queue.num_queued -= 1
-                job.timing.first_scheduled = time.monotonic()
+            self._end_queued(job)
             self.responder.end_job(job, reason)
 
     def _expire(self) -> None:

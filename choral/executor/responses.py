@@ -84,6 +84,25 @@ class Responder:
             if seq.finish is _RUNNING:
                 self.finish_sequence(seq, reason)
 
+    def fail_job(self, job: Job, message: str) -> None:
+        """The request cannot go on (its logits processor raised...): free every block it holds
+        and answer once with the error. Nothing else is touched."""
+        job.error = message
+        live = list(job.beam.live) if job.beam is not None else []
+        for seq in [*job.sequences, *live]:
+            if seq.finish is _RUNNING:
+                seq.finish = FinishReason.CANCELLED
+            self.scheduler.remove(seq)
+        job.timing.finished = time.monotonic()
+        agg = self.aggregate
+        agg.total_requests += 1
+        agg.failed += 1
+        agg.total_prompt_tokens += len(job.prompt_token_ids)
+        agg.total_preemptions += sum(s.num_preemptions for s in job.sequences)
+        agg.sum_latency_s += job.timing.latency or 0.0
+        agg.sum_queue_time_s += job.timing.queue_time or 0.0
+        self.pending.append((job, Response(job.request_id, job.request.client_id, error=message), True))
+
     # ---- building responses ----------------------------------------------------------------
     def _return(self, job: Job, returned: list[ExecSequence]) -> None:
         """The request is over: answer once per returned sequence, the last one final."""

@@ -8,11 +8,19 @@ whole uncached prompt at once, so a prompt's later chunks never wait for blocks;
 block at each block boundary and, under MAX_UTILIZATION, preempt the lowest-priority, newest
 sequence when none is free. A beam-search request is preempted whole: every beam is freed and it
 restarts from its prompt. The scheduler only sees allocation results from the KvManager.
+
+Batch-at-a-time strategies (STATIC, FIXED_SIZE, DYNAMIC_TIMEOUT) keep the request ids of the
+batch that runs (``batch``): only its members are admitted (as budgets allow, and again after a
+preemption) until every member has ended; then the next batch forms.
+
+Nothing accepted can wait forever: every request fits in the cache on its own (intake checks
+``blocks_to_run_alone`` against the unpinned blocks, pinning keeps that true), and a request
+wider than the adaptive cap is admitted when nothing else runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from choral.executor.beams import beam_kv_blocks
@@ -22,6 +30,19 @@ from choral.executor.kv_manager import KvManager
 from choral.kv.block_pool import blocks_for_tokens
 
 _BATCHED = (BatchingStrategy.STATIC, BatchingStrategy.FIXED_SIZE, BatchingStrategy.DYNAMIC_TIMEOUT)
+
+
+def blocks_to_run_alone(num_prompt_tokens: int, final_len: int, num_samples: int, beam: bool,
+                        policy: KvPolicy, block_size: int) -> int:
+    """KV blocks a request needs to run to the end with nothing else in the cache.
+
+    Beams are preempted whole and GUARANTEED_NO_EVICT reserves every sample up front, so those
+    need all their sequences at full length (the prompt's full blocks shared). Under
+    MAX_UTILIZATION the samples of a plain request can be preempted one by one, so one sample
+    at full length is enough."""
+    if beam or (num_samples > 1 and policy is KvPolicy.GUARANTEED_NO_EVICT):
+        return beam_kv_blocks(num_prompt_tokens, final_len, num_samples, block_size)
+    return blocks_for_tokens(final_len, block_size)
 
 
 @dataclass
@@ -46,8 +67,10 @@ class Scheduler:
         self.clock = clock
         self.waiting: list[ExecSequence] = []
         self.running: list[ExecSequence] = []
+        self.adaptive_floor = min(config.adaptive_min_batch, max_num_seqs)
         self.adaptive_cap = max_num_seqs if config.strategy is not BatchingStrategy.ADAPTIVE else max(
-            config.adaptive_min_batch, min(max_num_seqs, config.batch_size))
+            self.adaptive_floor, min(max_num_seqs, config.batch_size))
+        self.batch: set[int] = set()  # batch-at-a-time strategies: request ids of the running batch
         self.flush = False  # shutting down: FIXED_SIZE / DYNAMIC_TIMEOUT start partial batches
 
     # ---- queue -----------------------------------------------------------------------------
@@ -104,8 +127,15 @@ class Scheduler:
         return beam_kv_blocks(len(job.prompt_token_ids), self._final_len(job), job.num_samples, self.kv.block_size)
 
     def _sibling_blocks(self, job: Job) -> int:
-        """GUARANTEED_NO_EVICT: blocks the samples still to be forked may take (one copy-on-write each)."""
-        return (job.num_samples - 1) * (blocks_for_tokens(job.request.effective_max_tokens, self.kv.block_size) + 1)
+        """GUARANTEED_NO_EVICT: blocks the samples still to be forked may take: everything past
+        the prompt's full blocks (which they share), the copied partial block included."""
+        bs = self.kv.block_size
+        private = blocks_for_tokens(self._final_len(job), bs) - len(job.prompt_token_ids) // bs
+        return (job.num_samples - 1) * private
+
+    def blocks_to_run_alone(self, job: Job) -> int:
+        return blocks_to_run_alone(len(job.prompt_token_ids), self._final_len(job), job.num_samples,
+                                   job.beam is not None, self.config.kv_policy, self.kv.block_size)
 
     def _reserved_blocks(self) -> int:
         """GUARANTEED_NO_EVICT: blocks running sequences may still take before they finish."""
@@ -129,11 +159,13 @@ class Scheduler:
     # ---- one step --------------------------------------------------------------------------
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep()
-        budget = self.max_num_batched_tokens
         policy = self.config.kv_policy
+        # 0. A waiting request of strictly higher priority takes the place of lower running ones.
+        if self.config.strategy not in _BATCHED and policy is KvPolicy.MAX_UTILIZATION:
+            self._preempt_for_priority(step)
         # 1. Decodes (one token each), highest priority first.
         for seq in self._order([s for s in self.running if s.num_uncomputed_tokens == 1]):
-            if budget == 0:
+            if self._budget(step) == 0:
                 break
             if seq not in self.running:
                 continue  # preempted by an earlier decode this step
@@ -148,52 +180,84 @@ class Scheduler:
                 continue
             step.copies.extend(self.kv.grow(seq, 1))
             step.items.append((seq, 1))
-            step.num_decode_tokens += 1
-            budget -= 1
         # 2. Next chunks of admitted prompts (their blocks were allocated on admission).
         for seq in [s for s in self.running if s.num_uncomputed_tokens > 1]:
+            budget = self._budget(step)
             if budget == 0:
                 break
-            n = min(seq.num_uncomputed_tokens, budget)
-            step.items.append((seq, n))
-            step.num_prefill_tokens += n
-            budget -= n
-        # 3. Admissions.
-        if self._may_admit():
-            batch_limit = self.config.batch_size if self.config.strategy in (
-                BatchingStrategy.FIXED_SIZE, BatchingStrategy.DYNAMIC_TIMEOUT) else None
-            admitted = 0
-            for seq in self._order(self.waiting):
-                if batch_limit is not None and admitted >= batch_limit:
-                    break
-                if not self._try_admit(seq, step, budget, policy):
-                    if self.config.strategy in _BATCHED:
-                        break
-                    if not self._preempt_for(seq, step) or not self._try_admit(seq, step, budget, policy):
-                        break
-                admitted += 1
-                n = step.items[-1][1] if step.items and step.items[-1][0] is seq else 0
-                budget -= n
+            step.items.append((seq, min(seq.num_uncomputed_tokens, budget)))
+        # 3. Admissions, while the step has tokens left for their first chunk.
+        for seq in self._order(self._admissible()):
+            if self._budget(step) == 0:
+                break
+            if self._try_admit(seq, step, policy):
+                continue
+            if self.config.strategy in _BATCHED:
+                break
+            if not self._preempt_for(seq, step) or not self._try_admit(seq, step, policy):
+                break
+        self._count_tokens(step)
         return step
 
-    def _may_admit(self) -> bool:
-        if not self.waiting:
-            return False
-        strategy = self.config.strategy
-        if strategy in (BatchingStrategy.CONTINUOUS, BatchingStrategy.ADAPTIVE):
-            return True
-        if self.running:
-            return False  # batch-at-a-time strategies wait for the batch to finish
-        if strategy is BatchingStrategy.STATIC or self.flush:
-            return True
-        if strategy is BatchingStrategy.FIXED_SIZE:
-            return len(self.waiting) >= self.config.batch_size
-        oldest = min(s.job.timing.arrival for s in self.waiting if s.job is not None)
-        return (len(self.waiting) >= self.config.batch_size
-                or (self.clock() - oldest) * 1000 >= self.config.timeout_ms)
+    def _budget(self, step: ScheduledStep) -> int:
+        """Tokens this step can still take (a preemption gives back what its victim had)."""
+        return self.max_num_batched_tokens - sum(n for _, n in step.items)
 
-    def _try_admit(self, seq: ExecSequence, step: ScheduledStep, budget: int, policy: KvPolicy) -> bool:
-        if self._running_slots() + self._slots(seq) > self.seq_cap:
+    @staticmethod
+    def _count_tokens(step: ScheduledStep) -> None:
+        # A decode token is a sequence's newest token (sampled, never computed) fed alone; prompt
+        # chunks and the rest of a recompute after a preemption are prefill, even one token long.
+        for seq, n in step.items:
+            if n == 1 and seq.num_computed_tokens == seq.num_tokens - 1 >= seq.num_prompt_tokens:
+                step.num_decode_tokens += 1
+            else:
+                step.num_prefill_tokens += n
+
+    def _admissible(self) -> list[ExecSequence]:
+        """The waiting sequences the strategy lets in this step."""
+        if not self.waiting:
+            return []
+        strategy = self.config.strategy
+        if strategy not in _BATCHED:
+            return self.waiting
+        members = [s for s in self.waiting if s.job is not None and s.job.request_id in self.batch]
+        if members or self.running:
+            return members  # the batch runs to completion: only its own members (re)join it
+        self.batch.clear()
+        if not (strategy is BatchingStrategy.STATIC or self.flush or self._batch_due()):
+            return []
+        # A new batch: STATIC takes every waiting request the sequence cap holds, the others
+        # their batch_size, in priority order.
+        limit = self.config.batch_size if strategy is not BatchingStrategy.STATIC else None
+        slots = 0
+        for seq in self._order(self.waiting):
+            job = seq.job
+            assert job is not None
+            if limit is not None and len(self.batch) >= limit:
+                break
+            if limit is None and self.batch and slots + self._slots(seq) > self.seq_cap:
+                break
+            self.batch.add(job.request_id)
+            slots += self._slots(seq)
+        return [s for s in self.waiting if s.job is not None and s.job.request_id in self.batch]
+
+    def _batch_due(self) -> bool:
+        """FIXED_SIZE / DYNAMIC_TIMEOUT: whether a new batch starts now."""
+        if len({s.job.request_id for s in self.waiting if s.job is not None}) >= self.config.batch_size:
+            return True
+        if self.config.strategy is BatchingStrategy.FIXED_SIZE:
+            return False
+        oldest = min(s.job.timing.arrival for s in self.waiting if s.job is not None)
+        return (self.clock() - oldest) * 1000 >= self.config.timeout_ms
+
+    def _fits_cap(self, seq: ExecSequence) -> bool:
+        running = self._running_slots()
+        if running == 0:
+            return True  # intake checked it against max_num_seqs; an adaptive cap must not strand it
+        return running + self._slots(seq) <= self.seq_cap
+
+    def _try_admit(self, seq: ExecSequence, step: ScheduledStep, policy: KvPolicy) -> bool:
+        if not self._fits_cap(seq):
             return False
         hits = self.kv.match_prefix(seq)
         uncached = seq.num_tokens - len(hits) * self.kv.block_size
@@ -217,10 +281,7 @@ class Scheduler:
         step.prefix_hit_blocks += len(hits)
         self.running.append(seq)
         step.admitted.append(seq)
-        n = min(seq.num_uncomputed_tokens, budget)
-        if n > 0:
-            step.items.append((seq, n))
-            step.num_prefill_tokens += n
+        step.items.append((seq, min(seq.num_uncomputed_tokens, self._budget(step))))
         return True
 
     def _victim(self, exclude: list[ExecSequence]) -> ExecSequence | None:
@@ -231,6 +292,48 @@ class Scheduler:
         if not candidates:
             return None
         return self._order(candidates)[-1]
+
+    def _preempt_for_priority(self, step: ScheduledStep) -> None:
+        """Before anything is scheduled: the highest-priority waiting request that cannot get in
+        preempts running sequences of strictly lower priority (lowest, newest first), if freeing
+        them would let it in. Aging does not count here, so preempted requests cannot preempt
+        back: priorities are compared as the requests gave them."""
+        if not self.waiting or not self.running:
+            return
+        head = self._order(self.waiting)[0]
+        job = head.job
+        assert job is not None
+        lower = [s for s in self.running if s.job is not None and s.job.request.priority < job.request.priority]
+        if not lower or self._admits_now(head):
+            return
+        victims = self._order(lower)
+        if not self._admits_now(head, without=victims):
+            return  # even all of them would not make room: preempt nobody
+        for victim in reversed(victims):
+            if victim in self.running:
+                self._preempt(victim, step)
+            if self._admits_now(head):
+                return
+
+    def _admits_now(self, seq: ExecSequence, without: Sequence[ExecSequence] = ()) -> bool:
+        """Whether ``seq`` would pass admission's cap and KV checks, with ``without`` (running
+        sequences) gone. Counts only blocks those hold alone, and ignores the token budget."""
+        gone = {id(s) for s in without}
+        for s in without:
+            if s.job is not None and s.job.beam is not None:
+                gone.update(id(b) for b in s.job.beam.live)
+        rest = [s for s in self.running if id(s) not in gone]
+        saved, self.running = self.running, rest
+        try:
+            if not self._fits_cap(seq):
+                return False
+            freed = {b for s in saved if id(s) in gone for b in s.block_table
+                     if self.kv.pool.blocks[b].ref_count == 1}
+            hits = self.kv.match_prefix(seq)
+            need = self.kv.blocks_to_admit(seq, hits, seq.num_tokens - len(hits) * self.kv.block_size)
+            return self.kv.pool.num_free_blocks + len(freed) >= need
+        finally:
+            self.running = saved
 
     def _preempt_for(self, seq: ExecSequence, step: ScheduledStep) -> bool:
         """A waiting request of strictly higher priority may preempt lower running ones."""
@@ -283,6 +386,6 @@ class Scheduler:
         if self.config.strategy is not BatchingStrategy.ADAPTIVE:
             return
         if step_latency_s * 1000 > self.config.latency_target_ms:
-            self.adaptive_cap = max(self.config.adaptive_min_batch, int(self.adaptive_cap * 3 / 4))
+            self.adaptive_cap = max(self.adaptive_floor, int(self.adaptive_cap * 3 / 4))
         elif self.waiting:
             self.adaptive_cap = min(self.max_num_seqs, self.adaptive_cap + 1)

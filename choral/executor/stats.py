@@ -34,6 +34,7 @@ class AggregateStats:
     completed: int = 0
     cancelled: int = 0
     timed_out: int = 0
+    failed: int = 0  # ended with an error response (e.g. its logits processor raised)
     total_prompt_tokens: int = 0
     total_cached_prompt_tokens: int = 0
     total_output_tokens: int = 0

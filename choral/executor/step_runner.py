@@ -9,6 +9,7 @@ search, which forks the sequences that two beams continue and frees those no bea
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -21,6 +22,9 @@ from choral.executor.kv_manager import KvManager
 from choral.executor.request import FinishReason
 from choral.executor.responses import Responder
 from choral.executor.scheduler import ScheduledStep, Scheduler
+from choral.sampling.sampler import SampleResult
+
+logger = logging.getLogger(__name__)
 
 
 class StepRunner:
@@ -70,9 +74,16 @@ class StepRunner:
                     to_sample.append(child)
                     rows.append(logits[-1])
         for job, logits_by_seq in beams.values():
-            self._beam_step(job, logits_by_seq)
+            try:
+                self._beam_step(job, logits_by_seq)
+            except Exception as e:  # the request's own doing (a logits processor): it alone fails
+                self._fail(job, e)
         if to_sample:
             self._sample(to_sample, rows)
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        logger.warning("request %d failed: %r", job.request_id, error)
+        self.responder.fail_job(job, f"{type(error).__name__}: {error}")
 
     # ---- forks -----------------------------------------------------------------------------
     def _fork(self, job: Job, parent: ExecSequence, index: int) -> ExecSequence:
@@ -92,9 +103,34 @@ class StepRunner:
         return self._fork(job, parent, job.num_forks)
 
     # ---- sampling ----------------------------------------------------------------------------
-    def _sample(self, seqs: list[ExecSequence], rows: list[torch.Tensor]) -> None:
+    def _draw(self, seqs: list[ExecSequence], rows: list[torch.Tensor]) -> SampleResult:
         ranked = [s.job is not None and s.job.ranked for s in seqs]  # best_of ranks by cumulative logprob
-        result = self.engine.sampler.sample(torch.stack(rows), seqs, ranked)
+        return self.engine.sampler.sample(torch.stack(rows), seqs, ranked)
+
+    def _sample(self, seqs: list[ExecSequence], rows: list[torch.Tensor]) -> None:
+        try:
+            drawn = [(seqs, self._draw(seqs, rows))]
+        except Exception:
+            # Someone's logits processor (or grammar) raised. Draw request by request so only
+            # the requests that raise fail: the processors run before anything is drawn or any
+            # grammar advances, so the others sample exactly as they would have.
+            drawn = []
+            by_job: dict[int, list[int]] = {}
+            for i, seq in enumerate(seqs):
+                assert seq.job is not None
+                by_job.setdefault(seq.job.request_id, []).append(i)
+            for indices in by_job.values():
+                mine = [seqs[i] for i in indices]
+                try:
+                    drawn.append((mine, self._draw(mine, [rows[i] for i in indices])))
+                except Exception as e:
+                    assert mine[0].job is not None
+                    self._fail(mine[0].job, e)
+        for group, result in drawn:
+            self._take(group, result)
+
+    def _take(self, seqs: list[ExecSequence], result: SampleResult) -> None:
+        """Append each sequence's drawn token; end the ones that stop, stream the others."""
         now = time.monotonic()
         for seq, token, lp in zip(seqs, result.token_ids, result.logprobs, strict=True):
             job = seq.job
