@@ -13,15 +13,22 @@ The request path: ``Intake.make_job`` (validation, intake.py) -> ``RequestQueue.
 
 from __future__ import annotations
 
+import operator
+import threading
 import time
-from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from choral.config import DEFAULT_MODEL, EngineConfig
 from choral.engine.llm_engine import LLMEngine
 from choral.engine.prompts import to_token_ids
-from choral.errors import InvalidRequestError, UnknownRequestError
+from choral.errors import (
+    ExecutorUsageError,
+    InvalidRequestError,
+    KvCacheExhaustedError,
+    RequestFailedError,
+    UnknownRequestError,
+)
 from choral.executor.completion import Completion, build_completion
 from choral.executor.config import ExecutorConfig
 from choral.executor.intake import Intake
@@ -61,7 +68,7 @@ class Executor:
         ecfg = self.engine.config
         self.scheduler = Scheduler(self.config, self.kv, ecfg.max_num_seqs, ecfg.max_num_batched_tokens,
                                    self.engine.max_model_len, time.monotonic)
-        self.intake = Intake(self.engine)
+        self.intake = Intake(self.engine, self.config.kv_policy)
         self.responder = Responder(self.scheduler, self.intake, self.engine.eos_token_ids, AggregateStats())
         self.step_runner = StepRunner(self.engine, self.kv, self.scheduler, self.intake, self.responder)
         self._queue = RequestQueue(self.config.max_queue_size)
@@ -78,7 +85,7 @@ class Executor:
 
     def enqueue_many(self, requests: Sequence[Request]) -> list[int]:
         """Queue several requests; all are validated first, so a bad one queues none."""
-        return self._queue.put([self.intake.make_job(r, collect=False) for r in requests])
+        return self._queue.put([self.intake.make_job(r, collect=False) for r in _request_list(requests)])
 
     def validate(self, request: Request) -> None:
         """Raise what ``enqueue`` would raise for ``request`` (InvalidRequestError...); queue nothing."""
@@ -86,13 +93,19 @@ class Executor:
 
     def await_responses(self, ids: int | Sequence[int] | None = None, timeout: float | None = None) -> list[Response]:
         """Wait for responses. ``None``: any request's; an id: that request's; a list of ids:
-        until each has at least one (or the timeout), then all of theirs. Returns [] on timeout."""
+        until each has at least one (or the timeout), then all of theirs. Returns [] on timeout.
+        Raises UnknownRequestError if another caller takes a wanted request's last responses first."""
+        if timeout is None or timeout > 0:
+            self._forbid_on_loop("await_responses with a timeout other than 0")
+        wanted, single = _request_ids(ids)
+        if wanted == []:
+            return []
         q = self._queue
         deadline = None if timeout is None else time.monotonic() + timeout
         with q.cond:
-            wanted = self._resolve_ids(ids)
+            self._check_enqueued(wanted)
             while True:
-                ready = self._ready(wanted, ids)
+                ready = self._ready(wanted, single)
                 if ready:
                     out: list[Response] = []
                     for rid in ready:
@@ -103,7 +116,11 @@ class Executor:
                             del q.jobs[rid]
                     return out
                 q.check_loop()
-                if q.stopped and not any(rid in q.jobs for rid in (wanted or [])):
+                taken = [rid for rid in wanted or () if rid not in q.jobs]
+                if taken:  # by another thread's await_responses: nothing more will come here
+                    raise UnknownRequestError(f"request {taken[0]}'s responses were all taken by another caller "
+                                              "while this one waited")
+                if q.stopped:  # everything ended before the loop did: nothing more will come
                     return []
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -116,12 +133,13 @@ class Executor:
         with q.cond:
             if request_id is None:
                 return sum(len(j.responses) for j in q.jobs.values() if not j.collect)
-            job = q.jobs.get(request_id)
+            job = q.jobs.get(_request_id(request_id))
             return len(job.responses) if job is not None else 0
 
     def release(self, request_id: int) -> None:
         """The caller will not collect this request's results: forget it once it is done."""
         q = self._queue
+        request_id = _request_id(request_id)
         with q.cond:
             job = q.jobs.get(request_id)
             if job is None:
@@ -135,6 +153,7 @@ class Executor:
         """Cancel a request: it ends with CANCELLED and what it generated so far; its blocks are
         freed before the next step. Cancelling a finished or unknown request does nothing."""
         q = self._queue
+        request_id = _request_id(request_id)
         with q.cond:
             if request_id in q.jobs and not q.jobs[request_id].done:
                 q.cancels.add(request_id)
@@ -143,6 +162,7 @@ class Executor:
     # ---- public API: zigllama's shape ---------------------------------------------------------
     def submit(self, request: Request, timeout: float | None = None) -> Completion:
         """Run a request to completion and return everything it produced (blocking)."""
+        self._forbid_on_loop("submit")
         rid = self.submit_async(request)
         completion = self.poll(rid, timeout=timeout, _wait=True)
         if completion is None:
@@ -157,11 +177,15 @@ class Executor:
 
     def submit_many(self, requests: Sequence[Request]) -> list[int]:
         """``submit_async`` for several requests; all are validated first, so a bad one queues none."""
-        return self._queue.put([self.intake.make_job(r, collect=True) for r in requests])
+        return self._queue.put([self.intake.make_job(r, collect=True) for r in _request_list(requests)])
 
     def poll(self, request_id: int, timeout: float | None = 0.0, _wait: bool = False) -> Completion | None:
-        """The finished request's Completion (taken: a second poll raises), or None if not done."""
+        """The finished request's Completion (taken: a second poll raises), or None if not done.
+        Raises RequestFailedError if the request failed on its own (its logits processor raised)."""
+        if timeout is None or timeout > 0:
+            self._forbid_on_loop("poll with a timeout other than 0")
         q = self._queue
+        request_id = _request_id(request_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         with q.cond:
             job = q.jobs.get(request_id)
@@ -173,12 +197,19 @@ class Executor:
                 if remaining is not None and remaining <= 0:
                     return None
                 q.cond.wait(remaining)
-            del q.jobs[request_id]
+            if q.jobs.pop(request_id, None) is None:  # another thread's poll took it while this one waited
+                raise UnknownRequestError(f"request {request_id}'s result was taken by another caller while this "
+                                          "one waited")
+            if job.error is not None:
+                raise RequestFailedError(f"request {request_id} failed: {job.error}")
             return build_completion(job)
 
     # ---- public API: lifecycle, stats ---------------------------------------------------------
     def shutdown(self, wait: bool = True) -> None:
-        """Stop accepting requests. ``wait``: finish everything queued and running; else cancel it."""
+        """Stop accepting requests. ``wait``: finish everything queued and running; else cancel it.
+        From a request callback only ``wait=False`` works, and it returns before the loop ends."""
+        if wait:
+            self._forbid_on_loop("shutdown(wait=True)")
         q = self._queue
         with q.cond:
             q.stopping = True
@@ -186,7 +217,8 @@ class Executor:
             if not wait:
                 q.cancels.update(rid for rid, j in q.jobs.items() if not j.done)
             q.cond.notify_all()
-        self._loop.thread.join()
+        if threading.current_thread() is not self._loop.thread:  # a callback: the loop ends after it returns
+            self._loop.thread.join()
 
     def __enter__(self) -> Executor:
         return self
@@ -197,6 +229,11 @@ class Executor:
     @property
     def is_running(self) -> bool:
         return not self._queue.stopped and self._queue.error is None
+
+    def raise_if_failed(self) -> None:
+        """Raise ExecutorLoopError (caused by the loop's error) if the loop thread died."""
+        with self._queue.cond:
+            self._queue.check_loop()
 
     @property
     def num_queued_not_scheduled(self) -> int:
@@ -220,16 +257,20 @@ class Executor:
     def pin_prefix(self, prompt: str | Sequence[int]) -> int:
         """Compute ``prompt``'s KV and keep its full blocks cached until ``unpin_prefix``.
         Returns the number of pinned blocks."""
+        self._forbid_on_loop("pin_prefix")
         self.submit(Request(prompt, max_tokens=1))
         return self._queue.run_on_loop(lambda: self._pin(prompt, True))
 
     def unpin_prefix(self, prompt: str | Sequence[int]) -> int:
+        self._forbid_on_loop("unpin_prefix")
         return self._queue.run_on_loop(lambda: self._pin(prompt, False))
 
     @property
-    def iteration_stats(self) -> deque[IterationStats]:
-        """The latest steps' stats (a ring buffer of ``iteration_stats_max``)."""
-        return self._loop.iteration_stats
+    def iteration_stats(self) -> list[IterationStats]:
+        """The latest steps' stats, oldest first: a copy of the loop's ring buffer of
+        ``iteration_stats_max`` (the loop appends to it while requests run)."""
+        with self._queue.cond:
+            return list(self._loop.iteration_stats)
 
     @property
     def aggregate(self) -> AggregateStats:
@@ -237,22 +278,27 @@ class Executor:
         return self.responder.aggregate
 
     # ---- await internals ----------------------------------------------------------------------
-    def _resolve_ids(self, ids: int | Sequence[int] | None) -> list[int] | None:
-        if ids is None:
-            return None
-        wanted = [ids] if isinstance(ids, int) else list(ids)
-        for rid in wanted:
+    def _forbid_on_loop(self, call: str) -> None:
+        """Raise if a request callback (run on the loop thread) makes a call that waits for the
+        loop: it would wait for itself, and every request would stall with it."""
+        if threading.current_thread() is self._loop.thread:
+            raise ExecutorUsageError(
+                f"{call} cannot be called from a request callback: callbacks run on the executor's loop "
+                "thread and must not block on it (use enqueue, submit_async, cancel, or poll/await_responses "
+                "with timeout=0)")
+
+    def _check_enqueued(self, wanted: list[int] | None) -> None:
+        for rid in wanted or ():
             job = self._queue.jobs.get(rid)
             if job is None or job.collect:
                 raise UnknownRequestError(f"no enqueued request with id {rid} (or its responses were all taken)")
-        return wanted
 
-    def _ready(self, wanted: list[int] | None, ids: int | Sequence[int] | None) -> list[int]:
+    def _ready(self, wanted: list[int] | None, single: bool) -> list[int]:
         jobs = self._queue.jobs
         if wanted is None:
             return [rid for rid, j in jobs.items() if j.responses and not j.collect]
         have = [rid for rid in wanted if rid in jobs and jobs[rid].responses]
-        if isinstance(ids, int) or len(have) == len(wanted):
+        if single or len(have) == len(wanted):
             return have
         return []
 
@@ -262,5 +308,45 @@ class Executor:
         # One extra token so every full block of the prompt is eligible for a match.
         probe = ExecSequence(-1, token_ids, SamplingParams(), token_ids=[*token_ids, 0])
         blocks = self.kv.match_prefix(probe)
-        (self.kv.pool.pin if pin else self.kv.pool.unpin)(blocks)
+        pool = self.kv.pool
+        if not pin:
+            pool.unpin(blocks)
+            return len(blocks)
+        # Pinned blocks leave the cache for good: every accepted request must still fit alone.
+        usable = pool.num_blocks - pool.num_pinned_blocks - sum(1 for b in blocks if not pool.blocks[b].pinned)
+        with self._queue.cond:
+            jobs = [j for j in self._queue.jobs.values() if not j.done]
+        need = max((self.scheduler.blocks_to_run_alone(j) for j in jobs), default=0)
+        if usable < need:
+            raise KvCacheExhaustedError(
+                f"pin_prefix: pinning {len(blocks)} blocks would leave {usable} of {pool.num_blocks} for "
+                f"requests, and an accepted request may need {need}")
+        pool.pin(blocks)
         return len(blocks)
+
+
+def _request_id(value: Any) -> int:
+    """``value`` as a request id: an int or anything int-like (numpy's integers), never a bool."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise InvalidRequestError(f"request ids are ints, got {value!r} ({type(value).__name__})")
+
+
+def _request_ids(ids: Any) -> tuple[list[int] | None, bool]:
+    """``await_responses``' ids as (a list without repeats, or None for any; whether one id was given)."""
+    if ids is None:
+        return None, False
+    if isinstance(ids, Iterable) and not isinstance(ids, str | bytes):
+        # Without repeats: a repeated id would take its request's responses twice, the second time
+        # from a job already forgotten.
+        return list(dict.fromkeys(_request_id(rid) for rid in ids)), False
+    return [_request_id(ids)], True
+
+
+def _request_list(requests: Any) -> list[Request]:
+    if isinstance(requests, Iterable) and not isinstance(requests, str | bytes):
+        return list(requests)
+    raise InvalidRequestError(f"expected a sequence of Requests, got {type(requests).__name__}")

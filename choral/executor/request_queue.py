@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from choral.errors import ProcessorStopped, QueueFull
+from choral.errors import ExecutorLoopError, ProcessorStopped, QueueFull
 from choral.executor.job import Job
 
 
@@ -35,10 +35,11 @@ class RequestQueue:
     def put(self, jobs: list[Job]) -> list[int]:
         """Accept validated jobs, all or none. Raises ProcessorStopped or QueueFull."""
         with self.cond:
-            if self.stopping or self.stopped:
-                raise ProcessorStopped("the executor has been shut down")
+            # The loop's failure first: a dead loop is also ``stopped``, and that is not the news.
             if self.error is not None:
                 raise ProcessorStopped(f"the executor loop failed: {self.error!r}")
+            if self.stopping or self.stopped:
+                raise ProcessorStopped("the executor has been shut down")
             if self.num_queued + len(jobs) > self.max_queue_size:
                 raise QueueFull(f"queue full: {self.num_queued} requests waiting (max_queue_size "
                                 f"{self.max_queue_size})")
@@ -59,12 +60,14 @@ class RequestQueue:
     def check_loop(self) -> None:
         """Raise if the loop died (call under ``cond``)."""
         if self.error is not None:
-            raise RuntimeError("the executor loop failed") from self.error
+            raise ExecutorLoopError(f"the executor loop failed: {self.error!r}") from self.error
 
     def run_on_loop(self, fn: Callable[[], int]) -> int:
         """Run ``fn`` on the loop thread between steps and return its result."""
         future: Future[int] = Future()
         with self.cond:
+            if self.error is not None:
+                raise ProcessorStopped(f"the executor loop failed: {self.error!r}")
             if self.stopped:
                 raise ProcessorStopped("the executor has been shut down")
             self.commands.append((fn, future))

@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP API (FastAPI), on top of the Executor.
 
 Every request body is validated into a choral Request before anything is queued; errors come
-back in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``). A client that
-disconnects cancels its request at once (streaming: the response generator is cancelled;
-non-streaming: a watcher polls the connection).
+back in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``); a stream that fails
+after it started ends with such an error event, then ``[DONE]``. A client that disconnects cancels
+its request at once (streaming: the response generator is cancelled; non-streaming: a watcher
+polls the connection).
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.responses import Response as HttpResponse
 from pydantic import BaseModel, ConfigDict
 
-from choral.errors import ChoralError, InvalidRequestError, ProcessorStopped, QueueFull
+from choral.errors import (
+    ChoralError,
+    ExecutorLoopError,
+    InvalidRequestError,
+    ProcessorStopped,
+    QueueFull,
+    RequestFailedError,
+)
 from choral.executor import AsyncExecutor, Executor, FinishReason, Request, Result
 from choral.server.metrics import ServerMetrics
 from choral.server.protocol import ChatCompletionRequest, CompletionRequest, _Common, to_request
@@ -38,10 +46,13 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param = status, message, type_, param
 
 
+def _error_body(status: int, message: str, type_: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
+
+
 def _error(status: int, message: str, type_: str, param: str | None = None,
            headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(_error_body(status, message, type_, param), status_code=status, headers=headers)
 
 
 class TokenizeRequest(BaseModel):
@@ -193,7 +204,10 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None) 
             items = list(prompt)
         if not items:
             raise ApiError(400, "prompt is empty", param="prompt")
-        return [(_tokenizer().encode(p) if isinstance(p, str) else list(p)) for p in items]
+        try:
+            return [(_tokenizer().encode(p) if isinstance(p, str) else list(p)) for p in items]
+        except InvalidRequestError as e:  # text that cannot be encoded (a lone surrogate, say)
+            raise ApiError(400, str(e), param="prompt") from e
 
     def _build(body: _Common, ids: list[int], max_tokens: int, logprobs: int | None, stream: bool) -> Request:
         if len(ids) + max_tokens > engine.max_model_len and (body.max_tokens or getattr(
@@ -236,6 +250,8 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None) 
             raise _QueueFullError(str(e)) from None
         except ProcessorStopped as e:
             raise ApiError(503, str(e), "ServiceUnavailableError") from None
+        except (RequestFailedError, ExecutorLoopError) as e:  # accepted, then failed while it ran
+            raise ApiError(500, str(e), "InternalServerError") from None
 
     async def _run_all(requests: list[Request], http: HttpRequest) -> list[Any]:
         tasks = [asyncio.ensure_future(_submit(r)) for r in requests]
@@ -309,14 +325,23 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None) 
     async def _stream_completion(rid: str, body: CompletionRequest, streams: list[AsyncIterator[Result]],
                                  prompts: list[list[int]]) -> AsyncIterator[str]:
         usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
-        for p, stream in enumerate(streams):
-            async for result in _observed(stream):
-                usage["completion_tokens"] += len(result.output_token_ids)
-                choice = {"index": p * body.n + result.sequence_index, "text": result.text,
-                          "logprobs": _completion_logprobs(result.output_token_ids, result.logprobs),
-                          "finish_reason": _FINISH.get(result.finish_reason) if result.is_sequence_final else None}
-                yield _event({"id": rid, "object": "text_completion", "created": int(time.time()),
-                              "model": model_name, "choices": [choice]})
+        try:
+            for p, stream in enumerate(streams):
+                async for result in _observed(stream):
+                    usage["completion_tokens"] += len(result.output_token_ids)
+                    choice = {"index": p * body.n + result.sequence_index, "text": result.text,
+                              "logprobs": _completion_logprobs(result.output_token_ids, result.logprobs),
+                              "finish_reason": _FINISH.get(result.finish_reason) if result.is_sequence_final
+                              else None}
+                    yield _event({"id": rid, "object": "text_completion", "created": int(time.time()),
+                                  "model": model_name, "choices": [choice]})
+        except (RequestFailedError, ExecutorLoopError) as e:
+            # The 200 and earlier chunks are sent: end the stream with the error instead of
+            # dropping the connection. The prompts not streamed yet are cancelled as their
+            # streams are dropped.
+            yield _event(_error_body(500, str(e), "InternalServerError"))
+            yield "data: [DONE]\n\n"
+            return
         if body.stream_options and body.stream_options.include_usage:
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             yield _event({"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
@@ -330,14 +355,19 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None) 
                                                "logprobs": None, "finish_reason": None}]})
         completion_tokens = 0
         prompt_tokens = 0
-        async for result in _observed(stream):
-            completion_tokens += len(result.output_token_ids)
-            prompt_tokens = result.num_prompt_tokens
-            delta = {"content": result.text} if result.text else {}
-            yield _event({**base, "choices": [{
-                "index": result.sequence_index, "delta": delta,
-                "logprobs": _chat_logprobs(result.output_token_ids, result.logprobs) if body.logprobs else None,
-                "finish_reason": _FINISH.get(result.finish_reason) if result.is_sequence_final else None}]})
+        try:
+            async for result in _observed(stream):
+                completion_tokens += len(result.output_token_ids)
+                prompt_tokens = result.num_prompt_tokens
+                delta = {"content": result.text} if result.text else {}
+                yield _event({**base, "choices": [{
+                    "index": result.sequence_index, "delta": delta,
+                    "logprobs": _chat_logprobs(result.output_token_ids, result.logprobs) if body.logprobs else None,
+                    "finish_reason": _FINISH.get(result.finish_reason) if result.is_sequence_final else None}]})
+        except (RequestFailedError, ExecutorLoopError) as e:  # the 200 is sent: end with an error event
+            yield _event(_error_body(500, str(e), "InternalServerError"))
+            yield "data: [DONE]\n\n"
+            return
         if body.stream_options and body.stream_options.include_usage:
             yield _event({**base, "choices": [], "usage": {
                 "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
