@@ -58,7 +58,10 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self._tok, "chat_template", None))
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, field: str = "prompt") -> list[int]:
+        """Token ids of ``text``; ``field`` names it in the InvalidRequestError raised for text that is
+        not a str or not valid Unicode (a lone surrogate such as ``"\\udc80"`` has no UTF-8 form)."""
+        check_text(field, text)
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -73,14 +76,39 @@ class Tokenizer:
         """Render ``messages`` with the model's template and tokenize the result."""
         if not self.has_chat_template:
             raise InvalidRequestError("this model has no chat template; pass a text prompt instead")
-        for m in messages:
+        if isinstance(messages, str | bytes | dict) or not isinstance(messages, Sequence):
+            raise InvalidRequestError(f"messages: must be a list of chat messages, got {type(messages).__name__}")
+        for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise InvalidRequestError(f"chat message must be a dict with 'role' and 'content', got {m!r}")
+                raise InvalidRequestError(f"messages[{i}]: a chat message must be a dict with 'role' and 'content', "
+                                          f"got {m!r}")
+            if not isinstance(m["role"], str) or not m["role"]:
+                raise InvalidRequestError(f"messages[{i}].role: must be a non-empty str, got {m['role']!r}")
+            content = m["content"]
+            if not isinstance(content, str):
+                # OpenAI's content parts are joined into one str by the server, not here.
+                hint = "; join the text parts into one str" if isinstance(content, list) else ""
+                raise InvalidRequestError(
+                    f"messages[{i}].content: must be a str, got {type(content).__name__}{hint}")
+            check_text(f"messages[{i}].content", content)
         text = self._tok.apply_chat_template(
             list(messages), add_generation_prompt=add_generation_prompt, tokenize=False
         )
         # The template already holds any BOS it wants; do not add special tokens again.
-        return self.encode(str(text), add_special_tokens=False)
+        return self.encode(str(text), add_special_tokens=False, field="messages")
+
+
+def check_text(field: str, text: object) -> None:
+    """Raise InvalidRequestError naming ``field`` unless ``text`` is a str that UTF-8 can encode
+    (tokenizers fail on lone surrogates with a bare TypeError or a panic)."""
+    if not isinstance(text, str):
+        raise InvalidRequestError(f"{field}: must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(
+            f"{field}: not valid Unicode: {text[e.start:e.end]!r} at index {e.start} is a lone surrogate"
+        ) from None
 
 
 def _gguf_tokenizer(path: Path) -> Any:

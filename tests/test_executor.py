@@ -377,6 +377,15 @@ def test_kv_events_and_input_in_output(tiny_models) -> None:  # type: ignore[no-
         assert ex.get_kv_cache_events() == []
 
 
+def test_input_in_output_text_for_every_prompt_kind(smollm_executor) -> None:  # type: ignore[no-untyped-def]
+    ex = smollm_executor
+    tok = ex.engine.tokenizer
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    for prompt in ("The sky is", tok.encode("The sky is"), [{"role": "user", "content": "Hi"}]):
+        done = ex.submit(Request(prompt, params, exclude_input_from_output=False))
+        assert done.text == tok.decode(done.token_ids), prompt  # the prompt's text, then the output's
+
+
 def test_decoding_controls_through_the_executor(tiny_models) -> None:  # type: ignore[no-untyped-def]
     with make(tiny_models) as ex:
         free = ex.submit(Request([5, 6, 7], GREEDY)).token_ids

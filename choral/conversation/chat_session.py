@@ -44,6 +44,9 @@ class _Turn:
         self.cancel = cancel
         self.response = ChatResponse()
         self.emitted = ""
+        # A stop string counts only if it ends past this offset: the text before the min_tokens-th
+        # token (the executor's rule, see IncrementalDetokenizer).
+        self.stop_from = 0
 
     def step(self) -> bool:
         """Sample one token from fresh logits; True when the answer is complete."""
@@ -58,8 +61,11 @@ class _Turn:
             return self.stop("eos")
         self.response.token_ids.append(token)
         text = tokenizer.decode(self.response.token_ids, self.params.skip_special_tokens)
-        for stop in self.params.stop:
-            cut = text.find(stop)
+        early = len(self.response.token_ids) < self.params.min_tokens
+        if early:
+            self.stop_from = len(text)
+        for stop in () if early else self.params.stop:
+            cut = text.find(stop, max(0, self.stop_from - len(stop) + 1))
             if cut >= 0:
                 self.response.text = text[:cut]
                 self.emit(text[:cut])

@@ -29,7 +29,7 @@ from choral.errors import (
     RequiresPromptError,
     TokenIdOutOfRangeError,
 )
-from choral.sampling.logits_process import bad_word_token_ids
+from choral.sampling.logits_process import check_token_ids
 from choral.sampling.params import SamplingParams
 from choral.sampling.sampler import Row
 
@@ -183,23 +183,23 @@ class Conversation:
             params = params or GREEDY
             if not isinstance(params, SamplingParams):
                 raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
-            generator = None
-            if params.seed is not None:
-                if self._generator is None or self._generator_seed != params.seed:
-                    self._generator = torch.Generator(device=row.device)
-                    self._generator.manual_seed(params.seed)
-                    self._generator_seed = params.seed
-                generator = self._generator
             if params.structured or params.n > 1 or params.num_samples > 1:
                 raise InvalidRequestError(
                     "Conversation.sample draws one token: structured output, n, best_of and beams run in "
                     "the Executor or LLM.generate")
             engine = self._executor.engine
             engine.logits_processors.check(params.logits_processors)
+            bad_words = check_token_ids(params, self._executor.vocab_size, engine.tokenizer)
+            generator = None  # set up once the params are known good: a rejected call changes nothing
+            if params.seed is not None:
+                if self._generator is None or self._generator_seed != params.seed:
+                    self._generator = torch.Generator(device=row.device)
+                    self._generator.manual_seed(params.seed)
+                    self._generator_seed = params.seed
+                generator = self._generator
             # The whole conversation is the history penalties look at; there is no separate output.
             sample_row = Row(params, token_ids=list(self._tokens), num_prompt_tokens=len(self._tokens),
-                             generator=generator, request_id=str(self.id),
-                             bad_words=bad_word_token_ids(params.bad_words, engine.tokenizer))
+                             generator=generator, request_id=str(self.id), bad_words=bad_words)
             result = self._executor._sampler.sample(row[None, :], [sample_row])
             return int(result.token_ids[0])
 

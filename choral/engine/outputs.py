@@ -71,8 +71,11 @@ def _completion(params: SamplingParams, index: int, ids: list[int], finish_reaso
     text = ""
     if tokenizer is not None:
         text = tokenizer.decode(ids, params.skip_special_tokens)
+        # As in the executor, a stop string counts only if it ends in text from the min_tokens-th token on.
+        floor = len(tokenizer.decode(ids[: params.min_tokens - 1], params.skip_special_tokens)) \
+            if params.stop and params.min_tokens > 1 else 0
         for stop in params.stop:
-            cut = text.find(stop)
+            cut = text.find(stop, max(0, floor - len(stop) + 1))
             if cut >= 0:
                 text, stop_reason = text[:cut], stop
     return CompletionOutput(index, text, list(ids), finish_reason, stop_reason,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,11 +24,24 @@ def is_single_prompt(prompts: Any) -> bool:
 
 
 def _is_token(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An int or a numpy integer (numpy's bool has no ``__index__``), never a bool."""
+    if type(value) is int:  # the common case, without the exception machinery below
+        return True
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def to_token_ids(prompt: Any, tokenizer: Tokenizer | None) -> tuple[str | None, list[int]]:
     """(the text if the prompt was text, its token ids)."""
+    if isinstance(prompt, bytes | bytearray | memoryview):
+        # bytes are a Sequence of ints, but hardly ever meant as token ids.
+        raise InvalidRequestError(f"prompt: {type(prompt).__name__} is not accepted; decode it to a str for "
+                                  "text, or pass a list of token ids")
     if isinstance(prompt, str):
         if tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer: pass token ids instead of text")
@@ -37,7 +51,7 @@ def to_token_ids(prompt: Any, tokenizer: Tokenizer | None) -> tuple[str | None, 
             raise InvalidRequestError("this model has no tokenizer: chat messages need one")
         return None, tokenizer.apply_chat_template(prompt)
     if isinstance(prompt, Sequence) and all(_is_token(t) for t in prompt):
-        return None, list(prompt)
+        return None, [operator.index(t) for t in prompt]
     raise InvalidRequestError(
         f"prompt must be a str, a list of token ids or a list of chat messages, got {type(prompt).__name__}"
     )

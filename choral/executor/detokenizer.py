@@ -6,6 +6,10 @@ render spaces correctly in context. So each step decodes a short window (a few t
 unread ones) and emits only the suffix beyond what that window already produced; an unfinished
 character (U+FFFD at the end) waits for the next token. Stop strings are searched in all text so
 far; text that could still be the start of a stop string is held back until it is not.
+
+With ``min_tokens``, a stop string counts only once that many tokens exist (vLLM's rule, and the
+one the executor applies to stop ids and stop token sequences): a match must end in text decoded
+from the ``min_tokens``-th token on; it may begin earlier.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ _CONTEXT = 6  # tokens of left context re-decoded each step
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer | None, stop: Sequence[str], skip_special_tokens: bool):
+    def __init__(self, tokenizer: Tokenizer | None, stop: Sequence[str], skip_special_tokens: bool,
+                 min_tokens: int = 0):
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
         self.skip = skip_special_tokens
+        self.min_tokens = min_tokens
         self.tokens: list[int] = []
         self.prefix_offset = 0  # start of the context window
         self.read_offset = 0  # tokens whose text is already in self.text
@@ -42,6 +48,8 @@ class IncrementalDetokenizer:
         self.text += full[len(prefix) :]
         self.prefix_offset = max(0, len(self.tokens) - _CONTEXT)
         self.read_offset = len(self.tokens)
+        if len(self.tokens) < self.min_tokens:
+            return  # too early to stop; a later search still finds a match ending past this text
         # A new match must end in the new text: search from just before it.
         cuts = [c for stop in self.stop
                 if (c := self.text.find(stop, max(0, old_len - len(stop) + 1))) >= 0]

@@ -15,18 +15,21 @@ import torch
 from choral.engine.llm_engine import LLMEngine
 from choral.engine.prompts import to_token_ids, validate_token_ids
 from choral.errors import InvalidRequestError
-from choral.executor.beams import BeamGroup, beam_kv_blocks, beam_search_for
+from choral.executor.beams import BeamGroup, beam_search_for
+from choral.executor.config import KvPolicy
 from choral.executor.detokenizer import IncrementalDetokenizer
 from choral.executor.job import ExecSequence, Job
 from choral.executor.request import FinishReason, Request, Timing
-from choral.sampling.logits_process import bad_word_token_ids
+from choral.executor.scheduler import blocks_to_run_alone
+from choral.sampling.logits_process import check_token_ids
 
 
 class Intake:
     """Validates requests and makes the sequences of their jobs (the executor's only sequence factory)."""
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, kv_policy: KvPolicy = KvPolicy.MAX_UTILIZATION):
         self.engine = engine
+        self.kv_policy = kv_policy
         self._seq_ids = itertools.count()
 
     def make_job(self, request: Request, collect: bool) -> Job:
@@ -35,12 +38,12 @@ class Intake:
         if not isinstance(request, Request):
             raise InvalidRequestError(f"expected a Request, got {type(request).__name__}")
         engine = self.engine
-        _, token_ids = to_token_ids(request.prompt, engine.tokenizer)
+        text, token_ids = to_token_ids(request.prompt, engine.tokenizer)
         vocab = engine.loaded.spec.vocab_size
         validate_token_ids(token_ids, vocab, engine.max_model_len)
-        for t in (*request.sampling.stop_token_ids, *(x for w in request.stop_words for x in w)):
+        for t in (x for w in request.stop_words for x in w):
             if t >= vocab:
-                raise InvalidRequestError(f"stop token id {t} is out of range [0, {vocab})")
+                raise InvalidRequestError(f"stop_words: token id {t} is out of range [0, {vocab})")
         if request.end_id is not None and request.end_id >= vocab:
             raise InvalidRequestError(f"end_id: {request.end_id} is out of range [0, {vocab})")
         params = request.sampling
@@ -56,13 +59,16 @@ class Intake:
             request = dataclasses.replace(request, n=n, sampling=params)
         self._check_fanout(request, len(token_ids))
         engine.logits_processors.check(params.logits_processors)
-        bad_words = bad_word_token_ids(params.bad_words, engine.tokenizer)
+        bad_words = check_token_ids(params, vocab, engine.tokenizer)  # stop ids, logit_bias, bad words
         if params.structured:
             engine.grammar_compiler()  # fails now, not in the loop, if the grammar engine cannot run
         now = time.monotonic()
         job = Job(request=request, prompt_token_ids=token_ids, timing=Timing(arrival=now),
                   deadline=None if request.allotted_time is None else now + request.allotted_time, collect=collect)
         job.bad_words = bad_words
+        if text is None and not request.exclude_input_from_output and engine.tokenizer is not None:
+            text = engine.tokenizer.decode(token_ids, params.skip_special_tokens)
+        job.prompt_text = text
         root = self.new_sequence(job, 0, token_ids)
         job.sequences.append(root)
         if params.beam_width > 1:
@@ -89,13 +95,8 @@ class Intake:
             if samples > cfg.max_num_batched_tokens:
                 raise InvalidRequestError(f"beam_width: {samples} beams must fit in one step's "
                                           f"max_num_batched_tokens {cfg.max_num_batched_tokens}")
-            # A beam request is preempted whole, so it must fit in the cache on its own.
-            final = min(num_prompt_tokens + request.effective_max_tokens, self.engine.max_model_len)
-            pool = self.engine.pool
-            need = beam_kv_blocks(num_prompt_tokens, final, samples, pool.block_size)
-            if need > pool.num_blocks:
-                raise InvalidRequestError(f"beam_width: {samples} beams of up to {final} tokens may need {need} "
-                                          f"KV blocks; the cache has {pool.num_blocks}")
+        self._check_fits(request, num_prompt_tokens, name)
+        if params.beam_width > 1:
             return
         if params.greedy and samples > 1:
             raise InvalidRequestError(f"{name}: greedy sampling (temperature 0) would give {samples} identical "
@@ -104,12 +105,31 @@ class Intake:
             raise InvalidRequestError("streaming: best_of > n returns the most likely samples once all have "
                                       "ended, so there is nothing to stream; use streaming=False")
 
+    def _check_fits(self, request: Request, num_prompt_tokens: int, name: str) -> None:
+        """Every accepted request must be able to run with the cache to itself (else it would
+        wait forever): beams and GUARANTEED_NO_EVICT samples all at full length, other requests
+        one sequence. Pinned prefix blocks are not the cache's to give."""
+        pool = self.engine.pool
+        params = request.sampling
+        final = min(num_prompt_tokens + request.effective_max_tokens, self.engine.max_model_len)
+        need = blocks_to_run_alone(num_prompt_tokens, final, params.num_samples, params.beam_width > 1,
+                                   self.kv_policy, pool.block_size)
+        usable = pool.num_blocks - pool.num_pinned_blocks
+        if need > usable:
+            what = "the request"
+            if params.num_samples > 1:
+                what = f"{name}: {params.num_samples} {'beams' if params.beam_width > 1 else 'sequences'}"
+            pinned = f" ({pool.num_pinned_blocks} more are pinned)" if pool.num_pinned_blocks else ""
+            raise InvalidRequestError(f"{what} of up to {final} tokens may need {need} KV blocks at once; "
+                                      f"the cache has {usable}{pinned}")
+
     def new_sequence(self, job: Job, index: int, token_ids: list[int]) -> ExecSequence:
         """Sequence ``index`` of ``job`` holding ``token_ids`` (no KV blocks yet)."""
         params = job.request.sampling
         seq = ExecSequence(next(self._seq_ids), list(job.prompt_token_ids), params, token_ids=list(token_ids),
                            job=job, index=index)
-        seq.detok = IncrementalDetokenizer(self.engine.tokenizer, params.stop, params.skip_special_tokens)
+        seq.detok = IncrementalDetokenizer(self.engine.tokenizer, params.stop, params.skip_special_tokens,
+                                           min_tokens=params.min_tokens)
         seq.request_id = str(job.request_id)
         seq.bad_words = list(job.bad_words)
         if params.structured:

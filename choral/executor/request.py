@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from choral.errors import InvalidRequestError
-from choral.sampling.params import SamplingParams
+from choral.sampling.params import SamplingParams, as_int, as_number, as_tuple
 
 
 class FinishReason(enum.Enum):
@@ -34,7 +35,7 @@ class Request:
         priority: higher runs first; equal priorities are FIFO; waiting requests age upwards.
         allotted_time: seconds from arrival; past it the request ends with TIMED_OUT.
         end_id: an extra end-of-sequence token id (TRT-LLM's ``end_id``).
-        stop_words: token sequences that end generation (removed from the output).
+        stop_words: token sequences that end generation (kept in the output, as TRT-LLM does).
         n: independent sequences sampled from one prompt; the prompt's KV is shared by fork
             (``sampling.best_of`` samples more and returns the n most likely; ``sampling.beam_width``
             runs beam search and returns the n best beams: both final-only, never streamed).
@@ -59,27 +60,29 @@ class Request:
     def __post_init__(self) -> None:
         if not isinstance(self.sampling, SamplingParams):
             raise InvalidRequestError("sampling: must be a SamplingParams")
-        if self.max_tokens is not None and (
-            isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1
-        ):
-            raise InvalidRequestError(f"max_tokens: must be a positive int, got {self.max_tokens!r}")
-        if isinstance(self.priority, bool) or not isinstance(self.priority, int | float):
-            raise InvalidRequestError(f"priority: must be a number, got {self.priority!r}")
-        if self.allotted_time is not None and (
-            not isinstance(self.allotted_time, int | float) or self.allotted_time <= 0
-        ):
-            raise InvalidRequestError(
-                f"allotted_time: must be a positive number of seconds, got {self.allotted_time!r}"
-            )
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= 64:
-            raise InvalidRequestError(f"n: must be an int in [1, 64], got {self.n!r}")
-        words = tuple(tuple(w) for w in self.stop_words)
-        for w in words:
-            if not w or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in w):
-                raise InvalidRequestError(f"stop_words: each must be a non-empty list of token ids, got {list(w)!r}")
-        object.__setattr__(self, "stop_words", words)
-        if self.end_id is not None and (not isinstance(self.end_id, int) or self.end_id < 0):
-            raise InvalidRequestError(f"end_id: must be a token id, got {self.end_id!r}")
+        # Numbers are normalized as they are checked (numpy integers become int), as in SamplingParams.
+        if self.max_tokens is not None:
+            object.__setattr__(self, "max_tokens", as_int("max_tokens", self.max_tokens, low=1))
+        priority = as_number("priority", self.priority, low=-math.inf)
+        if not math.isfinite(priority):
+            raise InvalidRequestError(f"priority: must be a finite number, got {self.priority!r}")
+        object.__setattr__(self, "priority", priority)
+        if self.allotted_time is not None:
+            seconds = as_number("allotted_time", self.allotted_time, low=0.0, low_open=True)
+            if not math.isfinite(seconds):
+                raise InvalidRequestError(f"allotted_time: must be a finite number of seconds, got "
+                                          f"{self.allotted_time!r}; use None for no limit")
+            object.__setattr__(self, "allotted_time", seconds)
+        object.__setattr__(self, "n", as_int("n", self.n, low=1, high=64))
+        words = []
+        for w in as_tuple("stop_words", self.stop_words, "token id lists"):
+            ids = tuple(w) if isinstance(w, list | tuple) else ()
+            if not ids:
+                raise InvalidRequestError(f"stop_words: each must be a non-empty list of token ids, got {w!r}")
+            words.append(tuple(as_int("stop_words", t, low=0) for t in ids))
+        object.__setattr__(self, "stop_words", tuple(words))
+        if self.end_id is not None:
+            object.__setattr__(self, "end_id", as_int("end_id", self.end_id, low=0))
         if self.callback is not None and not callable(self.callback):
             raise InvalidRequestError("callback: must be callable")
 

@@ -9,11 +9,14 @@ tensor per step.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from choral.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from choral.sampling.params import SamplingParams
 
 NEG_INF = float("-inf")
 
@@ -179,7 +182,24 @@ def bad_word_token_ids(bad_words: Sequence[tuple[int, ...] | str], tokenizer: An
         if tokenizer is None:
             raise InvalidRequestError("bad_words: strings need a tokenizer; give token id lists")
         for text in (word, " " + word):
-            ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+            ids = tuple(tokenizer.encode(text, add_special_tokens=False, field="bad_words"))
             if ids and ids not in out:
                 out.append(ids)
     return out
+
+
+def check_token_ids(params: SamplingParams, vocab_size: int, tokenizer: Any) -> list[tuple[int, ...]]:
+    """Check every token id ``params`` names (stop_token_ids, logit_bias, bad_words once tokenized)
+    against a vocabulary of ``vocab_size``, and return the bad words in token-id form.
+
+    The sampler indexes the logits with these ids, so one out of range would fail mid-step:
+    callers run this before they take a request (the executor's intake, ``Conversation.sample``).
+    """
+    bad_words = bad_word_token_ids(params.bad_words, tokenizer)
+    named = (("stop_token_ids", params.stop_token_ids), ("logit_bias", tuple(params.logit_bias)),
+             ("bad_words", tuple(t for word in bad_words for t in word)))
+    for name, ids in named:
+        for t in ids:
+            if not 0 <= t < vocab_size:
+                raise InvalidRequestError(f"{name}: token id {t} is out of range [0, {vocab_size})")
+    return bad_words

@@ -5,13 +5,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+import numbers
+import operator
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from choral.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes seeds in [0, 2**64)
 
 
 @dataclass(frozen=True)
@@ -82,47 +85,61 @@ class SamplingParams:
     grammar: str | None = None
 
     def __post_init__(self) -> None:
-        # Lists are accepted for convenience and frozen into tuples.
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if isinstance(self.logits_processors, str):
-            object.__setattr__(self, "logits_processors", (self.logits_processors,))
-        object.__setattr__(self, "logits_processors", tuple(self.logits_processors))
-        _number("temperature", self.temperature, low=0.0)
-        _integer("top_k", self.top_k, low=-1)
-        _number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
-        _number("min_p", self.min_p, low=0.0, high=1.0)
-        _number("typical_p", self.typical_p, low=0.0, high=1.0, low_open=True)
-        _number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
-        _number("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
-        _number("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
-        _integer("no_repeat_ngram_size", self.no_repeat_ngram_size, low=0)
+        # Values are normalized as they are checked: lists (any iterable) are frozen into tuples,
+        # numbers into float and integers (numpy's too) into int; a bool is never a number.
+        s = self._set
+        # One str is accepted for one stop string / processor name.
+        s("stop", as_tuple("stop", (self.stop,) if isinstance(self.stop, str) else self.stop, "str"))
+        s("stop_token_ids", tuple(as_int("stop_token_ids", t, low=0)
+                                  for t in as_tuple("stop_token_ids", self.stop_token_ids, "token ids")))
+        names = self.logits_processors
+        s("logits_processors", as_tuple("logits_processors", (names,) if isinstance(names, str) else names, "str"))
+        s("temperature", as_number("temperature", self.temperature, low=0.0))
+        s("top_k", as_int("top_k", self.top_k, low=-1))
+        s("top_p", as_number("top_p", self.top_p, low=0.0, high=1.0, low_open=True))
+        s("min_p", as_number("min_p", self.min_p, low=0.0, high=1.0))
+        s("typical_p", as_number("typical_p", self.typical_p, low=0.0, high=1.0, low_open=True))
+        s("repetition_penalty", as_number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True))
+        s("presence_penalty", as_number("presence_penalty", self.presence_penalty, low=-2.0, high=2.0))
+        s("frequency_penalty", as_number("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0))
+        s("no_repeat_ngram_size", as_int("no_repeat_ngram_size", self.no_repeat_ngram_size, low=0))
         self._freeze_logit_bias()
         self._freeze_bad_words()
-        if self.seed is not None:
-            _integer("seed", self.seed, low=0)
-        _integer("max_tokens", self.max_tokens, low=1)
-        _integer("min_tokens", self.min_tokens, low=0)
+        s("max_tokens", as_int("max_tokens", self.max_tokens, low=1))
+        s("min_tokens", as_int("min_tokens", self.min_tokens, low=0))
         if self.min_tokens > self.max_tokens:
             raise InvalidRequestError(
                 f"min_tokens: {self.min_tokens} is larger than max_tokens {self.max_tokens}"
             )
-        for t in self.stop_token_ids:
-            _integer("stop_token_ids", t, low=0)
-        for s in self.stop:
-            if not isinstance(s, str) or not s:
-                raise InvalidRequestError(f"stop: every stop string must be a non-empty str, got {s!r}")
+        for stop in self.stop:
+            if not isinstance(stop, str) or not stop:
+                raise InvalidRequestError(f"stop: every stop string must be a non-empty str, got {stop!r}")
         if self.logprobs is not None:
-            _integer("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
+            s("logprobs", as_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS))
         if self.prompt_logprobs is not None:
-            _integer("prompt_logprobs", self.prompt_logprobs, low=0, high=MAX_LOGPROBS)
+            s("prompt_logprobs", as_int("prompt_logprobs", self.prompt_logprobs, low=0, high=MAX_LOGPROBS))
         self._check_fanout()
+        self._check_seed()
         for name in self.logits_processors:
             if not isinstance(name, str) or not name:
                 raise InvalidRequestError(f"logits_processors: names must be non-empty str, got {name!r}")
         self._check_structured()
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+    def _check_seed(self) -> None:
+        if self.seed is None:
+            return
+        seed = as_int("seed", self.seed, low=0)
+        self._set("seed", seed)
+        # Sample i draws from seed + i (beams draw nothing at random); every one must be a seed
+        # torch's generators take, or the loop would fail when it forks the sample.
+        samples = self.num_samples if self.beam_width == 1 else 1
+        if seed + samples - 1 > MAX_SEED:
+            why = f"; sample i draws from seed + i, so with {samples} samples" if samples > 1 else ", so"
+            raise InvalidRequestError(f"seed: {seed} is too large: seeds must be below 2**64{why} "
+                                      f"the seed may be at most {MAX_SEED - samples + 1}")
 
     def _freeze_logit_bias(self) -> None:
         if not isinstance(self.logit_bias, Mapping):
@@ -130,9 +147,9 @@ class SamplingParams:
         frozen: dict[int, float] = {}
         for key, bias in self.logit_bias.items():
             # JSON objects (the OpenAI API) carry token ids as strings.
-            token = int(key) if isinstance(key, str) and key.lstrip("-").isdigit() else key
-            _integer("logit_bias", token, low=0)
-            if isinstance(bias, bool) or not isinstance(bias, int | float) or math.isnan(bias):
+            token = as_int("logit_bias", int(key) if isinstance(key, str) and key.lstrip("-").isdigit() else key,
+                             low=0)
+            if _is_bool(bias) or not isinstance(bias, numbers.Real) or math.isnan(bias):
                 raise InvalidRequestError(f"logit_bias: bias of token {token} must be a number, got {bias!r}")
             if bias == math.inf:
                 raise InvalidRequestError(f"logit_bias: bias of token {token} is +inf; use a finite value")
@@ -140,10 +157,9 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", _FrozenDict(frozen))
 
     def _freeze_bad_words(self) -> None:
-        if isinstance(self.bad_words, str):
-            object.__setattr__(self, "bad_words", (self.bad_words,))
+        given = (self.bad_words,) if isinstance(self.bad_words, str) else self.bad_words
         words: list[tuple[int, ...] | str] = []
-        for word in self.bad_words:
+        for word in as_tuple("bad_words", given, "str or token id lists"):
             if isinstance(word, str):
                 if not word:
                     raise InvalidRequestError("bad_words: empty string")
@@ -152,19 +168,17 @@ class SamplingParams:
             ids = tuple(word) if isinstance(word, list | tuple) else None
             if not ids:
                 raise InvalidRequestError(f"bad_words: each entry is a str or a non-empty token id list, got {word!r}")
-            for t in ids:
-                _integer("bad_words", t, low=0)
-            words.append(ids)
+            words.append(tuple(as_int("bad_words", t, low=0) for t in ids))
         object.__setattr__(self, "bad_words", tuple(words))
 
     def _check_fanout(self) -> None:
-        _integer("n", self.n, low=1)
+        self._set("n", as_int("n", self.n, low=1))
         if self.best_of is not None:
-            _integer("best_of", self.best_of, low=1)
+            self._set("best_of", as_int("best_of", self.best_of, low=1))
             if self.best_of < self.n:
                 raise InvalidRequestError(f"best_of: {self.best_of} is smaller than n {self.n}")
-        _integer("beam_width", self.beam_width, low=1)
-        _number("length_penalty", self.length_penalty, low=-math.inf)
+        self._set("beam_width", as_int("beam_width", self.beam_width, low=1))
+        self._set("length_penalty", as_number("length_penalty", self.length_penalty, low=-math.inf))
         if not isinstance(self.early_stopping, bool):
             raise InvalidRequestError(f"early_stopping: must be a bool, got {self.early_stopping!r}")
         if self.beam_width > 1:
@@ -231,16 +245,44 @@ class _FrozenDict(dict):  # type: ignore[type-arg]
     __setitem__ = __delitem__ = update = pop = clear = setdefault = popitem = _refuse  # type: ignore[assignment]
 
 
-def _number(name: str, value: Any, low: float, high: float | None = None, low_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+# Field checks (shared with the executor's Request): each returns the value normalized, or raises
+# InvalidRequestError naming the field.
+
+
+def _is_bool(value: Any) -> bool:
+    """A Python or numpy bool: never accepted as a number, though both behave as one."""
+    return isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", None) == "b"
+
+
+def as_tuple(name: str, value: Any, what: str) -> tuple[Any, ...]:
+    """A collection field (a list, tuple or any iterable but a str, bytes or mapping) as a tuple."""
+    if isinstance(value, str | bytes | bytearray | Mapping) or not isinstance(value, Iterable):
+        raise InvalidRequestError(f"{name}: must be a list of {what}, got {value!r}")
+    return tuple(value)
+
+
+def as_number(name: str, value: Any, low: float, high: float | None = None, low_open: bool = False) -> float:
+    """``value`` as a float (any real number but a bool, numpy's included), checked against the bounds."""
+    if _is_bool(value) or not isinstance(value, numbers.Real) or value != value:
         raise InvalidRequestError(f"{name}: must be a number, got {value!r}")
-    if value < low or (low_open and value == low) or (high is not None and value > high):
-        bound = f"({low}, {high}]" if low_open else f"[{low}, {high if high is not None else 'inf'}]"
-        raise InvalidRequestError(f"{name}: {value} is outside {bound}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise InvalidRequestError(f"{name}: the int given is too large for a float") from None
+    if number < low or (low_open and number == low) or (high is not None and number > high):
+        top = high if high is not None else "inf"
+        raise InvalidRequestError(f"{name}: {value} is outside {'(' if low_open else '['}{low}, {top}]")
+    return number
 
 
-def _integer(name: str, value: Any, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def as_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """``value`` as an int (an int or a numpy integer, never a bool or a float), checked against the bounds."""
+    if _is_bool(value):
         raise InvalidRequestError(f"{name}: must be an int, got {value!r}")
-    if value < low or (high is not None and value > high):
-        raise InvalidRequestError(f"{name}: {value} is outside [{low}, {high if high is not None else 'inf'}]")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise InvalidRequestError(f"{name}: must be an int, got {value!r}") from None
+    if number < low or (high is not None and number > high):
+        raise InvalidRequestError(f"{name}: {number} is outside [{low}, {high if high is not None else 'inf'}]")
+    return number
