@@ -160,3 +160,13 @@ def test_long_chat_drops_the_oldest_exchanges(smollm_fp32) -> None:  # type: ign
     with pytest.raises(PromptTooLongError):
         with BatchedExecutor(smollm_fp32, max_model_len=64, kv_cache_tokens=640) as executor:
             ChatSession(executor.create()).prompt("word " * 80, max_tokens=4)
+
+
+def test_min_tokens_holds_the_end_only_until_reached(executor: BatchedExecutor, smollm_fp32) -> None:  # type: ignore[no-untyped-def]
+    messages = [{"role": "user", "content": "Say hi."}]
+    reply = smollm_fp32.generate([messages], SamplingParams(temperature=0, max_tokens=60))[0].outputs[0]
+    assert reply.finish_reason == "stop" and len(reply.token_ids) < 58  # greedy ends early by itself
+    session = ChatSession(executor.create())
+    answer = session.prompt("Say hi.", max_tokens=60, params=SamplingParams(temperature=0, min_tokens=2))
+    assert session.last_response is not None and session.last_response.stop_reason == "eos"
+    assert answer == reply.text  # min_tokens below the natural length changes nothing

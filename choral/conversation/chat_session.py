@@ -10,6 +10,7 @@ waits in ``BatchedExecutor.wait_for_logits``, which runs one ``infer()`` for all
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,9 @@ class _Turn:
         self.cancel = cancel
         self.response = ChatResponse()
         self.emitted = ""
+        # Conversation.sample knows no output count: with min_tokens it bans the end tokens on
+        # every draw, so the turn hands it min_tokens only until the answer has that many.
+        self.free_params = dataclasses.replace(params, min_tokens=0)
         # A stop string counts only if it ends past this offset: the text before the min_tokens-th
         # token (the executor's rule, see IncrementalDetokenizer).
         self.stop_from = 0
@@ -53,7 +57,8 @@ class _Turn:
         conversation, tokenizer = self.session.conversation, self.session.tokenizer
         if self.cancel is not None and self.cancel.cancelled:
             return self.stop("abort")
-        token = conversation.sample(self.params)
+        early = len(self.response.token_ids) < self.params.min_tokens
+        token = conversation.sample(self.params if early else self.free_params)
         stop_ids = set(self.params.stop_token_ids)
         if not self.params.ignore_eos:
             stop_ids.update(self.session.eos_token_ids)

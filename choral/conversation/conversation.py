@@ -177,7 +177,10 @@ class Conversation:
             return self._logits[rows - 1 - offset]
 
     def sample(self, params: SamplingParams | None = None, offset: int = 0) -> int:
-        """Pick the next token from ``logits(offset)`` (greedy by default). Does not prompt it."""
+        """Pick the next token from ``logits(offset)`` (greedy by default). Does not prompt it.
+
+        A conversation counts no output: ``min_tokens`` > 0 bans the end tokens on this draw
+        (ChatSession passes it only until its answer is long enough)."""
         with self._executor._lock:
             row = self.logits(offset)
             params = params or GREEDY
