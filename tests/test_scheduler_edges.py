@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import random
 import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 
@@ -15,6 +18,7 @@ from choral.executor.completion import Completion
 from choral.executor.request import Result
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+T = TypeVar("T")
 
 
 def greedy(n: int) -> SamplingParams:
@@ -28,14 +32,18 @@ def make(tiny_models, config: ExecutorConfig | None = None, **options) -> Execut
     return Executor(str(directory), config, **opts)
 
 
-def submit_within(ex: Executor, request: Request, seconds: float = 60) -> Completion:
-    """submit() on another thread: a regression that hangs fails here instead of hanging the suite."""
-    out: list[Completion] = []
-    worker = threading.Thread(target=lambda: out.append(ex.submit(request)), daemon=True)
+def within(call: Callable[[], T], seconds: float = 60) -> T:
+    """``call()`` on another thread: a regression that hangs fails here instead of hanging the suite."""
+    out: list[T] = []
+    worker = threading.Thread(target=lambda: out.append(call()), daemon=True)
     worker.start()
     worker.join(seconds)
-    assert out, f"the request did not finish within {seconds} s (waiting: {len(ex.scheduler.waiting)})"
+    assert out, f"the call did not return within {seconds} s"
     return out[0]
+
+
+def submit_within(ex: Executor, request: Request, seconds: float = 60) -> Completion:
+    return within(lambda: ex.submit(request), seconds)
 
 
 def final_result(ex: Executor, rid: int) -> Result:
@@ -234,3 +242,38 @@ def test_prefix_hit_counters_count_each_admission_once(tiny_models) -> None:  # 
         again = ex.submit(Request([*prefix, 50, 51], greedy(1)))
         assert again.num_cached_tokens == 32
         assert (stats.prefix_hits, stats.prefix_queries) == (8, 8)
+
+
+def test_pin_prefix_works_under_batch_strategies(tiny_models) -> None:  # type: ignore[no-untyped-def]
+    for strategy in (BatchingStrategy.FIXED_SIZE, BatchingStrategy.DYNAMIC_TIMEOUT, BatchingStrategy.STATIC):
+        cfg = ExecutorConfig(strategy=strategy, batch_size=4, timeout_ms=1e6)
+        with make(tiny_models, cfg) as ex:
+            assert within(lambda: ex.pin_prefix(list(range(3, 40)))) == 9, strategy  # no batch of 4 needed
+            ex.unpin_prefix(list(range(3, 40)))
+
+
+def test_a_request_that_expires_before_it_is_accepted_answers_once(tiny_models) -> None:  # type: ignore[no-untyped-def]
+    finals: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def count(response) -> None:  # type: ignore[no-untyped-def]
+        if response.result is not None and response.result.is_final:
+            with lock:
+                finals[response.request_id] = finals.get(response.request_id, 0) + 1
+
+    with make(tiny_models) as ex:
+        real_accept = ex._loop._accept
+
+        def slow_accept(job) -> None:  # type: ignore[no-untyped-def]
+            time.sleep(0.002)  # widens the window between the loop's intake and its expiry check
+            real_accept(job)
+
+        ex._loop._accept = slow_accept  # type: ignore[method-assign]
+        busy = [ex.enqueue(Request([5, 6, 7], greedy(40), callback=count)) for _ in range(3)]
+        ids = []
+        for _ in range(200):
+            ids.append(ex.enqueue(Request([3, 4, 5, 6], greedy(3), allotted_time=0.0005, callback=count)))
+            time.sleep(0.0003)
+    assert all(finals.get(rid) == 1 for rid in [*busy, *ids]), "a request answered twice or never"
+    assert ex.aggregate.total_requests == len(busy) + len(ids)
+    assert_no_leak(ex)

@@ -258,7 +258,10 @@ class Executor:
         """Compute ``prompt``'s KV and keep its full blocks cached until ``unpin_prefix``.
         Returns the number of pinned blocks."""
         self._forbid_on_loop("pin_prefix")
-        self.submit(Request(prompt, max_tokens=1))
+        job = self.intake.make_job(Request(prompt, max_tokens=1), collect=True)
+        job.unbatched = True  # a FIXED_SIZE executor must not wait for batch_size requests to pin
+        (rid,) = self._queue.put([job])
+        self.poll(rid, timeout=None, _wait=True)
         return self._queue.run_on_loop(lambda: self._pin(prompt, True))
 
     def unpin_prefix(self, prompt: str | Sequence[int]) -> int:

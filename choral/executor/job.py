@@ -57,6 +57,12 @@ class Job:
     # The prompt as text, put before the output when exclude_input_from_output is False: the
     # prompt itself, or its tokens decoded (token ids, rendered chat messages).
     prompt_text: str | None = None
+    unbatched: bool = False  # pin_prefix's own prefill: admitted whatever the batching strategy waits for
+
+    @property
+    def ended(self) -> bool:
+        """Finished, cancelled, timed out or failed: its final answer is given (or on its way)."""
+        return self.done or self.error is not None or bool(self.returned)
 
     @property
     def root(self) -> ExecSequence:

@@ -101,6 +101,8 @@ class Loop:
     def _accept(self, job: Job) -> None:
         """Hand a new request to the scheduler, unless prefix pins made since its intake check
         leave it no room to ever run: then it fails now rather than waiting forever."""
+        if job.ended:
+            return  # cancelled or timed out while it waited in the incoming list: answered already
         pool = self.kv.pool
         need, usable = self.scheduler.blocks_to_run_alone(job), pool.num_blocks - pool.num_pinned_blocks
         if need <= usable:
@@ -139,7 +141,7 @@ class Loop:
     def _end_jobs(self, request_ids: set[int], reason: FinishReason) -> None:
         for rid in request_ids:
             job = self.queue.jobs.get(rid)
-            if job is None or job.done or job.error is not None:
+            if job is None or job.ended:
                 continue
             self._end_queued(job)
             self.responder.end_job(job, reason)

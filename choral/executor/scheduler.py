@@ -220,7 +220,8 @@ class Scheduler:
         strategy = self.config.strategy
         if strategy not in _BATCHED:
             return self.waiting
-        members = [s for s in self.waiting if s.job is not None and s.job.request_id in self.batch]
+        members = [s for s in self.waiting if s.job is not None
+                   and (s.job.request_id in self.batch or s.job.unbatched)]
         if members or self.running:
             return members  # the batch runs to completion: only its own members (re)join it
         self.batch.clear()
