@@ -57,12 +57,13 @@ def test_streaming_deltas_add_up(smollm_executor) -> None:  # type: ignore[no-un
     request = Request(prompt, SamplingParams(temperature=0, max_tokens=24))
     full = ex.submit(request)
     rid = ex.enqueue(Request(prompt, SamplingParams(temperature=0, max_tokens=24), streaming=True))
-    deltas, texts = [], []
+    deltas, texts, timings = [], [], []
     while True:
         for r in ex.await_responses(rid, timeout=60):
             assert r.result is not None
             deltas.extend(r.result.output_token_ids)
             texts.append(r.result.text)
+            timings.append(r.result.timing)
             if r.result.is_final:
                 break
         else:
@@ -71,6 +72,8 @@ def test_streaming_deltas_add_up(smollm_executor) -> None:  # type: ignore[no-un
     assert deltas == full.token_ids
     assert "".join(texts) == full.text
     assert "\ufffd" not in full.text
+    # Each response's timing is as of that response: only the final one is finished.
+    assert [t.finished is not None for t in timings] == [False] * (len(timings) - 1) + [True]
 
 
 def test_stop_string_split_over_tokens(smollm_executor) -> None:  # type: ignore[no-untyped-def]

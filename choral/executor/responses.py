@@ -8,6 +8,7 @@ Ending a request (finish, cancel, timeout) frees its blocks here too, through th
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from choral.executor.beams import beam_finish_reason
@@ -134,7 +135,8 @@ class Responder:
             is_final=all_final, is_sequence_final=final, sequence_index=index, output_token_ids=list(tokens),
             text=text, finish_reason=seq.finish, logprobs=list(logprobs) if logprobs is not None else None,
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
-            num_cached_tokens=seq.num_cached_tokens, timing=job.timing, cumulative_logprob=cumulative,
+            num_cached_tokens=seq.num_cached_tokens, cumulative_logprob=cumulative,
+            timing=dataclasses.replace(job.timing),  # as of this response: later ones fill in more
         )
         if all_final:
             self._account(job)
