@@ -47,7 +47,7 @@ class AsyncExecutor:
                 if user_callback is not None:
                     user_callback(response)
             finally:  # a raising callback (logged by the loop) must not starve the stream
-                loop.call_soon_threadsafe(queue.put_nowait, response)
+                _post(loop, queue.put_nowait, response)
 
         rid = self.executor.submit_async(dataclasses.replace(request, streaming=True, callback=deliver))
         stream = self._drain(rid, queue)
@@ -98,7 +98,7 @@ class AsyncExecutor:
                     user_callback(response)
             finally:  # a raising callback (logged by the loop) must not leave the task waiting
                 if response.error is not None or (response.result is not None and response.result.is_final):
-                    loop.call_soon_threadsafe(_resolve, done)
+                    _post(loop, _resolve, done)
 
         rid = self.executor.submit_async(dataclasses.replace(request, callback=deliver))
         try:
@@ -133,3 +133,12 @@ def _abandon(executor: Executor, rid: int) -> None:
     # Both do nothing for a request already ended and collected (ids are never reused).
     executor.cancel(rid)
     executor.release(rid)
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn: Any, arg: Any) -> None:
+    """Hand ``fn(arg)`` to the event loop from the executor's thread. A loop already closed
+    (the application shut down mid-request) has nobody left to read it: drop it."""
+    try:
+        loop.call_soon_threadsafe(fn, arg)
+    except RuntimeError:
+        pass
