@@ -249,3 +249,140 @@ def test_api_key_and_queue_full(tiny_models) -> None:  # type: ignore[no-untyped
     asyncio.run(main())
     ex.shutdown(wait=False)
     os.environ.pop("UNUSED", None)
+
+
+# ---- edges: disconnects, echo, logprobs, usage, error shapes ----------------------------------------
+def finished_total(base: str) -> float:
+    """Requests finished so far, whatever the reason (a cancelled non-streamed one is not counted)."""
+    text = httpx.get(f"{base}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("choral_request_success_total{"))
+
+
+def wait_all_idle(base: str, timeout: float) -> None:
+    """Nothing running, nothing waiting, no KV block used, within ``timeout`` seconds."""
+    names = ("choral_num_requests_running", "choral_num_requests_waiting", "choral_kv_cache_used_blocks")
+    deadline = time.monotonic() + timeout
+    while any(metric(base, name) for name in names):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not idle after {timeout} s: {[metric(base, name) for name in names]}")
+        time.sleep(0.05)
+
+
+LONG = {"max_tokens": 1500, "temperature": 0.8, "seed": 1, "ignore_eos": True}  # ~a minute to run out
+
+
+def test_nonstreaming_disconnect_cancels_and_frees(server: str) -> None:
+    wait_all_idle(server, 60)
+    finished = finished_total(server)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and goes away
+        httpx.post(f"{server}/v1/completions", json={"prompt": "Count forever:", **LONG}, timeout=1.0)
+    wait_all_idle(server, 10)  # cancelled, its blocks freed: long before its 1500 tokens
+    assert finished_total(server) == finished  # cancelled, not run to its end
+
+
+def test_closing_a_multi_prompt_stream_cancels_every_prompt(server: str) -> None:
+    wait_all_idle(server, 60)
+    finished = finished_total(server)
+    body = {"prompt": ["Once upon a time", "The weather", "In 1492"], **LONG, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=30) as r:
+        lines = (line for line in r.iter_lines() if line)
+        for _ in range(3):  # prompt 0 streams; 1 and 2 run, unread
+            next(lines)
+        assert metric(server, "choral_num_requests_running") >= 1
+    wait_all_idle(server, 10)  # all three end with the response, not when the GC finds them
+    assert finished_total(server) == finished
+
+
+def test_echo_streams_the_prompt_and_logprobs_cover_it(client) -> None:  # type: ignore[no-untyped-def]
+    import openai
+
+    prompt = "The capital of France is"
+    args = {"model": "smollm2-135m-instruct", "prompt": prompt, "max_tokens": 5, "temperature": 0, "echo": True}
+    full = client.completions.create(**args, logprobs=1)
+    text, lp = full.choices[0].text, full.choices[0].logprobs
+    assert text.startswith(prompt) and len(text) > len(prompt)
+    # OpenAI's echo: the prompt's tokens first, the very first without a logprob.
+    assert len(lp.tokens) == full.usage.prompt_tokens + full.usage.completion_tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    assert "".join(lp.tokens) == text  # ASCII: each token's text, in order
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    chunks = list(client.completions.create(**args, stream=True))
+    assert chunks[0].choices[0].text.startswith(prompt)  # the first chunk carries the echo
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    plain = client.completions.create(**{**args, "echo": False}, logprobs=0).choices[0]
+    assert plain.logprobs.text_offset[0] == 0 and "".join(plain.logprobs.tokens) == plain.text
+    with pytest.raises(openai.BadRequestError, match="echo with logprobs"):
+        client.completions.create(**args, logprobs=1, stream=True)
+
+
+def test_logprob_bytes_are_the_tokens_bytes(client) -> None:  # type: ignore[no-untyped-def]
+    # Emojis come in tokens that are partial UTF-8: their bytes must be the raw bytes, not U+FFFD's.
+    ask = [{"role": "user", "content": "Write five emojis:"}]
+    chat = client.chat.completions.create(model="smollm2-135m-instruct", messages=ask, max_tokens=8, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert any(item.token.startswith("bytes:") for item in content)  # "bytes:\xf0\x9f", OpenAI's spelling
+    assert bytes(b for item in content for b in item.bytes).decode("utf-8", "replace") == \
+        chat.choices[0].message.content
+    for item in content:
+        assert 0xFFFD not in [ord(c) for c in item.token]
+        assert item.top_logprobs[0].bytes == item.bytes
+    comp = client.completions.create(model="smollm2-135m-instruct", prompt="Write five emojis:", max_tokens=8,
+                                     temperature=0, logprobs=1).choices[0]
+    offsets = comp.logprobs.text_offset
+    assert len(offsets) == len(comp.logprobs.tokens) and offsets == sorted(offsets)
+    assert offsets[0] == 0 and offsets[-1] < len(comp.text)
+
+
+def test_streamed_usage_has_cached_tokens(client) -> None:  # type: ignore[no-untyped-def]
+    prompt = "Once upon a time, in a small village near the mountains, there lived an old man who"
+    args = {"model": "smollm2-135m-instruct", "max_tokens": 2, "temperature": 0}
+    client.completions.create(prompt=prompt, **args)  # fills the prefix cache
+    done = client.completions.create(prompt=prompt, **args).usage
+    assert done.prompt_tokens_details.cached_tokens > 0
+    streamed = [c.usage for c in client.completions.create(prompt=prompt, **args, stream=True,
+                                                           stream_options={"include_usage": True}) if c.usage]
+    assert streamed[0].model_dump() == done.model_dump()
+    messages = [{"role": "user", "content": prompt}]
+    client.chat.completions.create(messages=messages, **args)
+    chat_done = client.chat.completions.create(messages=messages, **args).usage
+    chat_streamed = [c.usage for c in client.chat.completions.create(
+        messages=messages, **args, stream=True, stream_options={"include_usage": True}) if c.usage]
+    assert chat_streamed[0].prompt_tokens_details.cached_tokens == chat_done.prompt_tokens_details.cached_tokens > 0
+
+
+def test_every_error_has_openais_shape(server: str, client) -> None:  # type: ignore[no-untyped-def]
+    import openai
+
+    def error(r: httpx.Response, status: int) -> dict:  # type: ignore[type-arg]
+        assert r.status_code == status, r.text
+        body = r.json()
+        assert set(body) == {"error"} and body["error"]["code"] == status
+        assert not body["error"]["message"].startswith("None")
+        return body["error"]  # type: ignore[no-any-return]
+
+    invalid_utf8 = b'{"prompt": "a\xffb", "max_tokens": 2}'
+    headers = {"content-type": "application/json"}
+    assert "UTF-8" in error(httpx.post(f"{server}/v1/completions", content=invalid_utf8, headers=headers), 400)[
+        "message"]
+    assert error(httpx.post(f"{server}/v1/completions", content=b"[1, 2]", headers=headers), 400)[
+        "message"].startswith("request body")
+    assert error(httpx.get(f"{server}/v1/completions"), 405)["type"] == "MethodNotAllowedError"
+    assert error(httpx.post(f"{server}/v1/embeddings", json={}), 404)["type"] == "NotFoundError"
+    assert client.models.retrieve("smollm2-135m-instruct").id == "smollm2-135m-instruct"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_invalid_json_schema_is_a_400(server: str, stream: bool) -> None:
+    if "json_schema" not in {f.name for f in dataclasses.fields(SamplingParams)}:
+        pytest.skip("no structured output in this build")
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+    r = httpx.post(f"{server}/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 5, "stream": stream,
+                                                          "response_format": fmt}, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "response_format" and "nonsense" in error["message"]

@@ -1,58 +1,45 @@
 """The OpenAI-compatible HTTP API (FastAPI), on top of the Executor.
 
-Every request body is validated into a choral Request before anything is queued; errors come
-back in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``); a stream that fails
-after it started ends with such an error event, then ``[DONE]``. A client that disconnects cancels
-its request at once (streaming: the response generator is cancelled; non-streaming: a watcher
-polls the connection).
+Every request body is validated into choral Requests before anything is queued, and a request
+with several prompts queues all of them or none (runner.py). Errors come back in OpenAI's shape
+(errors.py); a stream that fails after it started ends with such an error event, then ``[DONE]``
+(sse.py). A client that disconnects cancels its requests at once: a stream's response, once over,
+ends every prompt's request; a non-streaming request is watched by polling the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.responses import Response as HttpResponse
 from pydantic import BaseModel, ConfigDict
 
-from choral.errors import (
-    ChoralError,
-    ExecutorLoopError,
-    InvalidRequestError,
-    ProcessorStopped,
-    QueueFull,
-    RequestFailedError,
-)
-from choral.executor import AsyncExecutor, Executor, FinishReason, Request, Result
+from choral.errors import ChoralError, InvalidRequestError
+from choral.executor import Executor, FinishReason, Request, Result
+from choral.executor.completion import Completion, SequenceOutput
+from choral.server.errors import ApiError, ApiKeyGuard, install_error_handlers
+from choral.server.logprobs import TextOffsets, TokenBytes
 from choral.server.metrics import ServerMetrics
-from choral.server.protocol import ChatCompletionRequest, CompletionRequest, _Common, to_request
+from choral.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    _Common,
+    to_request,
+    with_response_format,
+)
+from choral.server.runner import Runner
+from choral.server.sse import DONE, EventStream, event
 
 _FINISH = {FinishReason.END_ID: "stop", FinishReason.STOP_WORDS: "stop", FinishReason.LENGTH: "length",
            FinishReason.CANCELLED: "abort", FinishReason.TIMED_OUT: "abort"}
-_DISCONNECT_POLL_S = 0.05
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "BadRequestError", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
-
-
-def _error_body(status: int, message: str, type_: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
-
-
-def _error(status: int, message: str, type_: str, param: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(_error_body(status, message, type_, param), status_code=status, headers=headers)
 
 
 class TokenizeRequest(BaseModel):
@@ -70,36 +57,27 @@ class DetokenizeRequest(BaseModel):
 
 
 def create_app(executor: Executor, model_name: str, api_key: str | None = None) -> FastAPI:
-    """Build the FastAPI app serving ``executor`` under ``model_name``."""
-    app = FastAPI(title="choral", description="OpenAI-compatible API for choral")
-    ax = AsyncExecutor(executor)
+    """Build the FastAPI app serving ``executor`` under ``model_name``. When the app stops (its
+    lifespan ends: the server shut down) it shuts ``executor`` down, cancelling what still runs."""
     engine = executor.engine
     tokenizer = engine.tokenizer
+    token_bytes = TokenBytes(tokenizer) if tokenizer is not None else None
     metrics = ServerMetrics(executor, model_name)
+    runner = Runner(executor, metrics)
     created = int(time.time())
 
-    @app.middleware("http")
-    async def check_key(request: HttpRequest, call_next: Any) -> Any:
-        if api_key and request.url.path.startswith("/v1") or api_key and request.url.path in (
-                "/tokenize", "/detokenize"):
-            if request.headers.get("authorization") != f"Bearer {api_key}":
-                return _error(401, "invalid or missing API key", "AuthenticationError")
-        return await call_next(request)
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        # uvicorn has cancelled the requests still running; the executor's thread delivers their
+        # last responses to this event loop. Stop it while the loop still runs: a response
+        # delivered after the loop closed is an "Event loop is closed" error in the executor's log.
+        await asyncio.to_thread(executor.shutdown, False)
 
-    @app.exception_handler(RequestValidationError)
-    async def on_validation(_: HttpRequest, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
-        if first.get("type") == "json_invalid":
-            return _error(400, f"malformed JSON: {first.get('msg')}", "BadRequestError")
-        if first.get("type") == "extra_forbidden":
-            return _error(400, f"unknown field {param!r}", "BadRequestError", param)
-        return _error(400, f"{param}: {first.get('msg')}", "BadRequestError", param)
-
-    @app.exception_handler(ApiError)
-    async def on_api_error(_: HttpRequest, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.type, exc.param)
+    app = FastAPI(title="choral", description="OpenAI-compatible API for choral", lifespan=lifespan)
+    install_error_handlers(app)
+    if api_key:
+        app.add_middleware(ApiKeyGuard, api_key=api_key)
 
     @app.get("/health")
     async def health() -> HttpResponse:
@@ -111,8 +89,12 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None) 
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "choral", "max_model_len": engine.max_model_len}]}
+        return {"object": "list", "data": [_model_card()]}
+
+    @app.get("/v1/models/{model:path}")  # :path: a model id may hold slashes (org/name)
+    async def model(model: str) -> dict[str, Any]:
+        _check_model(model)
+        return _model_card()
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
@@ -140,19 +122,26 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None) 
     async def completions(body: CompletionRequest, http: HttpRequest) -> Any:
         _check_model(body.model)
         prompts = _completion_prompts(body.prompt)
-        logprobs = body.logprobs
-        requests = [_build(body, ids, body.max_tokens or 16, logprobs, body.stream) for ids in prompts]
+        if body.logprobs is not None:
+            _token_bytes()
+            if body.echo and body.stream:  # the executor streams the generated tokens' logprobs only
+                raise ApiError(400, "echo with logprobs: the prompt's logprobs are only returned without streaming",
+                               param="echo")
+        echoes = [_tokenizer().decode(ids, body.skip_special_tokens) if body.echo else "" for ids in prompts]
+        # OpenAI's echo with logprobs covers the prompt's tokens too: the engine computes them.
+        prompt_logprobs = body.logprobs if body.echo else None
+        requests = [_build(body, ids, body.max_tokens or 16, body.logprobs, prompt_logprobs) for ids in prompts]
+        runner.check_room(len(requests))
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
-            streams = [_open_stream(r) for r in requests]
-            return _sse(_stream_completion(rid, body, streams, prompts), http)
-        results = await _run_all(requests, http)
+            streams = runner.open_streams(requests)
+            return EventStream(_stream_completion(rid, body, streams, echoes), partial(runner.close, streams))
+        results = await runner.run_all(requests, http)
         choices = []
-        for p, (ids, completion) in enumerate(zip(prompts, results, strict=True)):
+        for p, completion in enumerate(results):
             for out in completion.outputs:
-                text = (_tokenizer().decode(ids) if body.echo else "") + out.text
-                choices.append({"index": p * body.n + out.index, "text": text,
-                                "logprobs": _completion_logprobs(out.token_ids, out.logprobs),
+                choices.append({"index": p * body.n + out.index, "text": echoes[p] + out.text,
+                                "logprobs": _completion_logprobs(body, completion, out, echoes[p]),
                                 "finish_reason": _FINISH.get(out.finish_reason)})
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
                 "choices": choices, "usage": _usage(results)}
@@ -172,28 +161,37 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None) 
         top = body.top_logprobs if body.logprobs else None
         if body.logprobs and top is None:
             top = 0
-        request = _build(body, ids, limit, top, body.stream)
-        if body.response_format is not None and body.response_format.type != "text":
-            request = _with_json_format(request, body)
+        request = _build(body, ids, limit, top)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return _sse(_stream_chat(rid, body, _open_stream(request)), http)
-        (completion,) = await _run_all([request], http)
+            streams = runner.open_streams([request])
+            return EventStream(_stream_chat(rid, body, streams[0]), partial(runner.close, streams))
+        (completion,) = await runner.run_all([request], http)
         choices = [{"index": out.index, "message": {"role": "assistant", "content": out.text},
-                    "logprobs": _chat_logprobs(out.token_ids, out.logprobs) if body.logprobs else None,
+                    "logprobs": _token_bytes().chat_logprobs(out.token_ids, out.logprobs)
+                    if out.logprobs is not None else None,
                     "finish_reason": _FINISH.get(out.finish_reason)} for out in completion.outputs]
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
                 "choices": choices, "usage": _usage([completion])}
 
-    # ---- helpers -------------------------------------------------------------------------------
+    # ---- requests ------------------------------------------------------------------------------
     def _tokenizer() -> Any:
         if tokenizer is None:
             raise ApiError(400, "this model has no tokenizer")
         return tokenizer
 
+    def _token_bytes() -> TokenBytes:
+        if token_bytes is None:
+            raise ApiError(400, "logprobs: this model has no tokenizer to spell tokens with", param="logprobs")
+        return token_bytes
+
     def _check_model(name: str | None) -> None:
         if name is not None and name != model_name:
-            raise ApiError(404, f"The model `{name}` does not exist.", "NotFoundError", "model")
+            raise ApiError(404, f"The model `{name}` does not exist.", param="model")
+
+    def _model_card() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "choral",
+                "max_model_len": engine.max_model_len}
 
     def _completion_prompts(prompt: Any) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -209,187 +207,111 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None) 
         except InvalidRequestError as e:  # text that cannot be encoded (a lone surrogate, say)
             raise ApiError(400, str(e), param="prompt") from e
 
-    def _build(body: _Common, ids: list[int], max_tokens: int, logprobs: int | None, stream: bool) -> Request:
+    def _build(body: _Common, ids: list[int], max_tokens: int, logprobs: int | None,
+               prompt_logprobs: int | None = None) -> Request:
         if len(ids) + max_tokens > engine.max_model_len and (body.max_tokens or getattr(
                 body, "max_completion_tokens", None)):
             raise ApiError(400, f"This model's maximum context length is {engine.max_model_len} tokens. However, "
                                 f"you requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, "
                                 f"{max_tokens} for the completion).", param="max_tokens")
         try:
-            request = to_request(body, ids, max_tokens, logprobs, stream)
-            executor.validate(request)  # validate now: errors are 400s, nothing queued
+            request = to_request(body, ids, max_tokens, logprobs, body.stream, prompt_logprobs)
         except InvalidRequestError as e:
+            raise ApiError(400, str(e)) from None
+        try:
+            fmt = body.response_format if isinstance(body, ChatCompletionRequest) else None
+            if fmt is not None and fmt.type != "text":
+                request = with_response_format(request, fmt)
+            # The final request, response format included (its schema is compiled here): what is
+            # wrong with it is a 400 now, before anything is queued or streamed.
+            executor.validate(request)
+        except InvalidRequestError as e:
+            if str(e).startswith(("response_format", "json_schema")):
+                raise ApiError(400, str(e) if str(e).startswith("response_format") else f"response_format: {e}",
+                               param="response_format") from None
             raise ApiError(400, str(e)) from None
         return request
 
-    def _with_json_format(request: Request, body: ChatCompletionRequest) -> Request:
-        import dataclasses
+    # ---- responses -----------------------------------------------------------------------------
+    def _observe(result: Result) -> None:
+        if result.is_sequence_final:
+            metrics.observe_final(result)
 
-        fmt = body.response_format
-        assert fmt is not None
-        fields = {f.name for f in dataclasses.fields(request.sampling)}
-        if "json_schema" not in fields:
-            raise ApiError(400, "response_format: structured output is not supported by this server",
-                           param="response_format")
-        schema: Any = {"type": "object"}
-        if fmt.type == "json_schema":
-            if not fmt.json_schema or "schema" not in fmt.json_schema:
-                raise ApiError(400, "response_format.json_schema.schema is required", param="response_format")
-            schema = fmt.json_schema["schema"]
-        try:
-            changes: dict[str, Any] = {"json_schema": json.dumps(schema)}
-            sampling = dataclasses.replace(request.sampling, **changes)
-        except InvalidRequestError as e:
-            raise ApiError(400, str(e), param="response_format") from None
-        return dataclasses.replace(request, sampling=sampling)
+    def _usage(completions: list[Completion]) -> dict[str, Any]:
+        return _usage_of(sum(len(c.prompt_token_ids) for c in completions),
+                         sum(len(o.token_ids) for c in completions for o in c.outputs),
+                         sum(c.num_cached_tokens for c in completions))
 
-    async def _submit(request: Request) -> Any:
-        try:
-            return await ax.generate(request)
-        except QueueFull as e:
-            raise _QueueFullError(str(e)) from None
-        except ProcessorStopped as e:
-            raise ApiError(503, str(e), "ServiceUnavailableError") from None
-        except (RequestFailedError, ExecutorLoopError) as e:  # accepted, then failed while it ran
-            raise ApiError(500, str(e), "InternalServerError") from None
-
-    async def _run_all(requests: list[Request], http: HttpRequest) -> list[Any]:
-        tasks = [asyncio.ensure_future(_submit(r)) for r in requests]
-        try:
-            while not all(t.done() for t in tasks):
-                if await http.is_disconnected():
-                    for t in tasks:
-                        t.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
-                    raise ApiError(499, "client disconnected", "ClientClosedRequest")
-                await asyncio.wait(tasks, timeout=_DISCONNECT_POLL_S)
-            results = [t.result() for t in tasks]
-        finally:
-            for t in tasks:
-                if not t.done():
-                    t.cancel()
-        for completion in results:
-            for out in completion.outputs:
-                metrics.observe_final(_result_view(completion, out))
-        return results
-
-    def _result_view(completion: Any, out: Any) -> Result:
-        return Result(is_final=True, is_sequence_final=True, sequence_index=out.index, output_token_ids=[],
-                      text="", finish_reason=out.finish_reason, logprobs=None,
-                      num_prompt_tokens=len(completion.prompt_token_ids),
-                      num_output_tokens=len(out.token_ids), num_cached_tokens=completion.num_cached_tokens,
-                      timing=completion.timing)
-
-    def _usage(completions: list[Any]) -> dict[str, Any]:
-        prompt = sum(len(c.prompt_token_ids) for c in completions)
-        output = sum(len(o.token_ids) for c in completions for o in c.outputs)
-        cached = sum(c.num_cached_tokens for c in completions)
-        return {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output,
-                "prompt_tokens_details": {"cached_tokens": cached}}
-
-    def _piece(token_id: int) -> str:
-        return _tokenizer().decode([token_id], skip_special_tokens=False)
-
-    def _completion_logprobs(token_ids: list[int], logprobs: Any) -> dict[str, Any] | None:
-        if logprobs is None:
+    def _completion_logprobs(body: CompletionRequest, completion: Completion, out: SequenceOutput,
+                             echo: str) -> dict[str, Any] | None:
+        if out.logprobs is None:
             return None
-        return {"tokens": [_piece(t) for t in token_ids], "token_logprobs": [lp for lp, _ in logprobs],
-                "top_logprobs": [{_piece(t): v for t, v in top} for _, top in logprobs],
-                "text_offset": []}
-
-    def _chat_logprobs(token_ids: list[int], logprobs: Any) -> dict[str, Any] | None:
-        if logprobs is None:
-            return None
-        content = []
-        for token, (lp, top) in zip(token_ids, logprobs, strict=False):
-            piece = _piece(token)
-            content.append({"token": piece, "logprob": lp, "bytes": list(piece.encode()),
-                            "top_logprobs": [{"token": _piece(t), "logprob": v, "bytes": list(_piece(t).encode())}
-                                             for t, v in top]})
-        return {"content": content}
-
-    def _open_stream(request: Request) -> AsyncIterator[Result]:
-        try:
-            return ax.start_stream(request)
-        except QueueFull as e:
-            raise _QueueFullError(str(e)) from None
-        except ProcessorStopped as e:
-            raise ApiError(503, str(e), "ServiceUnavailableError") from None
-
-    async def _observed(results: AsyncIterator[Result]) -> AsyncIterator[Result]:
-        async for result in results:
-            if result.is_sequence_final:
-                metrics.observe_final(result)
-            yield result
+        tokens = _token_bytes()
+        outputs = tokens.completion_logprobs(out.token_ids, out.logprobs,
+                                             tokens.offsets(len(echo), body.skip_special_tokens))
+        if not body.echo:
+            return outputs
+        # The prompt's tokens first, from offset 0; the first has no logprob (nothing precedes it).
+        prompt = completion.prompt_token_ids
+        prompt_logprobs = completion.prompt_logprobs or [None] * len(prompt)
+        echoed = tokens.completion_logprobs(prompt, prompt_logprobs, tokens.offsets(0, body.skip_special_tokens))
+        return {key: echoed[key] + outputs[key] for key in outputs}
 
     async def _stream_completion(rid: str, body: CompletionRequest, streams: list[AsyncIterator[Result]],
-                                 prompts: list[list[int]]) -> AsyncIterator[str]:
-        usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
-        try:
-            for p, stream in enumerate(streams):
-                async for result in _observed(stream):
-                    usage["completion_tokens"] += len(result.output_token_ids)
-                    choice = {"index": p * body.n + result.sequence_index, "text": result.text,
-                              "logprobs": _completion_logprobs(result.output_token_ids, result.logprobs),
-                              "finish_reason": _FINISH.get(result.finish_reason) if result.is_sequence_final
-                              else None}
-                    yield _event({"id": rid, "object": "text_completion", "created": int(time.time()),
-                                  "model": model_name, "choices": [choice]})
-        except (RequestFailedError, ExecutorLoopError) as e:
-            # The 200 and earlier chunks are sent: end the stream with the error instead of
-            # dropping the connection. The prompts not streamed yet are cancelled as their
-            # streams are dropped.
-            yield _event(_error_body(500, str(e), "InternalServerError"))
-            yield "data: [DONE]\n\n"
-            return
+                                 echoes: list[str]) -> AsyncGenerator[str, None]:
+        base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
+        offsets: dict[int, TextOffsets | None] = {}  # by choice index, once its first chunk is out
+        prompt_tokens, cached_tokens, completion_tokens = [0] * len(streams), [0] * len(streams), 0
+        for p, stream in enumerate(streams):  # the executor runs them all; they are sent in turn
+            async for result in stream:
+                _observe(result)
+                index = p * body.n + result.sequence_index
+                text = result.text
+                if index not in offsets:  # OpenAI sends the echoed prompt as a choice's first text
+                    text = echoes[p] + text
+                    offsets[index] = None if result.logprobs is None else \
+                        _token_bytes().offsets(len(echoes[p]), body.skip_special_tokens)
+                logprobs = None
+                if result.logprobs is not None:
+                    counter = offsets[index]
+                    assert counter is not None
+                    logprobs = _token_bytes().completion_logprobs(result.output_token_ids, result.logprobs, counter)
+                completion_tokens += len(result.output_token_ids)
+                prompt_tokens[p], cached_tokens[p] = result.num_prompt_tokens, result.num_cached_tokens
+                yield event({**base, "choices": [{
+                    "index": index, "text": text, "logprobs": logprobs,
+                    "finish_reason": _FINISH.get(result.finish_reason) if result.is_sequence_final else None}]})
         if body.stream_options and body.stream_options.include_usage:
-            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-            yield _event({"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                          "choices": [], "usage": usage})
-        yield "data: [DONE]\n\n"
+            yield event({**base, "choices": [],
+                         "usage": _usage_of(sum(prompt_tokens), completion_tokens, sum(cached_tokens))})
+        yield DONE
 
-    async def _stream_chat(rid: str, body: ChatCompletionRequest, stream: AsyncIterator[Result]) -> AsyncIterator[str]:
+    async def _stream_chat(rid: str, body: ChatCompletionRequest,
+                           stream: AsyncIterator[Result]) -> AsyncGenerator[str, None]:
         base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name}
         for index in range(body.n):
-            yield _event({**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                               "logprobs": None, "finish_reason": None}]})
-        completion_tokens = 0
-        prompt_tokens = 0
-        try:
-            async for result in _observed(stream):
-                completion_tokens += len(result.output_token_ids)
-                prompt_tokens = result.num_prompt_tokens
-                delta = {"content": result.text} if result.text else {}
-                yield _event({**base, "choices": [{
-                    "index": result.sequence_index, "delta": delta,
-                    "logprobs": _chat_logprobs(result.output_token_ids, result.logprobs) if body.logprobs else None,
-                    "finish_reason": _FINISH.get(result.finish_reason) if result.is_sequence_final else None}]})
-        except (RequestFailedError, ExecutorLoopError) as e:  # the 200 is sent: end with an error event
-            yield _event(_error_body(500, str(e), "InternalServerError"))
-            yield "data: [DONE]\n\n"
-            return
+            yield event({**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                              "logprobs": None, "finish_reason": None}]})
+        prompt_tokens = cached_tokens = completion_tokens = 0
+        async for result in stream:
+            _observe(result)
+            completion_tokens += len(result.output_token_ids)
+            prompt_tokens, cached_tokens = result.num_prompt_tokens, result.num_cached_tokens
+            yield event({**base, "choices": [{
+                "index": result.sequence_index, "delta": {"content": result.text} if result.text else {},
+                "logprobs": _token_bytes().chat_logprobs(result.output_token_ids, result.logprobs)
+                if result.logprobs is not None else None,
+                "finish_reason": _FINISH.get(result.finish_reason) if result.is_sequence_final else None}]})
         if body.stream_options and body.stream_options.include_usage:
-            yield _event({**base, "choices": [], "usage": {
-                "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}})
-        yield "data: [DONE]\n\n"
-
-    def _sse(events: AsyncIterator[str], http: HttpRequest) -> StreamingResponse:
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-
-    @app.exception_handler(_QueueFullError)
-    async def on_queue_full(_: HttpRequest, exc: _QueueFullError) -> JSONResponse:
-        return _error(429, str(exc), "RateLimitError", headers={"Retry-After": "1"})
+            yield event({**base, "choices": [], "usage": _usage_of(prompt_tokens, completion_tokens, cached_tokens)})
+        yield DONE
 
     app.state.executor = executor
     app.state.metrics = metrics
     return app
 
 
-class _QueueFullError(Exception):
-    pass
-
-
-def _event(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
+def _usage_of(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+    """OpenAI's ``usage``, the same whether streamed or not."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from choral.executor import Executor, Result
+from choral.executor.completion import Completion
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 
@@ -49,6 +50,15 @@ class ServerMetrics:
             if timing.time_to_first_token is not None and result.num_output_tokens > 1:
                 self.tpot.labels(m).observe(
                     (timing.latency - timing.time_to_first_token) / (result.num_output_tokens - 1))
+
+    def observe_completion(self, completion: Completion) -> None:
+        """Record every sequence of a finished non-streamed request."""
+        for out in completion.outputs:
+            self.observe_final(Result(
+                is_final=True, is_sequence_final=True, sequence_index=out.index, output_token_ids=[], text="",
+                finish_reason=out.finish_reason, logprobs=None, num_prompt_tokens=len(completion.prompt_token_ids),
+                num_output_tokens=len(out.token_ids), num_cached_tokens=completion.num_cached_tokens,
+                timing=completion.timing))
 
     def render(self) -> bytes:
         ex, m = self.executor, self.model

@@ -7,6 +7,7 @@ sampling fields (top_k, min_p, priority, ...) are accepted as vLLM accepts them.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -86,7 +87,8 @@ def _optional(name: str, value: Any, default: Any) -> dict[str, Any]:
     return {name: value}
 
 
-def sampling_params(body: _Common, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def sampling_params(body: _Common, max_tokens: int, logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     options: dict[str, Any] = dict(
         temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
         seed=body.seed, max_tokens=max_tokens, min_tokens=min(body.min_tokens, max_tokens),
@@ -94,6 +96,7 @@ def sampling_params(body: _Common, max_tokens: int, logprobs: int | None) -> Sam
         stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos, logprobs=logprobs,
         skip_special_tokens=body.skip_special_tokens,
     )
+    options.update(_optional("prompt_logprobs", prompt_logprobs, None))
     options.update(_optional("presence_penalty", body.presence_penalty, 0.0))
     options.update(_optional("frequency_penalty", body.frequency_penalty, 0.0))
     options.update(_optional("repetition_penalty", body.repetition_penalty, 1.0))
@@ -106,6 +109,25 @@ def sampling_params(body: _Common, max_tokens: int, logprobs: int | None) -> Sam
     return SamplingParams(**options)
 
 
-def to_request(body: _Common, prompt: Any, max_tokens: int, logprobs: int | None, streaming: bool) -> Request:
-    return Request(prompt, sampling_params(body, max_tokens, logprobs), streaming=streaming, n=body.n,
+def to_request(body: _Common, prompt: Any, max_tokens: int, logprobs: int | None, streaming: bool,
+               prompt_logprobs: int | None = None) -> Request:
+    return Request(prompt, sampling_params(body, max_tokens, logprobs, prompt_logprobs), streaming=streaming, n=body.n,
                    priority=body.priority, client_id=body.user)
+
+
+def with_response_format(request: Request, fmt: ResponseFormat) -> Request:
+    """``request`` constrained to JSON: any object (``json_object``) or ``fmt``'s schema.
+    Raises InvalidRequestError naming response_format."""
+    if "json_schema" not in _SAMPLING_FIELDS:
+        raise InvalidRequestError("response_format: structured output is not supported by this server")
+    schema: Any = {"type": "object"}
+    if fmt.type == "json_schema":
+        if not fmt.json_schema or "schema" not in fmt.json_schema:
+            raise InvalidRequestError("response_format.json_schema.schema is required")
+        schema = fmt.json_schema["schema"]
+    try:
+        changes: dict[str, Any] = {"json_schema": json.dumps(schema)}
+        sampling = dataclasses.replace(request.sampling, **changes)
+    except InvalidRequestError as e:
+        raise InvalidRequestError(f"response_format: {e}") from None
+    return dataclasses.replace(request, sampling=sampling)
