@@ -168,6 +168,12 @@ def test_errors(server: str, body: dict, status: int, needle: str) -> None:  # t
     assert needle in error["message"] and error["code"] == status
 
 
+@pytest.mark.parametrize("prompt", [[True, False], ["5", 6], [[1, True]]])
+def test_completion_prompt_token_ids_must_be_ints(server: str, prompt: list) -> None:  # type: ignore[type-arg]
+    r = httpx.post(f"{server}/v1/completions", json={"prompt": prompt, "max_tokens": 2}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("prompt"), r.text
+
+
 def test_malformed_json(server: str) -> None:
     r = httpx.post(f"{server}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]

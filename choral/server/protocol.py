@@ -10,7 +10,7 @@ import dataclasses
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from choral.errors import InvalidRequestError
 from choral.executor.request import Request
@@ -56,7 +56,8 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    # StrictInt: JSON true/false or "5" are not token ids (lax ints would read [true] as [1]).
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
 
