@@ -51,9 +51,14 @@ class ScheduledStep:
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) blocks
     preempted: list[ExecSequence] = field(default_factory=list)
     admitted: list[ExecSequence] = field(default_factory=list)
+    num_tokens: int = 0  # sum of the items' new tokens
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
     prefix_hit_blocks: int = 0
+
+    def add(self, seq: ExecSequence, num_tokens: int) -> None:
+        self.items.append((seq, num_tokens))
+        self.num_tokens += num_tokens
 
 
 class Scheduler:
@@ -108,10 +113,10 @@ class Scheduler:
         assert job is not None
         return job.num_samples if (seq.index == 0 and not job.forked) else 1
 
-    def _running_slots(self) -> int:
+    def _running_slots(self, running: list[ExecSequence] | None = None) -> int:
         beam_jobs: dict[int, int] = {}  # request id -> beam_width: however many beams live now
         slots = 0
-        for s in self.running:
+        for s in self.running if running is None else running:
             job = s.job
             assert job is not None
             if job.beam is not None:
@@ -179,13 +184,13 @@ class Scheduler:
             if seq not in self.running or self.kv.pool.num_free_blocks < self.kv.blocks_to_grow(seq, 1):
                 continue
             step.copies.extend(self.kv.grow(seq, 1))
-            step.items.append((seq, 1))
+            step.add(seq, 1)
         # 2. Next chunks of admitted prompts (their blocks were allocated on admission).
         for seq in [s for s in self.running if s.num_uncomputed_tokens > 1]:
             budget = self._budget(step)
             if budget == 0:
                 break
-            step.items.append((seq, min(seq.num_uncomputed_tokens, budget)))
+            step.add(seq, min(seq.num_uncomputed_tokens, budget))
         # 3. Admissions, while the step has tokens left for their first chunk.
         for seq in self._order(self._admissible()):
             if self._budget(step) == 0:
@@ -201,7 +206,7 @@ class Scheduler:
 
     def _budget(self, step: ScheduledStep) -> int:
         """Tokens this step can still take (a preemption gives back what its victim had)."""
-        return self.max_num_batched_tokens - sum(n for _, n in step.items)
+        return self.max_num_batched_tokens - step.num_tokens
 
     @staticmethod
     def _count_tokens(step: ScheduledStep) -> None:
@@ -251,8 +256,8 @@ class Scheduler:
         oldest = min(s.job.timing.arrival for s in self.waiting if s.job is not None)
         return (self.clock() - oldest) * 1000 >= self.config.timeout_ms
 
-    def _fits_cap(self, seq: ExecSequence) -> bool:
-        running = self._running_slots()
+    def _fits_cap(self, seq: ExecSequence, running_seqs: list[ExecSequence] | None = None) -> bool:
+        running = self._running_slots(running_seqs)
         if running == 0:
             return True  # intake checked it against max_num_seqs; an adaptive cap must not strand it
         return running + self._slots(seq) <= self.seq_cap
@@ -282,7 +287,7 @@ class Scheduler:
         step.prefix_hit_blocks += len(hits)
         self.running.append(seq)
         step.admitted.append(seq)
-        step.items.append((seq, min(seq.num_uncomputed_tokens, self._budget(step))))
+        step.add(seq, min(seq.num_uncomputed_tokens, self._budget(step)))
         return True
 
     def _victim(self, exclude: list[ExecSequence]) -> ExecSequence | None:
@@ -323,18 +328,13 @@ class Scheduler:
         for s in without:
             if s.job is not None and s.job.beam is not None:
                 gone.update(id(b) for b in s.job.beam.live)
-        rest = [s for s in self.running if id(s) not in gone]
-        saved, self.running = self.running, rest
-        try:
-            if not self._fits_cap(seq):
-                return False
-            freed = {b for s in saved if id(s) in gone for b in s.block_table
-                     if self.kv.pool.blocks[b].ref_count == 1}
-            hits = self.kv.match_prefix(seq)
-            need = self.kv.blocks_to_admit(seq, hits, seq.num_tokens - len(hits) * self.kv.block_size)
-            return self.kv.pool.num_free_blocks + len(freed) >= need
-        finally:
-            self.running = saved
+        if not self._fits_cap(seq, [s for s in self.running if id(s) not in gone]):
+            return False
+        freed = {b for s in self.running if id(s) in gone for b in s.block_table
+                 if self.kv.pool.blocks[b].ref_count == 1}
+        hits = self.kv.match_prefix(seq)
+        need = self.kv.blocks_to_admit(seq, hits, seq.num_tokens - len(hits) * self.kv.block_size)
+        return self.kv.pool.num_free_blocks + len(freed) >= need
 
     def _preempt_for(self, seq: ExecSequence, step: ScheduledStep) -> bool:
         """A waiting request of strictly higher priority may preempt lower running ones."""
@@ -378,6 +378,7 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
         step.items = [(s, n) for s, n in step.items if s is not seq]
+        step.num_tokens = sum(n for _, n in step.items)
         freed = set(seq.block_table)
         step.copies = [(src, dst) for src, dst in step.copies if dst not in freed]
         self.kv.free(seq)
