@@ -33,6 +33,7 @@ from choral.errors import (
     UnsupportedStateVersionError,
     UnsupportedTensorTypeError,
 )
+from choral.finish import FinishReason
 from choral.llm import LLM
 from choral.sampling.params import SamplingParams
 
@@ -54,6 +55,7 @@ __all__ = [
     "DecodeResult",
     "EngineConfig",
     "ExecutorClosedError",
+    "FinishReason",
     "IncompatibleStateError",
     "InvalidRequestError",
     "KvCacheExhaustedError",

@@ -104,8 +104,7 @@ class LLM:
                 completion = executor.poll(rid, timeout=None)
                 assert completion is not None
                 i = position[rid]
-                outputs[i] = request_output(completion, str(rid), encoded[i][0], params[i], self.tokenizer,
-                                            self.engine.eos_token_ids)
+                outputs[i] = request_output(completion, str(rid), encoded[i][0], params[i])
                 generated += sum(len(o.token_ids) for o in completion.outputs)
                 if bar is not None:
                     elapsed = max(time.perf_counter() - started, 1e-9)

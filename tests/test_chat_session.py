@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 
-from choral import BatchedExecutor, CancelToken, ChatSession, InvalidRequestError, PromptTooLongError, SamplingParams
+from choral import (
+    BatchedExecutor,
+    CancelToken,
+    ChatSession,
+    FinishReason,
+    InvalidRequestError,
+    PromptTooLongError,
+    SamplingParams,
+)
 
 SYSTEM = "You are a helpful assistant."
 GREEDY = SamplingParams(temperature=0)
@@ -54,7 +62,8 @@ def test_two_turns_equal_generate_and_feed_only_new_tokens(executor: BatchedExec
     full = smollm_fp32.tokenizer.apply_chat_template(messages)
     assert fed[0] < 20 < held < len(full)  # the history stayed in the KV cache
     assert session.history[-1] == {"role": "assistant", "content": second}
-    assert session.last_response is not None and session.last_response.stop_reason in ("eos", "max_tokens")
+    last = session.last_response
+    assert last is not None and last.finish_reason in (FinishReason.END_ID, FinishReason.LENGTH)
 
 
 def test_cancel_token_keeps_the_partial_answer(executor: BatchedExecutor) -> None:
@@ -68,7 +77,7 @@ def test_cancel_token_keeps_the_partial_answer(executor: BatchedExecutor) -> Non
             cancel.cancel()
 
     answer = session.prompt("Write a long story about a dragon.", max_tokens=40, on_text=on_text, cancel=cancel)
-    assert session.last_response is not None and session.last_response.stop_reason == "abort"
+    assert session.last_response is not None and session.last_response.finish_reason is FinishReason.CANCELLED
     assert len(session.last_response.token_ids) == 3 and answer == "".join(seen)
     assert session.history[-1]["content"] == answer
     assert not session.conversation.requires_inference
@@ -120,7 +129,7 @@ def test_asyncio_cancellation_keeps_the_partial_answer(executor: BatchedExecutor
 
     asyncio.run(main())
     response = session.last_response
-    assert response is not None and response.stop_reason == "abort"
+    assert response is not None and response.finish_reason is FinishReason.CANCELLED
     assert 3 <= len(response.token_ids) < 40 and response.text.startswith("".join(seen[:3]))
     assert not session.conversation.requires_inference
     assert session.history[-1]["content"] == response.text
@@ -151,7 +160,7 @@ def test_long_chat_drops_the_oldest_exchanges(smollm_fp32) -> None:  # type: ign
         for q in questions:
             session.prompt(q, max_tokens=24)
             assert session.conversation.token_count <= 96
-            assert session.last_response is not None and session.last_response.stop_reason != "error"
+            assert session.last_response is not None and session.last_response.finish_reason is not FinishReason.ERROR
         history = session.history
         assert history[0] == {"role": "system", "content": "Be brief."}
         assert history[-2] == {"role": "user", "content": "Name a tree."}
@@ -168,5 +177,5 @@ def test_min_tokens_holds_the_end_only_until_reached(executor: BatchedExecutor, 
     assert reply.finish_reason == "stop" and len(reply.token_ids) < 58  # greedy ends early by itself
     session = ChatSession(executor.create())
     answer = session.prompt("Say hi.", max_tokens=60, params=SamplingParams(temperature=0, min_tokens=2))
-    assert session.last_response is not None and session.last_response.stop_reason == "eos"
+    assert session.last_response is not None and session.last_response.finish_reason is FinishReason.END_ID
     assert answer == reply.text  # min_tokens below the natural length changes nothing

@@ -19,7 +19,7 @@ from choral import BatchedExecutor, SamplingParams
 from choral.engine.outputs import request_output
 from choral.errors import InvalidRequestError
 from choral.executor import Completion, Executor, FinishReason, Request, SequenceOutput, Timing
-from choral.executor.detokenizer import IncrementalDetokenizer
+from choral.finish import Finisher, IncrementalDetokenizer, StopConditions
 from choral.loader.resolve import resolve_model_path
 from choral.sampling.params import MAX_SEED
 from choral.tokenizer import Tokenizer
@@ -304,7 +304,7 @@ def feed(tokenizer: Tokenizer, tokens: list[int], stop: tuple[str, ...],
     for token in tokens:
         detok.add(token)
         if detok.stopped_on is not None:
-            assert len(detok.tokens) >= min_tokens  # so the executor's _stop_reason agrees
+            assert len(detok.tokens) >= min_tokens  # so the Finisher's min_tokens gate agrees
             break
         streamed.append(detok.delta(final=False))
     streamed.append(detok.flush())
@@ -334,14 +334,33 @@ def test_detokenizer_counts_stop_strings_only_from_min_tokens(tokenizer: Tokeniz
 
 
 def test_llm_outputs_cut_only_at_stop_strings_after_min_tokens(tokenizer: Tokenizer) -> None:
+    """LLM.generate's text and stop_reason are the Finisher's (the executor's), unchanged."""
     tokens = tokenizer.encode(STOP_TEXT, add_special_tokens=False)
     first, second = completing(tokenizer, tokens, "STOP")
     for min_tokens, kept in ((0, "one two "), (first, "one two "), (first + 1, "one two STOP three four ")):
         params = SamplingParams(temperature=0, max_tokens=30, min_tokens=min_tokens, stop=("STOP",))
-        completion = Completion(0, None, [1], [SequenceOutput(0, tokens[:second], "", FinishReason.STOP_WORDS, None)],
-                                Timing(0.0), 0)
-        out = request_output(completion, "0", None, params, tokenizer, tokenizer.eos_token_ids).outputs[0]
-        assert out.text == kept and out.stop_reason == "STOP", min_tokens
+        finisher = Finisher(StopConditions.from_params(params, tokenizer.eos_token_ids), tokenizer)
+        reasons = [finisher.add(t) for t in tokens[:second]]
+        assert reasons.index(FinishReason.STOP_WORDS) == (first if min_tokens <= first else second) - 1
+        finisher.flush()
+        seq = SequenceOutput(0, finisher.token_ids, finisher.text, finisher.reason, None,
+                             stop_reason=finisher.stop_reason)
+        out = request_output(Completion(0, None, [1], [seq], Timing(0.0), 0), "0", None, params).outputs[0]
+        assert (out.text, out.stop_reason, out.finish_reason) == (kept, "STOP", "stop"), min_tokens
+
+
+def test_incremental_text_equals_a_full_decode(tokenizer: Tokenizer) -> None:
+    """The Finisher's text (what LLM.generate, the executor and ChatSession return) is the full
+    decode of the tokens, across multi-byte characters, spaces and newlines."""
+    text = "Grüße, 世界! 😀 naïve café\n\n  def f(x):\n\treturn x ** 2  # ∑ ok — «fin»"
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    finisher = Finisher(StopConditions(), tokenizer)
+    streamed = []
+    for token in tokens:
+        finisher.add(token)
+        streamed.append(finisher.delta())
+    streamed.append(finisher.flush())
+    assert finisher.text == "".join(streamed) == tokenizer.decode(tokens) == text
 
 
 def test_executor_stop_strings_before_min_tokens_do_not_stop(chat_ex: Executor) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from choral.conversation.batched_executor import CancelToken, DecodeResult
 from choral.conversation.conversation import Conversation
 from choral.errors import InvalidRequestError, KvCacheExhaustedError, PromptTooLongError, RequiresInferenceError
+from choral.finish import Finisher, FinishReason, StopConditions
 from choral.sampling.params import SamplingParams
 from choral.tokenizer import Tokenizer
 
@@ -26,81 +27,71 @@ DEFAULT_CHAT_PARAMS = SamplingParams(temperature=0.0)
 
 @dataclass
 class ChatResponse:
-    """The last turn's answer: text, tokens and why it stopped (eos, stop, max_tokens, abort)."""
+    """The last turn's answer: its text, its tokens (without an end token that ended it), why it
+    ended, and the end id, stop id or stop string that ended it (vLLM's ``stop_reason``)."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    stop_reason: str | None = None
+    finish_reason: FinishReason = FinishReason.NOT_FINISHED
+    stop_reason: int | str | None = None
 
 
 class _Turn:
-    """One answer being generated: sampling, stop checks and text streaming."""
+    """One answer being generated: sampling, then the Finisher's stop checks and text."""
 
     def __init__(self, session: ChatSession, max_tokens: int, params: SamplingParams,
                  on_text: Callable[[str], None] | None, cancel: CancelToken | None):
         self.session = session
-        self.max_tokens = max_tokens
         self.params = params
         self.on_text = on_text
         self.cancel = cancel
         self.response = ChatResponse()
-        self.emitted = ""
+        conversation = session.conversation
+        # The last sampled token is never fed, so the answer may end once the conversation's KV
+        # holds max_context tokens: max_context + 1 in all. Context shift makes room instead.
+        limit = None if conversation.context_shift is not None else conversation.executor.max_context + 1
+        conditions = StopConditions.from_params(params, session.eos_token_ids, max_tokens=max_tokens,
+                                                max_model_len=limit)
+        # An end token is not part of the answer: the chat template closes the turn itself.
+        self.finisher = Finisher(conditions, session.tokenizer, num_prompt_tokens=conversation.token_count,
+                                 decode_end_tokens=False)
         # Conversation.sample knows no output count: with min_tokens it bans the end tokens on
         # every draw, so the turn hands it min_tokens only until the answer has that many.
         self.free_params = dataclasses.replace(params, min_tokens=0)
-        # A stop string counts only if it ends past this offset: the text before the min_tokens-th
-        # token (the executor's rule, see IncrementalDetokenizer).
-        self.stop_from = 0
 
     def step(self) -> bool:
         """Sample one token from fresh logits; True when the answer is complete."""
-        conversation, tokenizer = self.session.conversation, self.session.tokenizer
+        conversation = self.session.conversation
         if self.cancel is not None and self.cancel.cancelled:
-            return self.stop("abort")
-        early = len(self.response.token_ids) < self.params.min_tokens
+            return self.stop(FinishReason.CANCELLED)
+        early = self.finisher.num_tokens < self.params.min_tokens
         token = conversation.sample(self.params if early else self.free_params)
-        stop_ids = set(self.params.stop_token_ids)
-        if not self.params.ignore_eos:
-            stop_ids.update(self.session.eos_token_ids)
-        if token in stop_ids:
-            return self.stop("eos")
-        self.response.token_ids.append(token)
-        text = tokenizer.decode(self.response.token_ids, self.params.skip_special_tokens)
-        early = len(self.response.token_ids) < self.params.min_tokens
-        if early:
-            self.stop_from = len(text)
-        for stop in () if early else self.params.stop:
-            cut = text.find(stop, max(0, self.stop_from - len(stop) + 1))
-            if cut >= 0:
-                self.response.text = text[:cut]
-                self.emit(text[:cut])
-                return self.stop("stop")
-        self.emit(text)
-        if len(self.response.token_ids) >= self.max_tokens:
-            return self.stop("max_tokens")
+        reason = self.finisher.add(token)
+        self.emit(self.finisher.delta())
+        if reason is not FinishReason.NOT_FINISHED:
+            return self.stop(reason)
         if self.cancel is not None and self.cancel.cancelled:  # set during on_text: no extra forward
-            return self.stop("abort")
-        if conversation.token_count >= conversation.executor.max_context and conversation.context_shift is None:
-            return self.stop("max_context")
+            return self.stop(FinishReason.CANCELLED)
         conversation.prompt(token)
         return False
 
     def emit(self, text: str) -> None:
-        # Hold back a trailing replacement char: the next token may complete a multi-byte character.
-        if text.endswith("\ufffd") or len(text) <= len(self.emitted):
-            return
-        if self.on_text is not None:
-            self.on_text(text[len(self.emitted):])
-        self.emitted = text
+        if text and self.on_text is not None:
+            self.on_text(text)
 
-    def stop(self, reason: str) -> bool:
-        self.response.stop_reason = reason
+    def stop(self, reason: FinishReason) -> bool:
+        self.response.finish_reason = reason
         return True
 
     def finish(self) -> str:
-        r = self.response
-        if r.stop_reason != "stop":
-            r.text = self.session.tokenizer.decode(r.token_ids, self.params.skip_special_tokens)
+        r, f = self.response, self.finisher
+        rest = f.flush()
+        if r.finish_reason is not FinishReason.ERROR:  # an error is on its way up: no more callbacks
+            self.emit(rest)
+        r.text = f.text
+        r.stop_reason = f.stop_reason if f.finished else None
+        # A token that ended the answer by id (EOS, a stop id) was never fed: not part of the answer.
+        r.token_ids = f.token_ids[:-1] if isinstance(f.stop_reason, int) else list(f.token_ids)
         self.session._end_turn(r)
         return r.text
 
@@ -137,7 +128,7 @@ class ChatSession:
             while self.conversation.requires_inference:
                 if executor.infer() is DecodeResult.NO_KV_SLOT:
                     self.conversation._discard_pending()
-                    turn.stop("no_kv_slot")
+                    turn.stop(FinishReason.ERROR)
                     turn.finish()
                     raise KvCacheExhaustedError("KV cache exhausted during the chat turn; close a conversation")
             if turn.step():
@@ -158,7 +149,7 @@ class ChatSession:
         except BaseException as e:
             with executor._lock:  # waits for a forward in flight, then drops what it did not compute
                 self.conversation._discard_pending()
-            turn.stop("abort" if isinstance(e, asyncio.CancelledError) else "error")
+            turn.stop(FinishReason.CANCELLED if isinstance(e, asyncio.CancelledError) else FinishReason.ERROR)
             turn.finish()
             raise
 

@@ -15,7 +15,6 @@ from collections.abc import Callable
 import torch
 
 from choral.executor.job import ExecSequence
-from choral.executor.request import FinishReason
 from choral.kv.block_pool import blocks_for_tokens
 from choral.sampling.beam_search import BeamSearch
 from choral.sampling.params import SamplingParams
@@ -75,17 +74,6 @@ class BeamGroup:
 
 def beam_search_for(params: SamplingParams, max_tokens: int, end_ids: set[int]) -> BeamSearch:
     return BeamSearch(params.beam_width, params.length_penalty, params.early_stopping, max_tokens, sorted(end_ids))
-
-
-def beam_finish_reason(tokens: list[int], end_id: int | None, eos_token_ids: set[int],
-                       stop_token_ids: tuple[int, ...]) -> FinishReason:
-    """Why a finished hypothesis ended: on an end token (as _stop_reason would say) or the length limit."""
-    last = tokens[-1] if tokens else None
-    if last is not None and (last == end_id or last in eos_token_ids):
-        return FinishReason.END_ID
-    if last is not None and last in stop_token_ids:
-        return FinishReason.STOP_WORDS
-    return FinishReason.LENGTH
 
 
 def beam_kv_blocks(num_prompt_tokens: int, final_len: int, width: int, block_size: int) -> int:

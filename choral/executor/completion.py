@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from choral.executor.job import Job
-from choral.executor.request import FinishReason, Timing
+from choral.executor.request import Timing
+from choral.finish import FinishReason
 
 Logprob = tuple[float, list[tuple[int, float]]]
 
@@ -19,6 +20,7 @@ class SequenceOutput:
     logprobs: list[Logprob] | None
     # Sum of the generated tokens' logprobs (with logprobs or best_of > n), or a beam's score.
     cumulative_logprob: float | None = None
+    stop_reason: int | str | None = None  # the end id, stop id or stop string that ended it
 
 
 @dataclass(frozen=True)
@@ -60,16 +62,17 @@ def build_completion(job: Job) -> Completion:
     params = job.request.sampling
     outputs = []
     for index, seq in enumerate(job.returned):
-        assert seq.detok is not None
+        assert seq.finisher is not None
         tokens = seq.output_token_ids
-        text = seq.detok.text
+        text = seq.finisher.text
         if not job.request.exclude_input_from_output:
             tokens = job.prompt_token_ids + tokens
             text = (job.prompt_text or "") + text
         logprobs = list(seq.output_logprobs) if params.logprobs is not None else None
         ranked = job.ranked or job.beam is not None
         cumulative = seq.cumulative_logprob if params.logprobs is not None or ranked else None
-        outputs.append(SequenceOutput(index, list(tokens), text, seq.finish, logprobs, cumulative))
+        outputs.append(SequenceOutput(index, list(tokens), text, seq.finish, logprobs, cumulative,
+                                      seq.finisher.stop_reason))
     root = job.root
     return Completion(job.request_id, job.request.client_id, job.prompt_token_ids, outputs, job.timing,
                       root.num_cached_tokens,

@@ -69,7 +69,7 @@ class Executor:
         self.scheduler = Scheduler(self.config, self.kv, ecfg.max_num_seqs, ecfg.max_num_batched_tokens,
                                    self.engine.max_model_len, time.monotonic)
         self.intake = Intake(self.engine, self.config.kv_policy)
-        self.responder = Responder(self.scheduler, self.intake, self.engine.eos_token_ids, AggregateStats())
+        self.responder = Responder(self.scheduler, self.intake, AggregateStats())
         self.step_runner = StepRunner(self.engine, self.kv, self.scheduler, self.intake, self.responder)
         self._queue = RequestQueue(self.config.max_queue_size)
         self._loop = Loop(self._queue, self.config, self.kv, self.scheduler, self.step_runner, self.responder)

@@ -17,10 +17,10 @@ from choral.engine.prompts import to_token_ids, validate_token_ids
 from choral.errors import InvalidRequestError
 from choral.executor.beams import BeamGroup, beam_search_for
 from choral.executor.config import KvPolicy
-from choral.executor.detokenizer import IncrementalDetokenizer
 from choral.executor.job import ExecSequence, Job
-from choral.executor.request import FinishReason, Request, Timing
+from choral.executor.request import Request, Timing
 from choral.executor.scheduler import blocks_to_run_alone
+from choral.finish import Finisher, FinishReason, StopConditions
 from choral.sampling.logits_process import check_token_ids
 
 
@@ -62,9 +62,13 @@ class Intake:
         bad_words = check_token_ids(params, vocab, engine.tokenizer)  # stop ids, logit_bias, bad words
         if params.structured:
             engine.grammar_compiler()  # fails now, not in the loop, if the grammar engine cannot run
+        stop = StopConditions.from_params(params, engine.eos_token_ids, max_tokens=request.effective_max_tokens,
+                                          max_model_len=engine.max_model_len, end_id=request.end_id,
+                                          stop_sequences=request.stop_words)
         now = time.monotonic()
         job = Job(request=request, prompt_token_ids=token_ids, timing=Timing(arrival=now),
-                  deadline=None if request.allotted_time is None else now + request.allotted_time, collect=collect)
+                  deadline=None if request.allotted_time is None else now + request.allotted_time, collect=collect,
+                  stop_conditions=stop)
         job.bad_words = bad_words
         if text is None and not request.exclude_input_from_output and engine.tokenizer is not None:
             text = engine.tokenizer.decode(token_ids, params.skip_special_tokens)
@@ -72,7 +76,7 @@ class Intake:
         root = self.new_sequence(job, 0, token_ids)
         job.sequences.append(root)
         if params.beam_width > 1:
-            ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(engine.eos_token_ids))
+            ends = set(stop.end_ids | stop.stop_token_ids)
             limit = min(request.effective_max_tokens, engine.max_model_len - len(token_ids))
             job.beam = BeamGroup(root, beam_search_for(params, limit, ends))
         return job
@@ -128,8 +132,7 @@ class Intake:
         params = job.request.sampling
         seq = ExecSequence(next(self._seq_ids), list(job.prompt_token_ids), params, token_ids=list(token_ids),
                            job=job, index=index)
-        seq.detok = IncrementalDetokenizer(self.engine.tokenizer, params.stop, params.skip_special_tokens,
-                                           min_tokens=params.min_tokens)
+        seq.finisher = Finisher(job.stop_conditions, self.engine.tokenizer, num_prompt_tokens=seq.num_prompt_tokens)
         seq.request_id = str(job.request_id)
         seq.bad_words = list(job.bad_words)
         if params.structured:
@@ -144,9 +147,9 @@ class Intake:
                         cumulative_logprob: float) -> ExecSequence:
         """A finished sequence holding a beam-search hypothesis, to be returned as output ``index``."""
         seq = self.new_sequence(job, index, job.prompt_token_ids + output_token_ids)
-        assert seq.detok is not None
+        assert seq.finisher is not None
         for token in output_token_ids:
-            seq.detok.add(token)
+            seq.finisher.add(token)
         seq.finish = finish
         seq.cumulative_logprob = cumulative_logprob
         seq.num_cached_tokens = job.root.num_cached_tokens

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from choral.engine.sequence import Sequence
-from choral.executor.detokenizer import IncrementalDetokenizer
-from choral.executor.request import FinishReason, Request, Response, Timing
+from choral.executor.request import Request, Response, Timing
+from choral.finish import Finisher, FinishReason, StopConditions
 
 if TYPE_CHECKING:
     from choral.executor.beams import BeamGroup
@@ -20,7 +20,7 @@ class ExecSequence(Sequence):
 
     job: Job | None = None
     index: int = 0  # sample number within the request (seeds: seed + index); beams count their forks
-    detok: IncrementalDetokenizer | None = None
+    finisher: Finisher | None = None  # its output's text and stop checks
     finish: FinishReason = FinishReason.NOT_FINISHED
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of registered full blocks
@@ -42,6 +42,7 @@ class Job:
     timing: Timing
     deadline: float | None
     collect: bool  # submit()/poll(): keep a final Completion instead of queueing responses
+    stop_conditions: StopConditions  # when its sequences end (each has its own Finisher)
     request_id: int = -1  # given when the executor accepts the request
     arrival_order: int = -1
     sequences: list[ExecSequence] = field(default_factory=list)

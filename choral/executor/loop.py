@@ -16,12 +16,12 @@ from choral.errors import ProcessorStopped
 from choral.executor.config import ExecutorConfig
 from choral.executor.job import ExecSequence, Job
 from choral.executor.kv_manager import KvManager
-from choral.executor.request import FinishReason
 from choral.executor.request_queue import RequestQueue
 from choral.executor.responses import Responder
 from choral.executor.scheduler import ScheduledStep, Scheduler
 from choral.executor.stats import AggregateStats, IterationStats
 from choral.executor.step_runner import StepRunner
+from choral.finish import FinishReason
 
 logger = logging.getLogger(__name__)
 

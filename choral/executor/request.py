@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from choral.errors import InvalidRequestError
+from choral.finish.reason import FinishReason
 from choral.sampling.params import SamplingParams, as_int, as_number, as_tuple
-
-
-class FinishReason(enum.Enum):
-    NOT_FINISHED = "not_finished"
-    END_ID = "end_id"  # the model's EOS (or the request's end_id)
-    STOP_WORDS = "stop_words"  # a stop token id, stop token sequence or stop string
-    LENGTH = "length"  # max_tokens or the context limit
-    CANCELLED = "cancelled"
-    TIMED_OUT = "timed_out"  # allotted_time elapsed
 
 
 @dataclass(frozen=True)

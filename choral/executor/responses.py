@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from choral.executor.beams import beam_finish_reason
 from choral.executor.intake import Intake
 from choral.executor.job import ExecSequence, Job
-from choral.executor.request import FinishReason, Response, Result
+from choral.executor.request import Response, Result
 from choral.executor.scheduler import Scheduler
 from choral.executor.stats import AggregateStats
+from choral.finish import FinishReason
 
 _RUNNING = FinishReason.NOT_FINISHED  # a sequence not ended yet
 
@@ -24,11 +24,9 @@ _RUNNING = FinishReason.NOT_FINISHED  # a sequence not ended yet
 class Responder:
     """Builds the Responses of the current step (``pending``) and ends requests."""
 
-    def __init__(self, scheduler: Scheduler, intake: Intake, eos_token_ids: tuple[int, ...],
-                 aggregate: AggregateStats):
+    def __init__(self, scheduler: Scheduler, intake: Intake, aggregate: AggregateStats):
         self.scheduler = scheduler
         self.intake = intake
-        self.eos_token_ids = eos_token_ids
         self.aggregate = aggregate
         self.pending: list[tuple[Job, Response, bool]] = []  # (job, response, request done)
 
@@ -62,9 +60,9 @@ class Responder:
             self.scheduler.remove(seq)
         params = job.request.sampling
         n = params.n
-        if reason is None:
-            eos = set() if params.ignore_eos else set(self.eos_token_ids)
-            hypotheses = [(tokens, score, beam_finish_reason(tokens, job.request.end_id, eos, params.stop_token_ids))
+        if reason is None:  # a hypothesis ends on an end token or at the length limit
+            ends = job.stop_conditions.token_reason
+            hypotheses = [(tokens, score, (ends(tokens[-1]) if tokens else None) or FinishReason.LENGTH)
                           for tokens, score in group.search.results(n)]
         else:
             hypotheses = [(tokens, score, reason) for tokens, score in group.search.best_running(n)]
@@ -113,11 +111,11 @@ class Responder:
 
     def _respond(self, seq: ExecSequence, index: int, final: bool, all_final: bool) -> None:
         job = seq.job
-        assert job is not None and seq.detok is not None
+        assert job is not None and seq.finisher is not None
         request = job.request
         if all_final:
             job.timing.finished = time.monotonic()
-        text = seq.detok.flush() if final else seq.detok.delta(final=False)
+        text = seq.finisher.flush() if final else seq.finisher.delta()
         wants_logprobs = seq.params.logprobs is not None
         if request.streaming:
             tokens = seq.output_token_ids[seq.sent_tokens :]

@@ -19,9 +19,9 @@ from choral.engine.model_runner import Chunk
 from choral.executor.intake import Intake
 from choral.executor.job import ExecSequence, Job
 from choral.executor.kv_manager import KvManager
-from choral.executor.request import FinishReason
 from choral.executor.responses import Responder
 from choral.executor.scheduler import ScheduledStep, Scheduler
+from choral.finish import FinishReason
 from choral.sampling.sampler import SampleResult
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class StepRunner:
         now = time.monotonic()
         for seq, token, lp in zip(seqs, result.token_ids, result.logprobs, strict=True):
             job = seq.job
-            assert job is not None and seq.detok is not None
+            assert job is not None and seq.finisher is not None
             if job.timing.first_token is None:
                 job.timing.first_token = now
             seq.token_ids.append(token)
@@ -142,30 +142,11 @@ class StepRunner:
                 seq.cumulative_logprob += lp[0]
                 if seq.params.logprobs is not None:
                     seq.output_logprobs.append(lp)
-            seq.detok.add(token)
-            reason = self._stop_reason(seq, token)
+            reason = seq.finisher.add(token)
             if reason is not FinishReason.NOT_FINISHED:
                 self.responder.finish_sequence(seq, reason)
             elif job.request.streaming:
                 self.responder.stream(seq)
-
-    def _stop_reason(self, seq: ExecSequence, token: int) -> FinishReason:
-        job = seq.job
-        assert job is not None and seq.detok is not None
-        params, request = seq.params, job.request
-        if token == request.end_id or (not params.ignore_eos and token in self.engine.eos_token_ids):
-            return FinishReason.END_ID
-        if token in params.stop_token_ids:
-            return FinishReason.STOP_WORDS
-        out = seq.output_token_ids
-        if seq.num_output_tokens >= params.min_tokens:
-            if any(len(w) <= len(out) and tuple(out[-len(w):]) == w for w in request.stop_words):
-                return FinishReason.STOP_WORDS
-            if seq.detok.stopped_on is not None:
-                return FinishReason.STOP_WORDS
-        if seq.num_output_tokens >= request.effective_max_tokens or seq.num_tokens >= self.engine.max_model_len:
-            return FinishReason.LENGTH
-        return FinishReason.NOT_FINISHED
 
     # ---- beam search -------------------------------------------------------------------------
     def _beam_step(self, job: Job, logits_by_seq: dict[int, torch.Tensor]) -> None:

@@ -23,7 +23,7 @@ from fastapi.responses import Response as HttpResponse
 from pydantic import BaseModel, ConfigDict
 
 from choral.errors import ChoralError, InvalidRequestError
-from choral.executor import Executor, FinishReason, Request, Result
+from choral.executor import Executor, Request, Result
 from choral.executor.completion import Completion, SequenceOutput
 from choral.server.errors import ApiError, ApiKeyGuard, install_error_handlers
 from choral.server.logprobs import TextOffsets, TokenBytes
@@ -37,9 +37,6 @@ from choral.server.protocol import (
 )
 from choral.server.runner import Runner
 from choral.server.sse import DONE, EventStream, event
-
-_FINISH = {FinishReason.END_ID: "stop", FinishReason.STOP_WORDS: "stop", FinishReason.LENGTH: "length",
-           FinishReason.CANCELLED: "abort", FinishReason.TIMED_OUT: "abort"}
 
 
 class TokenizeRequest(BaseModel):
@@ -142,7 +139,7 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None) 
             for out in completion.outputs:
                 choices.append({"index": p * body.n + out.index, "text": echoes[p] + out.text,
                                 "logprobs": _completion_logprobs(body, completion, out, echoes[p]),
-                                "finish_reason": _FINISH.get(out.finish_reason)})
+                                "finish_reason": out.finish_reason.api_name})
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
                 "choices": choices, "usage": _usage(results)}
 
@@ -170,7 +167,7 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None) 
         choices = [{"index": out.index, "message": {"role": "assistant", "content": out.text},
                     "logprobs": _token_bytes().chat_logprobs(out.token_ids, out.logprobs)
                     if out.logprobs is not None else None,
-                    "finish_reason": _FINISH.get(out.finish_reason)} for out in completion.outputs]
+                    "finish_reason": out.finish_reason.api_name} for out in completion.outputs]
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
                 "choices": choices, "usage": _usage([completion])}
 
@@ -280,7 +277,7 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None) 
                 prompt_tokens[p], cached_tokens[p] = result.num_prompt_tokens, result.num_cached_tokens
                 yield event({**base, "choices": [{
                     "index": index, "text": text, "logprobs": logprobs,
-                    "finish_reason": _FINISH.get(result.finish_reason) if result.is_sequence_final else None}]})
+                    "finish_reason": result.finish_reason.api_name if result.is_sequence_final else None}]})
         if body.stream_options and body.stream_options.include_usage:
             yield event({**base, "choices": [],
                          "usage": _usage_of(sum(prompt_tokens), completion_tokens, sum(cached_tokens))})
@@ -301,7 +298,7 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None) 
                 "index": result.sequence_index, "delta": {"content": result.text} if result.text else {},
                 "logprobs": _token_bytes().chat_logprobs(result.output_token_ids, result.logprobs)
                 if result.logprobs is not None else None,
-                "finish_reason": _FINISH.get(result.finish_reason) if result.is_sequence_final else None}]})
+                "finish_reason": result.finish_reason.api_name if result.is_sequence_final else None}]})
         if body.stream_options and body.stream_options.include_usage:
             yield event({**base, "choices": [], "usage": _usage_of(prompt_tokens, completion_tokens, cached_tokens)})
         yield DONE
