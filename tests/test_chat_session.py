@@ -179,3 +179,29 @@ def test_min_tokens_holds_the_end_only_until_reached(executor: BatchedExecutor, 
     answer = session.prompt("Say hi.", max_tokens=60, params=SamplingParams(temperature=0, min_tokens=2))
     assert session.last_response is not None and session.last_response.finish_reason is FinishReason.END_ID
     assert answer == reply.text  # min_tokens below the natural length changes nothing
+
+
+def test_stop_string_cuts_the_answer_and_is_never_streamed(executor: BatchedExecutor) -> None:
+    question = "What is the capital of France?"
+    full = ChatSession(executor.create()).prompt(question, max_tokens=16)
+    word = full.split()[2]  # a word in the middle of the greedy answer
+    session = ChatSession(executor.create())
+    chunks: list[str] = []
+    answer = session.prompt(question, max_tokens=16, params=SamplingParams(temperature=0, stop=(word,)),
+                            on_text=chunks.append)
+    assert answer == full[: full.index(word)] == "".join(chunks)
+    last = session.last_response
+    assert last is not None and last.finish_reason is FinishReason.STOP_WORDS and last.stop_reason == word
+    assert session.history[-1] == {"role": "assistant", "content": answer}
+
+
+def test_answer_ends_when_the_context_is_full(smollm_fp32) -> None:  # type: ignore[no-untyped-def]
+    with BatchedExecutor(smollm_fp32, max_model_len=48, kv_cache_tokens=640) as executor:
+        session = ChatSession(executor.create())
+        prompt_tokens = len(session.tokenizer.apply_chat_template([{"role": "user", "content": "Count to fifty."}]))
+        session.prompt("Count to fifty.", max_tokens=200, params=SamplingParams(temperature=0, ignore_eos=True))
+        last = session.last_response
+        assert last is not None and last.finish_reason is FinishReason.LENGTH and last.stop_reason is None
+        # The conversation's KV is full; the answer's last token was sampled but never fed.
+        assert session.conversation.token_count == 48
+        assert len(last.token_ids) == 48 + 1 - prompt_tokens
