@@ -366,7 +366,8 @@ def chat_session_two_turns(ctx: Context) -> Any:
         second = session.prompt("And of Italy?", max_tokens=5)
         stop = session.prompt("Count to five.", max_tokens=12, params=greedy(12, stop=("3",)))
         assert session.last_response is not None
-        return [first, second, stop, session.last_response.stop_reason]
+        # Recorded as the old ChatResponse.stop_reason "eos": the one FinishReason calls it END_ID.
+        return [first, second, stop, session.last_response.finish_reason.value]
 
 
 @case
