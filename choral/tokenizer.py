@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,61 +16,120 @@ ChatMessage = dict[str, Any]
 
 
 class Tokenizer:
-    """Wraps a transformers tokenizer loaded from the model's own files (never the hub)."""
+    """The model's tokenizer, loaded from its own files (never the hub).
+
+    Two ways in: a transformers tokenizer (HF directories), or :meth:`from_saved` on a directory
+    holding ``tokenizer.json`` (the converted-GGUF cache), where encode/decode run on the
+    ``tokenizers`` library directly and transformers is imported only when a chat template or a
+    grammar needs it (importing it costs 1.5-3 s; a plain text prompt never pays that).
+    """
 
     def __init__(self, hf_tokenizer: Any, eos_token_ids: Sequence[int]):
         self._tok = hf_tokenizer
+        self._fast: Any = None  # a tokenizers.Tokenizer when built by from_saved
+        self._saved_dir: Path | None = None
+        self._config: dict[str, Any] = {}
+        self._lock = threading.Lock()
         ids = set(eos_token_ids)
-        if hf_tokenizer.eos_token_id is not None:
+        if hf_tokenizer is not None and hf_tokenizer.eos_token_id is not None:
             ids.add(int(hf_tokenizer.eos_token_id))
         self.eos_token_ids: tuple[int, ...] = tuple(sorted(ids))
 
     @classmethod
-    def from_model_path(cls, path: Path, eos_token_ids: Sequence[int]) -> Tokenizer | None:
-        """Load from a GGUF file or an HF directory; None when the directory has no tokenizer."""
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoTokenizer
+    def from_saved(cls, directory: Path, eos_token_ids: Sequence[int]) -> Tokenizer:
+        """A tokenizer saved by transformers' ``save_pretrained`` (a ``tokenizer.json`` with its
+        ``tokenizer_config.json``), encoding and decoding without importing transformers."""
+        from tokenizers import Tokenizer as FastTokenizer
 
+        config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+        fast = FastTokenizer.from_file(str(directory / "tokenizer.json"))
+        if config.get("clean_up_tokenization_spaces") and type(fast.model).__name__ != "BPE":
+            # transformers post-processes decoded text for such tokenizers: let it do the decoding.
+            return cls(_load_hf(directory), eos_token_ids)
+        tok = cls(None, eos_token_ids)
+        tok._fast, tok._saved_dir, tok._config = fast, directory, config
+        eos = tok._special_id("eos_token")
+        tok.eos_token_ids = tuple(sorted(set(tok.eos_token_ids) | ({eos} if eos is not None else set())))
+        return tok
+
+    def _special_id(self, name: str) -> int | None:
+        value = self._config.get(name)
+        if isinstance(value, dict):  # an AddedToken saved as a dict
+            value = value.get("content")
+        if not isinstance(value, str):
+            return None
+        token_id = self._fast.token_to_id(value)
+        return int(token_id) if token_id is not None else None
+
+    @classmethod
+    def from_model_path(cls, path: Path, eos_token_ids: Sequence[int],
+                        gguf_digest: str | None = None) -> Tokenizer | None:
+        """Load from a GGUF file or an HF directory; None when the directory has no tokenizer.
+        ``gguf_digest`` (the hash of a GGUF file's metadata) keys the converted-tokenizer cache."""
         try:
             if path.is_file():
-                tok = _gguf_tokenizer(path)
-            else:
-                names = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-                if not any((path / n).exists() for n in names):
-                    return None
-                tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+                return cls.from_saved(_gguf_tokenizer_dir(path, gguf_digest), eos_token_ids)
+            names = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+            if not any((path / n).exists() for n in names):
+                return None
+            return cls(_load_hf(path), eos_token_ids)
+        except ModelLoadError:
+            raise
         except Exception as e:  # transformers raises many kinds; all mean the same to a user
             raise ModelLoadError(f"{path}: cannot load the tokenizer ({e})") from e
-        return cls(tok, eos_token_ids)
 
     @property
     def hf_tokenizer(self) -> Any:
-        """The wrapped transformers tokenizer (grammar engines build their vocabulary from it)."""
+        """The transformers tokenizer (chat templates; grammar engines build their vocabulary from
+        it). Built on first use when this tokenizer came from :meth:`from_saved`."""
+        if self._tok is None:
+            with self._lock:
+                if self._tok is None:
+                    assert self._saved_dir is not None
+                    self._tok = _load_hf(self._saved_dir)
         return self._tok
+
+    def warm_up(self) -> None:
+        """Build the transformers tokenizer on a background thread (an interactive front end calls
+        this while the user types; the first chat template then renders at once)."""
+        if self._tok is None:
+            threading.Thread(target=lambda: self.hf_tokenizer, name="choral-tokenizer-warm-up", daemon=True).start()
 
     @property
     def vocab_size(self) -> int:
+        if self._fast is not None:
+            return int(self._fast.get_vocab_size(with_added_tokens=True))
         return len(self._tok)
 
     @property
     def bos_token_id(self) -> int | None:
+        if self._fast is not None:
+            return self._special_id("bos_token")
         value = self._tok.bos_token_id
         return int(value) if value is not None else None
 
     @property
     def has_chat_template(self) -> bool:
+        if self._saved_dir is not None:
+            return bool(self._config.get("chat_template")) or (self._saved_dir / "chat_template.jinja").exists()
         return bool(getattr(self._tok, "chat_template", None))
 
     def encode(self, text: str, add_special_tokens: bool = True, field: str = "prompt") -> list[int]:
         """Token ids of ``text``; ``field`` names it in the InvalidRequestError raised for text that is
         not a str or not valid Unicode (a lone surrogate such as ``"\\udc80"`` has no UTF-8 form)."""
         check_text(field, text)
+        if self._fast is not None:
+            return list(self._fast.encode(text, add_special_tokens=add_special_tokens).ids)
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if self._fast is not None:
+            return str(self._fast.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
         return str(self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
 
     def token_to_piece(self, token_id: int) -> str:
+        if self._fast is not None:
+            return str(self._fast.id_to_token(int(token_id)))
         return str(self._tok.convert_ids_to_tokens(int(token_id)))
 
     def apply_chat_template(
@@ -91,7 +153,7 @@ class Tokenizer:
                 raise InvalidRequestError(
                     f"messages[{i}].content: must be a str, got {type(content).__name__}{hint}")
             check_text(f"messages[{i}].content", content)
-        text = self._tok.apply_chat_template(
+        text = self.hf_tokenizer.apply_chat_template(
             list(messages), add_generation_prompt=add_generation_prompt, tokenize=False
         )
         # The template already holds any BOS it wants; do not add special tokens again.
@@ -111,38 +173,47 @@ def check_text(field: str, text: object) -> None:
         ) from None
 
 
-def _gguf_tokenizer(path: Path) -> Any:
-    """transformers' GGUF tokenizer conversion takes seconds; do it once per file and keep the
-    result as HF tokenizer files under ~/.cache/choral/tokenizers (keyed by file identity and the
-    transformers version)."""
-    import hashlib
-
-    import transformers
+def _load_hf(directory: Path) -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+
+
+def _gguf_tokenizer_dir(path: Path, gguf_digest: str | None) -> Path:
+    """transformers' GGUF tokenizer conversion takes seconds; do it once per tokenizer and keep
+    the result as HF tokenizer files under the cache root (``CHORAL_CACHE_DIR`` or
+    ``~/.cache/choral``) in ``tokenizers/<key>``, keyed by the hash of the GGUF's metadata section
+    (which holds the whole vocabulary, merges and chat template) and the transformers version."""
+    import shutil
+    import tempfile
+    from importlib.metadata import version
+
     from choral.kernels.build import cache_dir
+    from choral.progress import step
 
-    stat = path.stat()
-    key = hashlib.sha256(
-        f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}".encode()
-    ).hexdigest()[:16]
+    if gguf_digest is None:
+        from choral.loader.gguf_reader import GGUFReader
+
+        gguf_digest = GGUFReader(path).kv_digest
+    key = hashlib.sha256(f"{gguf_digest}:{version('transformers')}".encode()).hexdigest()[:16]
     cached = cache_dir().parent / "tokenizers" / key
-    if (cached / "tokenizer_config.json").exists():
-        try:
-            return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
-        except Exception:  # a damaged cache entry: rebuild it below
-            pass
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    try:
-        import shutil
-        import tempfile
+    if (cached / "tokenizer_config.json").exists() and (cached / "tokenizer.json").exists():
+        return cached
+    with step(f"converting the GGUF tokenizer (once; cached in {cached.parent})"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoTokenizer
 
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
-            tok.save_pretrained(tmp)
-            shutil.rmtree(cached, ignore_errors=True)
-            os.replace(tmp, cached)
-            os.makedirs(tmp, exist_ok=True)  # let TemporaryDirectory clean up an empty dir
-    except OSError:
-        pass  # no writable cache: convert again next time
-    return tok
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
+                tok.save_pretrained(tmp)
+                shutil.rmtree(cached, ignore_errors=True)
+                os.replace(tmp, cached)
+                os.makedirs(tmp, exist_ok=True)  # let TemporaryDirectory clean up an empty dir
+        except OSError:
+            # No writable cache: keep the conversion in a private temporary directory.
+            cached = Path(tempfile.mkdtemp(prefix="choral-tokenizer-"))
+            tok.save_pretrained(str(cached))
+    return cached

@@ -14,6 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from choral.progress import step
+
 logger = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).parent
@@ -103,7 +105,8 @@ def _compile(name: str) -> ctypes.CDLL | None:
             cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC",
                    "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
                    "-o", str(out), str(source_path), "-lm"]
-            result = subprocess.run(cmd, capture_output=True, text=True)
+            with step(f"compiling the {name} kernel (once per machine and version)"):
+                result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode != 0:
                 logger.warning("choral: compiling %s failed (%s); falling back to torch",
                                source_path.name, result.stderr.strip()[:500])

@@ -1,4 +1,4 @@
-"""Read a GGUF file: metadata -> ModelSpec, tensors dequantized -> HF-named torch tensors."""
+"""A GGUF model file: metadata -> ModelSpec, tensors dequantized -> HF-named torch tensors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from choral.errors import ModelLoadError, UnsupportedTensorTypeError
+from choral.errors import ModelLoadError
+from choral.loader.dequant import dequantize
+from choral.loader.gguf_reader import GGUFReader
 from choral.models.registry import Architecture, for_gguf
 from choral.models.spec import ModelSpec
 
@@ -45,15 +47,10 @@ class GGUFModelFile:
     """An opened GGUF file: its metadata, its architecture and a ModelSpec."""
 
     def __init__(self, path: Path):
-        from gguf import GGUFReader
-
         self.path = path
-        try:
-            self.reader = GGUFReader(str(path))
-        except Exception as e:  # the reader raises bare ValueError/OSError on bad files
-            raise ModelLoadError(f"{path}: not a readable GGUF file ({e})") from e
-        self.metadata = self._scalar_metadata()
-        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.reader = GGUFReader(path)
+        self.metadata: dict[str, Any] = self.reader.metadata
+        self.tensors = self.reader.tensors
         arch_name = str(self.metadata.get("general.architecture", ""))
         self.architecture: Architecture = for_gguf(arch_name)
         meta = dict(self.metadata)
@@ -61,53 +58,30 @@ class GGUFModelFile:
         embd = self.tensors.get("token_embd.weight")
         if embd is None:
             raise ModelLoadError(f"{path}: no token_embd.weight tensor")
-        meta["_vocab_size"] = int(embd.shape[-1])  # GGML order: [hidden, vocab]
+        meta["_vocab_size"] = int(embd.shape[0])  # numpy order: [vocab, hidden]
         if "rope_freqs.weight" in self.tensors:
-            factors = self._dequantize(self.tensors["rope_freqs.weight"])
+            factors = self.dequantize("rope_freqs.weight")
             meta["_rope_freq_factors"] = tuple(float(x) for x in factors.reshape(-1))
         self.spec: ModelSpec = self.architecture.spec_from_gguf(meta)
 
-    def _scalar_metadata(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, field in self.reader.fields.items():
-            # Skip the vocabulary arrays: the tokenizer reads them itself.
-            if key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "scores", "token_type", "merges")):
-                continue
-            try:
-                out[key] = field.contents()
-            except Exception:  # exotic field types the reader cannot decode are not needed here
-                continue
-        return out
-
-    def _dequantize(self, tensor: Any) -> np.ndarray:
-        from gguf import GGMLQuantizationType as Q
-        from gguf.quants import dequantize
-
-        try:
-            if tensor.tensor_type in (Q.F64, Q.I8, Q.I16, Q.I32, Q.I64):
-                array = np.asarray(tensor.data).astype(np.float32)  # plain numbers, no blocks
-            else:
-                array = dequantize(tensor.data, tensor.tensor_type)
-        except NotImplementedError as e:
-            raise UnsupportedTensorTypeError(
-                f"{self.path}: tensor {tensor.name} has type {tensor.tensor_type.name}, "
-                f"which the gguf package cannot dequantize ({e})"
-            ) from e
-        shape = tuple(int(x) for x in reversed(tensor.shape))  # GGML lists dims fastest-first
-        return np.asarray(array, dtype=np.float32).reshape(shape)
+    def dequantize(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as float32 in numpy order (GGML's dims reversed)."""
+        return dequantize(self.reader.raw(name), self.tensors[name], self.path)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """HF-named fp32 tensors, with llama.cpp's q/k row permutation undone."""
         spec = self.spec
-        for name, tensor in self.tensors.items():
+        for name in self.tensors:
             if name == "rope_freqs.weight":
                 continue
             hf_name = self._hf_name(name)
-            array = self._dequantize(tensor)
+            array = self.dequantize(name)
             if self.architecture.gguf_qk_permuted and name.endswith(_PERMUTED):
                 heads = spec.num_heads if "attn_q" in name else spec.num_kv_heads
                 array = _unpermute(array, heads)
-            yield hf_name, torch.from_numpy(np.array(array, copy=True))
+            # Dequantized arrays are fresh; F32 tensors are views of the read-only mapping: copy.
+            owned = array if array.flags.writeable and array.flags.c_contiguous else np.array(array, copy=True)
+            yield hf_name, torch.from_numpy(owned)
 
     def _hf_name(self, name: str) -> str:
         if name in _GLOBAL:

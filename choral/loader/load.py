@@ -15,6 +15,7 @@ from choral.loader.hf_dir import HFModelDir
 from choral.loader.resolve import resolve_model_path
 from choral.models.spec import ModelSpec
 from choral.models.transformer import DecoderModel
+from choral.progress import step
 from choral.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -74,10 +75,17 @@ def load_model(model: str, dtype: str, device: str, max_model_len: int | None) -
         source = HFModelDir(path)
     spec = source.spec
     max_positions = max_model_len or spec.max_position_embeddings
-    decoder = DecoderModel(spec, torch_dtype, dev, max_positions)
-    decoder.load_weights(source.iter_tensors())
-    has_vocab = not isinstance(source, GGUFModelFile) or "tokenizer.ggml.model" in source.metadata
-    tokenizer = Tokenizer.from_model_path(path, source.eos_token_ids) if has_vocab else None
+    with step(f"loading {path.name} ({spec.architecture}, {torch_dtype})"):
+        decoder = DecoderModel(spec, torch_dtype, dev, max_positions)
+        decoder.load_weights(source.iter_tensors())
+    digest = None
+    if isinstance(source, GGUFModelFile):
+        has_vocab = "tokenizer.ggml.model" in source.metadata
+        digest = source.reader.kv_digest
+    else:
+        has_vocab = True
+    with step("loading the tokenizer"):
+        tokenizer = Tokenizer.from_model_path(path, source.eos_token_ids, digest) if has_vocab else None
     eos = tokenizer.eos_token_ids if tokenizer else tuple(source.eos_token_ids)
     stat = path.stat()
     digest = f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}"

@@ -33,6 +33,13 @@ class Architecture:
 _REGISTRY: dict[str, Architecture] = {}
 
 
+def _architectures() -> dict[str, Architecture]:
+    """The registry, with every architecture file imported (they register themselves on import)."""
+    import choral.models  # noqa: F401
+
+    return _REGISTRY
+
+
 def register(arch: Architecture) -> Architecture:
     if arch.name in _REGISTRY:
         raise RuntimeError(f"architecture {arch.name!r} registered twice")
@@ -42,13 +49,13 @@ def register(arch: Architecture) -> Architecture:
 
 def supported() -> list[str]:
     """Names a user can load, e.g. ``LlamaForCausalLM (llama)``."""
-    return sorted(f"{a.hf_architectures[0]} ({a.name})" for a in _REGISTRY.values())
+    return sorted(f"{a.hf_architectures[0]} ({a.name})" for a in _architectures().values())
 
 
 def for_hf_config(config: Mapping[str, Any]) -> Architecture:
     names = list(config.get("architectures") or [])
     model_type = config.get("model_type")
-    for arch in _REGISTRY.values():
+    for arch in _architectures().values():
         if any(n in arch.hf_architectures for n in names) or model_type in arch.hf_model_types:
             return arch
     raise UnsupportedArchitectureError(
@@ -57,7 +64,7 @@ def for_hf_config(config: Mapping[str, Any]) -> Architecture:
 
 
 def for_gguf(name: str) -> Architecture:
-    for arch in _REGISTRY.values():
+    for arch in _architectures().values():
         if name in arch.gguf_names:
             return arch
     raise UnsupportedArchitectureError(
