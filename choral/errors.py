@@ -43,6 +43,12 @@ class PromptTooLongError(InvalidRequestError):
     """A prompt (plus what must be generated) does not fit the model's context."""
 
 
+class KernelArgumentError(ChoralError, ValueError):
+    """A tensor handed to a C kernel has the wrong dtype, shape, device or memory layout, or an
+    index (a block id, a cache slot) outside the cache; the message names the argument. Raised
+    before any pointer reaches C, so nothing was read or written."""
+
+
 class KvCacheExhaustedError(ChoralError):
     """The KV block pool has no free block for the requested allocation."""
 

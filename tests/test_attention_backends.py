@@ -13,9 +13,9 @@ from choral.engine.attention import (
     kv_cache_shapes,
     write_kv,
 )
-from choral.kernels.build import load_paged_attention
+from choral.kernels.paged_attention import PagedAttention
 
-pytestmark = pytest.mark.skipif(load_paged_attention() is None, reason="no C compiler")
+pytestmark = pytest.mark.skipif(PagedAttention.load() is None, reason="no C compiler")
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
@@ -80,9 +80,9 @@ def check_kernel(dtype: torch.dtype, block_size: int, head_dim: int, window: int
     ref_backend = TorchPagedAttention()
     ref_backend.prepare(layout, torch.device("cpu"))
     ref = ref_backend.attend(q, k_cache, v_cache, window, head_dim**-0.5).float()
-    lib = load_paged_attention()
-    assert lib is not None
-    kernel = CpuKernelAttention(lib, 2)
+    compiled = PagedAttention.load()
+    assert compiled is not None
+    kernel = CpuKernelAttention(compiled, 2)
     kernel.prepare(layout, torch.device("cpu"))
     got = kernel.attend(q, k_cache, v_cache, window, head_dim**-0.5).float()
     assert (got - ref).abs().max().item() <= TOL[dtype]

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from choral.engine.attention import write_kv
-from choral.kernels.build import load_rms_norm, load_rope_kv, load_silu_mul
+from choral.kernels.rms_norm import RmsNorm
+from choral.kernels.rope_kv import RopeKv
+from choral.kernels.silu_mul import SiluMul
 from choral.models.rope import apply_rotary
-
-SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
 def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -27,16 +27,14 @@ def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 7, 70])  # 70 crosses the kernel's multi-thread threshold
 def test_rms_norm_matches_hf(dtype: torch.dtype, rows: int) -> None:
-    lib = load_rms_norm()
-    if lib is None:
+    norm = RmsNorm.load(dtype)
+    if norm is None:
         pytest.skip("no C compiler")
     g = torch.Generator().manual_seed(rows)
     wide = (torch.randn(rows, 100, generator=g) * 3).to(dtype)
     x = wide[:, 4:94]  # row-strided input, as the model hands slices around
     weight = torch.randn(90, generator=g).to(dtype)
-    out = torch.empty(rows, 90, dtype=dtype)
-    getattr(lib, f"rms_norm_{SUFFIX[dtype]}")(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), rows,
-                                              90, 1e-5, 2)
+    out = norm(x, weight, 1e-5)
     expected = hf_rms_norm(x, weight, 1e-5)
     if dtype == torch.bfloat16:
         # 1/sqrt vs rsqrt may differ in fp32's last bit, which can move a bf16 rounding by one ulp.
@@ -50,8 +48,8 @@ def test_rms_norm_matches_hf(dtype: torch.dtype, rows: int) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 5, 66])
 def test_rope_kv_matches_torch_ops(dtype: torch.dtype, tokens: int) -> None:
-    lib = load_rope_kv()
-    if lib is None:
+    rope_kv = RopeKv.load(dtype)
+    if rope_kv is None:
         pytest.skip("no C compiler")
     heads, kv_heads, dim, block_size, num_blocks = 6, 2, 32, 16, 12
     g = torch.Generator().manual_seed(tokens)
@@ -69,11 +67,7 @@ def test_rope_kv_matches_torch_ops(dtype: torch.dtype, tokens: int) -> None:
     write_kv(k_ref, v_ref, blocks, offsets, rotated[:, heads:], v)
 
     k_cache, v_cache = torch.zeros_like(k_ref), torch.zeros_like(v_ref)
-    q = torch.empty(tokens, heads, dim, dtype=dtype)
-    getattr(lib, f"rope_kv_{SUFFIX[dtype]}")(
-        qk.data_ptr(), qk.stride(0), v.data_ptr(), v.stride(0), cos.data_ptr(), sin.data_ptr(), blocks.data_ptr(),
-        offsets.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tokens, heads, kv_heads, dim,
-        block_size, 2)
+    q = rope_kv(qk, v, cos, sin, blocks, offsets, k_cache, v_cache)
     if dtype == torch.bfloat16:
         assert torch.equal(q, rotated[:, :heads]) and torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
     else:
@@ -85,8 +79,8 @@ def test_rope_kv_matches_torch_ops(dtype: torch.dtype, tokens: int) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("rows", "inter"), [(1, 8), (3, 37), (70, 1536)])  # 37: a partial vector; 70 x 1536: threads
 def test_silu_mul_matches_torch(dtype: torch.dtype, rows: int, inter: int) -> None:
-    lib = load_silu_mul()
-    if lib is None:
+    silu_mul = SiluMul.load(dtype)
+    if silu_mul is None:
         pytest.skip("no C compiler")
     g = torch.Generator().manual_seed(rows * 10 + inter)
     wide = torch.randn(rows, 2 * inter + 5, generator=g) * 6
@@ -94,8 +88,7 @@ def test_silu_mul_matches_torch(dtype: torch.dtype, rows: int, inter: int) -> No
     gate_up = wide.to(dtype)[:, : 2 * inter]  # row-strided, as a view of a wider tensor
     gate, up = gate_up.chunk(2, dim=-1)
     expected = F.silu(gate) * up
-    out = torch.empty(rows, inter, dtype=dtype)
-    getattr(lib, f"silu_mul_{SUFFIX[dtype]}")(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), rows, inter, 2)
+    out = silu_mul(gate_up)
     if dtype == torch.bfloat16:
         # exp's last fp32 bit can differ from torch's, which can move a bf16 rounding by one ulp.
         diff = (out.float() - expected.float()).abs()

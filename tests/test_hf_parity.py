@@ -13,7 +13,7 @@ from choral.config import EngineConfig
 from choral.engine.attention import CpuKernelAttention, TorchPagedAttention
 from choral.engine.llm_engine import LLMEngine
 from choral.engine.model_runner import Chunk
-from choral.kernels.build import load_paged_attention
+from choral.kernels.paged_attention import PagedAttention
 
 ARCHS = ["llama", "llama3", "mistral", "mistral-hd64", "qwen2", "qwen3"]
 TOL = 1e-4
@@ -56,7 +56,7 @@ def run_schedule(engine: LLMEngine, seqs: list[list[int]], schedule: list[list[t
 @pytest.mark.parametrize("backend", ["torch", "kernel"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mixed_batch_matches_transformers(tiny_models, arch: str, backend: str) -> None:  # type: ignore[no-untyped-def]
-    if backend == "kernel" and load_paged_attention() is None:
+    if backend == "kernel" and PagedAttention.load() is None:
         pytest.skip("no C compiler: the kernel backend is unavailable")
     directory, hf = tiny_models[arch]
     engine = make_engine(directory, backend, block_size=16 if arch.endswith("hd64") else 4)

@@ -10,8 +10,8 @@ import threading
 import pytest
 import torch
 
-from choral.kernels.build import load_small_gemm
 from choral.kernels.openmp import loaded_libgomp, release_thread_pool
+from choral.kernels.small_gemm import SmallGemm
 from choral.models.linear import Projection
 
 
@@ -36,7 +36,7 @@ def test_release_frees_the_workers_and_work_goes_on() -> None:
         result["grew"] = pooled - before
         ref = (a.double() @ a.double()).float()
         torch.testing.assert_close(a @ a, ref, rtol=1e-4, atol=1e-3)  # a new pool, same answer
-        if load_small_gemm() is not None:
+        if SmallGemm.load(torch.float32) is not None:
             w = torch.randn(96, 384, generator=torch.Generator().manual_seed(1))
             torch.testing.assert_close(Projection(w, None, "panels")(a), a @ w.t(), rtol=1e-4, atol=1e-3)
         result["ok"] = True

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from choral.kernels.build import load_small_gemm
+from choral.kernels.small_gemm import SmallGemm
 from choral.models import linear
 from choral.models.linear import Projection, choose_layout, onednn_packing_works
 
@@ -20,7 +20,7 @@ from choral.models.linear import Projection, choose_layout, onednn_packing_works
 ])
 @pytest.mark.parametrize("bias", [False, True])
 def test_panels_match_linear(rows: int, in_features: int, out_features: int, bias: bool) -> None:
-    if load_small_gemm() is None:
+    if SmallGemm.load(torch.float32) is None:
         pytest.skip("no C compiler: the panel GEMM is unavailable")
     g = torch.Generator().manual_seed(rows * 1000 + out_features)
     w = torch.randn(out_features, in_features, generator=g)
@@ -43,7 +43,7 @@ def test_bf16_panels_match_fp32_linear_then_rounding(rows: int, in_features: int
                                                      bias: bool) -> None:
     """bf16 weights widened in registers and multiplied in fp32: the result is the fp32 product
     of the bf16 operands, rounded once to bf16 (so within one bf16 ulp of it, not more)."""
-    if load_small_gemm() is None:
+    if SmallGemm.load(torch.float32) is None:
         pytest.skip("no C compiler: the panel GEMM is unavailable")
     g = torch.Generator().manual_seed(rows * 1000 + out_features + 7)
     w = torch.randn(out_features, in_features, generator=g).bfloat16()
@@ -65,7 +65,7 @@ def test_bf16_panels_match_fp32_linear_then_rounding(rows: int, in_features: int
 
 
 def test_bf16_panels_keep_nan_and_inf() -> None:
-    if load_small_gemm() is None:
+    if SmallGemm.load(torch.float32) is None:
         pytest.skip("no C compiler: the panel GEMM is unavailable")
     w = torch.ones(40, 8, dtype=torch.bfloat16)
     x = torch.ones(2, 8)
@@ -86,7 +86,7 @@ def test_dense_and_onednn_match_linear() -> None:
 
 def test_layout_choice() -> None:
     cpu = torch.device("cpu")
-    kernel = load_small_gemm() is not None
+    kernel = SmallGemm.load(torch.float32) is not None
     # The panels are timed against torch's layout for the dtype: oneDNN's packed one for bf16
     # where it works, else dense.
     assert choose_layout(torch.float32, cpu) in ({"panels", "dense"} if kernel else {"dense"})
@@ -99,31 +99,22 @@ def test_layout_choice() -> None:
 def test_layout_choice_times_the_kernel(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     """A CPU where the panel GEMM is slower than torch (it once ran at 4 GFLOP/s on an AVX2-only
     CPU) gets torch's layout: the choice is timed, not assumed."""
-    lib = load_small_gemm()
-    if lib is None:
+    if SmallGemm.load(torch.float32) is None:
         pytest.skip("no C compiler: the panel GEMM is unavailable")
     cpu = torch.device("cpu")
     request.addfinalizer(linear._panels_win.cache_clear)  # forget what the patched kernels timed
+    real_gemm = SmallGemm.__call__
 
-    class SlowKernel:
-        def __init__(self, delay: float):
-            self.delay = delay
+    def slow_gemm(self, x, packed):  # type: ignore[no-untyped-def]
+        if self.dtype == torch.float32:
+            time.sleep(0.2)
+        return real_gemm(self, x, packed)
 
-        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
-            fn = getattr(lib, name)
-            if not name.startswith("small_gemm_f32"):
-                return fn
-
-            def slow(*args):  # type: ignore[no-untyped-def]
-                time.sleep(self.delay)
-                return fn(*args)
-            return slow
-
-    monkeypatch.setattr(linear, "load_small_gemm", lambda: SlowKernel(0.2))
+    monkeypatch.setattr(SmallGemm, "__call__", slow_gemm)
     linear._panels_win.cache_clear()
     assert choose_layout(torch.float32, cpu) == "dense"
     # And the other way: torch's GEMM made slow, the panels win.
-    monkeypatch.setattr(linear, "load_small_gemm", lambda: lib)
+    monkeypatch.setattr(SmallGemm, "__call__", real_gemm)
     real_mm = torch.mm
 
     def slow_mm(*args, **kwargs):  # type: ignore[no-untyped-def]

@@ -12,7 +12,6 @@ Two backends:
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from choral.kernels.build import load_paged_attention
+from choral.kernels.paged_attention import PagedAttention
 
 # cuDNN's fused attention plans a graph for every new shape, and here shapes change every step
 # (a decode's key length grows by one, prefill chunks vary): keep CUDA to the other kernels.
@@ -182,13 +181,6 @@ class TorchPagedAttention:
         return out
 
 
-_KERNELS = {
-    torch.float32: "paged_attention_f32",
-    torch.bfloat16: "paged_attention_bf16",
-    torch.float16: "paged_attention_f16",
-}
-
-
 class CpuKernelAttention:
     """The C kernel for every query run, decodes and prompt chunks alike: each query token reads
     its own keys through the block table. Prompt chunks were once sent to torch's flash
@@ -196,24 +188,17 @@ class CpuKernelAttention:
     at every chunk length measured: one 512-token prompt's attention over 30 layers, fp32
     167 -> 111 ms, bf16 176 -> 86 ms; a 2048-token one 2.43 -> 1.91 s; 4 x 128 tokens 90 -> 33 ms."""
 
-    MAX_GROUP = 16
-    MAX_HEAD_DIM = 256
-    MAX_BLOCK = 256
-
-    def __init__(self, lib: ctypes.CDLL, num_threads: int):
-        self.lib = lib
+    def __init__(self, kernel: PagedAttention, num_threads: int):
+        self.kernel = kernel
         self.num_threads = num_threads
 
     @classmethod
     def supports(cls, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int,
                  block_size: int) -> bool:
-        return (
-            device.type == "cpu"
-            and num_heads // num_kv_heads <= cls.MAX_GROUP
-            and head_dim <= cls.MAX_HEAD_DIM
-            and block_size <= cls.MAX_BLOCK
-            and load_paged_attention() is not None
-        )
+        if device.type != "cpu":
+            return False
+        kernel = PagedAttention.load()
+        return kernel is not None and kernel.supports(num_heads, num_kv_heads, head_dim, block_size)
 
     def prepare(self, layout: AttentionLayout, device: torch.device) -> None:
         # Per query token: its sequence's row in the block tables, and how many cached tokens it
@@ -231,23 +216,16 @@ class CpuKernelAttention:
         self.in_order = rows == list(range(len(rows)))
         self.rows = torch.tensor(rows, dtype=torch.long)
         tables = _padded_tables(layout.block_tables)
-        self.block_tables = torch.tensor(tables, dtype=torch.int32)
-        self.max_blocks = len(tables[0]) if tables else 1
+        width = len(tables[0]) if tables else 1
+        # [S, max_blocks] int32, also for S == 0 (the kernel wrapper checks every id against the cache)
+        self.block_tables = torch.tensor(tables, dtype=torch.int32).reshape(len(tables), width)
         self.tok_seq = torch.tensor(seq_of_token, dtype=torch.int32)
         self.tok_limit = torch.tensor(limit_of_token, dtype=torch.int32)
-        self.block_size = layout.block_size
 
     def attend(self, q, k_cache, v_cache, window, scale):  # type: ignore[no-untyped-def]
         queries = q.contiguous() if self.in_order else q.index_select(0, self.rows)
-        out = torch.empty_like(queries)
-        if self.num_tokens:
-            fn = getattr(self.lib, _KERNELS[q.dtype])
-            fn(
-                queries.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), self.block_tables.data_ptr(),
-                self.max_blocks, self.tok_seq.data_ptr(), self.tok_limit.data_ptr(),
-                self.num_tokens, q.shape[1], k_cache.shape[1], q.shape[2], self.block_size,
-                window or 0, scale, out.data_ptr(), self.num_threads,
-            )
+        out = self.kernel(queries, k_cache, v_cache, self.block_tables, self.tok_seq, self.tok_limit, window or 0,
+                          scale, self.num_threads)
         if self.in_order:
             return out
         return torch.empty_like(q).index_copy_(0, self.rows, out)
@@ -268,7 +246,7 @@ def make_backend(
             "head_dim <= 256 and at most 16 query heads per KV head"
         )
     if kernel_ok:
-        lib = load_paged_attention()
-        assert lib is not None
-        return CpuKernelAttention(lib, torch.get_num_threads())
+        kernel = PagedAttention.load()
+        assert kernel is not None
+        return CpuKernelAttention(kernel, torch.get_num_threads())
     return TorchPagedAttention()

@@ -26,7 +26,7 @@ from functools import cache
 
 import torch
 
-from choral.kernels.build import load_small_gemm
+from choral.kernels.small_gemm import PackedWeight, SmallGemm
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def onednn_packing_works(dtype: torch.dtype, device: torch.device) -> bool:
 
 def panel_gemm_available(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether projections in ``dtype`` can use the panel-packed C GEMM here."""
-    return device.type == "cpu" and dtype in _PANEL_SUFFIX and load_small_gemm() is not None
+    return device.type == "cpu" and SmallGemm.load(dtype) is not None
 
 
 def choose_layout(dtype: torch.dtype, device: torch.device) -> str:
@@ -97,10 +97,6 @@ def _panels_win(dtype: torch.dtype, other: str) -> bool:
     return best["panels"] < best[other] * slack
 
 
-_PANEL = 32  # columns per packed panel (small_gemm.c's PANEL)
-_PANEL_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
-
-
 class Projection:
     """A frozen linear layer: ``proj(x)`` maps [T, in] -> [T, out].
 
@@ -113,35 +109,26 @@ class Projection:
         self.dtype = weight.dtype
         self.layout = layout
         self.num_parameters = weight.numel() + (bias.numel() if bias is not None else 0)
-        self._gemm = None
+        self._panels: tuple[SmallGemm, PackedWeight] | None = None
         if layout == "onednn":
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_BATCH_HINT)
         elif layout == "panels":
-            lib = load_small_gemm()
-            assert lib is not None, "panel layout without the compiled kernel"
-            suffix = _PANEL_SUFFIX[self.dtype]
-            self._gemm = getattr(lib, f"small_gemm_{suffix}")
-            w = weight.t().contiguous()  # [in, out]
-            panels = -(-self.out_features // _PANEL)
-            self.weight = torch.empty(panels, self.in_features, _PANEL, dtype=self.dtype)
-            getattr(lib, f"small_gemm_pack_{suffix}")(w.data_ptr(), self.weight.data_ptr(), self.in_features,
-                                                      self.out_features)
-            if bias is not None:
-                self.bias = bias.contiguous()
+            gemm = SmallGemm.load(self.dtype)
+            assert gemm is not None, "panel layout without the compiled kernel"
+            packed = gemm.pack(weight, bias)
+            self._panels = (gemm, packed)
+            self.weight = packed.panels
         else:
             self.weight = weight.t().contiguous()  # [in, out]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._gemm is not None:
+        if self._panels is not None:
+            gemm, packed = self._panels
             # The kernel reads x in fp32 (a bf16 x is widened here: M * K elements, small next
             # to the M * K * N multiply-adds) and writes y in the weight's dtype.
-            if x.dim() != 2 or x.stride(1) != 1 or x.dtype != torch.float32:
+            if x.dtype is not torch.float32 or x.ndim != 2 or x.stride(1) != 1:
                 x = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
-            y = torch.empty(x.shape[0], self.out_features, dtype=self.dtype)
-            self._gemm(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr() if self.bias is not None else None,
-                       y.data_ptr(), x.shape[0], self.in_features, self.out_features, x.stride(0),
-                       torch.get_num_threads())
-            return y
+            return gemm(x, packed)
         if self.layout == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         if self.bias is None:

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 
 from choral.engine.attention import AttentionBackend, write_kv
 from choral.errors import ModelLoadError
-from choral.kernels.build import load_rms_norm, load_rope_kv, load_silu_mul
+from choral.kernels.rms_norm import RmsNorm
+from choral.kernels.rope_kv import RopeKv
+from choral.kernels.silu_mul import SiluMul
 from choral.models.linear import Projection, choose_layout
 from choral.models.rope import RotaryTable, apply_rotary
 from choral.models.spec import ModelSpec
@@ -50,13 +52,10 @@ class DecoderModel:
         # fp32 and bf16 on the CPU: RMSNorm in one C pass (torch runs it as ~6 ops; see
         # rms_norm.c), RoPE fused with the K/V cache store (rope_kv.c), and SiLU(gate) * up in
         # one pass over the gate/up output (silu_mul.c; torch: two ops, two [T, I] tensors).
-        suffix = {torch.float32: "f32", torch.bfloat16: "bf16"}.get(dtype) if device.type == "cpu" else None
-        norm_lib = load_rms_norm() if suffix else None
-        rope_lib = load_rope_kv() if suffix and spec.head_dim <= 512 and spec.head_dim % 2 == 0 else None
-        act_lib = load_silu_mul() if suffix else None
-        self._norm_kernel = getattr(norm_lib, f"rms_norm_{suffix}") if norm_lib is not None else None
-        self._rope_kv_kernel = getattr(rope_lib, f"rope_kv_{suffix}") if rope_lib is not None else None
-        self._act_kernel = getattr(act_lib, f"silu_mul_{suffix}") if act_lib is not None else None
+        cpu = device.type == "cpu"
+        self._norm_kernel = RmsNorm.load(dtype) if cpu else None
+        self._rope_kv_kernel = RopeKv.load(dtype) if cpu and RopeKv.supports(spec.head_dim) else None
+        self._act_kernel = SiluMul.load(dtype) if cpu else None
 
     # ---- loading -------------------------------------------------------------------------
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -144,41 +143,18 @@ class DecoderModel:
 
     # ---- forward -------------------------------------------------------------------------
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self._norm_kernel is not None and x.dim() == 2 and x.stride(1) == 1:
-            out = torch.empty(x.shape, dtype=self.dtype)
-            self._norm_kernel(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1],
-                              self.spec.rms_norm_eps, torch.get_num_threads())
-            return out
+        if self._norm_kernel is not None and x.ndim == 2:
+            return self._norm_kernel(x, weight, self.spec.rms_norm_eps)
         # torch's RMSNorm reduces in fp32 like HF's; in fp32 it is the same math, in bf16/fp16 it
         # differs from HF only by where the last rounding falls.
         return F.rms_norm(x, weight.shape, weight, self.spec.rms_norm_eps)
 
     def _act(self, gate_up: torch.Tensor) -> torch.Tensor:
         """[T, 2 * inter] (gate, then up) -> silu(gate) * up, [T, inter]."""
-        if self._act_kernel is not None and gate_up.dim() == 2 and gate_up.stride(1) == 1:
-            num_tokens, inter = gate_up.shape[0], gate_up.shape[1] // 2
-            out = torch.empty(num_tokens, inter, dtype=self.dtype)
-            self._act_kernel(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), num_tokens, inter,
-                             torch.get_num_threads())
-            return out
+        if self._act_kernel is not None:
+            return self._act_kernel(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
-
-    def _rope_kv(self, qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 kv_index: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
-                 v_cache: torch.Tensor) -> torch.Tensor:
-        """rope_kv.c: qk [T, H + KVH, D] and v [T, KVH, D] (rows strided, heads contiguous) ->
-        rotated q [T, H, D]; rotated k and v go into their cache slots."""
-        assert self._rope_kv_kernel is not None
-        spec = self.spec
-        num_tokens, hd = qk.shape[0], spec.head_dim
-        assert qk.stride(2) == 1 and qk.stride(1) == hd and v.stride(2) == 1 and v.stride(1) == hd
-        q = torch.empty(num_tokens, spec.num_heads, hd, dtype=self.dtype)
-        self._rope_kv_kernel(
-            qk.data_ptr(), qk.stride(0), v.data_ptr(), v.stride(0), cos.data_ptr(), sin.data_ptr(),
-            kv_index[0].data_ptr(), kv_index[1].data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-            num_tokens, spec.num_heads, spec.num_kv_heads, hd, k_cache.shape[-1], torch.get_num_threads())
-        return q
 
     @torch.inference_mode()
     def forward(
@@ -208,7 +184,7 @@ class DecoderModel:
             # Rotate q and k, and write this step's K/V first: queries then read themselves
             # through the cache.
             if self._rope_kv_kernel is not None:
-                q = self._rope_kv(qk, v, cos, sin, kv_index, k_cache, v_cache)
+                q = self._rope_kv_kernel(qk, v, cos, sin, kv_index[0], kv_index[1], k_cache, v_cache)  # [T, H, D]
             else:
                 qk = apply_rotary(qk, cos, sin)  # [T, H + KVH, D]
                 q = qk[:, :nh]
