@@ -35,6 +35,12 @@ class InvalidRequestError(ChoralError, ValueError):
     """A request (prompt, sampling parameters) is invalid; nothing was changed."""
 
 
+class SamplingError(InvalidRequestError):
+    """A request's sampling settings left a row of logits without a finite positive probability mass
+    (temperature near 0, a huge logit_bias, a tiny repetition_penalty, every token banned): that
+    request fails alone; the message names the setting."""
+
+
 class TokenIdOutOfRangeError(InvalidRequestError):
     """A prompt holds a token id outside [0, vocab_size)."""
 
@@ -59,7 +65,8 @@ class QueueFull(ChoralError):
 
 class RequestFailedError(ChoralError):
     """The executor could not finish one request (its logits processor raised, say); the request's
-    blocks were freed and every other request goes on."""
+    blocks were freed and every other request goes on. ``__cause__`` is the exception behind it
+    when there was one (an InvalidRequestError such as SamplingError: the request's own settings)."""
 
 
 class ProcessorStopped(ChoralError):

@@ -71,7 +71,7 @@ class AsyncExecutor:
                 response, getter = getter.result(), None
                 if response.error is not None:
                     finished = True  # the loop already ended it and freed its blocks
-                    raise RequestFailedError(f"request {rid} failed: {response.error}")
+                    raise RequestFailedError(f"request {rid} failed: {response.error}") from response.error_cause
                 assert response.result is not None
                 yield response.result
                 if response.result.is_final:

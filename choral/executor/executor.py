@@ -201,7 +201,7 @@ class Executor:
                 raise UnknownRequestError(f"request {request_id}'s result was taken by another caller while this "
                                           "one waited")
             if job.error is not None:
-                raise RequestFailedError(f"request {request_id} failed: {job.error}")
+                raise RequestFailedError(f"request {request_id} failed: {job.error}") from job.error_cause
             return build_completion(job)
 
     # ---- public API: lifecycle, stats ---------------------------------------------------------

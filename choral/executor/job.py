@@ -55,6 +55,7 @@ class Job:
     beam: BeamGroup | None = None  # beam search (beam_width > 1)
     num_forks: int = 0  # sequences forked so far (beams number theirs from this)
     error: str | None = None  # why the request failed on its own (its answer is an error Response)
+    error_cause: Exception | None = None  # the exception behind ``error``, when there was one
     # The prompt as text, put before the output when exclude_input_from_output is False: the
     # prompt itself, or its tokens decoded (token ids, rendered chat messages).
     prompt_text: str | None = None

@@ -9,7 +9,7 @@ from typing import Any
 
 from choral.errors import InvalidRequestError
 from choral.finish.reason import FinishReason
-from choral.sampling.params import SamplingParams, as_int, as_number, as_tuple
+from choral.sampling.params import SamplingParams, as_int, as_number, as_tuple, show
 
 
 @dataclass(frozen=True)
@@ -54,22 +54,22 @@ class Request:
         # Numbers are normalized as they are checked (numpy integers become int), as in SamplingParams.
         if self.max_tokens is not None:
             object.__setattr__(self, "max_tokens", as_int("max_tokens", self.max_tokens, low=1))
-        priority = as_number("priority", self.priority, low=-math.inf)
+        priority = as_number("priority", self.priority, low=-math.inf, finite=False)
         if not math.isfinite(priority):
-            raise InvalidRequestError(f"priority: must be a finite number, got {self.priority!r}")
+            raise InvalidRequestError(f"priority: must be a finite number, got {show(self.priority)}")
         object.__setattr__(self, "priority", priority)
         if self.allotted_time is not None:
-            seconds = as_number("allotted_time", self.allotted_time, low=0.0, low_open=True)
+            seconds = as_number("allotted_time", self.allotted_time, low=0.0, low_open=True, finite=False)
             if not math.isfinite(seconds):
                 raise InvalidRequestError(f"allotted_time: must be a finite number of seconds, got "
-                                          f"{self.allotted_time!r}; use None for no limit")
+                                          f"{show(self.allotted_time)}; use None for no limit")
             object.__setattr__(self, "allotted_time", seconds)
         object.__setattr__(self, "n", as_int("n", self.n, low=1, high=64))
         words = []
         for w in as_tuple("stop_words", self.stop_words, "token id lists"):
             ids = tuple(w) if isinstance(w, list | tuple) else ()
             if not ids:
-                raise InvalidRequestError(f"stop_words: each must be a non-empty list of token ids, got {w!r}")
+                raise InvalidRequestError(f"stop_words: each must be a non-empty list of token ids, got {show(w)}")
             words.append(tuple(as_int("stop_words", t, low=0) for t in ids))
         object.__setattr__(self, "stop_words", tuple(words))
         if self.end_id is not None:
@@ -131,6 +131,8 @@ class Response:
     client_id: Any = None
     result: Result | None = None
     error: str | None = None
+    # The exception behind ``error`` (a SamplingError: the request's own settings), when there was one.
+    error_cause: Exception | None = field(default=None, repr=False, compare=False)
 
     @property
     def has_error(self) -> bool:

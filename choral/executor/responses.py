@@ -83,10 +83,10 @@ class Responder:
             if seq.finish is _RUNNING:
                 self.finish_sequence(seq, reason)
 
-    def fail_job(self, job: Job, message: str) -> None:
+    def fail_job(self, job: Job, message: str, cause: Exception | None = None) -> None:
         """The request cannot go on (its logits processor raised...): free every block it holds
-        and answer once with the error. Nothing else is touched."""
-        job.error = message
+        and answer once with the error (``cause``: the exception behind it). Nothing else is touched."""
+        job.error, job.error_cause = message, cause
         live = list(job.beam.live) if job.beam is not None else []
         for seq in [*job.sequences, *live]:
             if seq.finish is _RUNNING:
@@ -100,7 +100,8 @@ class Responder:
         agg.total_preemptions += sum(s.num_preemptions for s in job.sequences)
         agg.sum_latency_s += job.timing.latency or 0.0
         agg.sum_queue_time_s += job.timing.queue_time or 0.0
-        self.pending.append((job, Response(job.request_id, job.request.client_id, error=message), True))
+        self.pending.append((job, Response(job.request_id, job.request.client_id, error=message,
+                                                  error_cause=cause), True))
 
     # ---- building responses ----------------------------------------------------------------
     def _return(self, job: Job, returned: list[ExecSequence]) -> None:

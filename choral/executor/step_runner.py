@@ -83,7 +83,7 @@ class StepRunner:
 
     def _fail(self, job: Job, error: Exception) -> None:
         logger.warning("request %d failed: %r", job.request_id, error)
-        self.responder.fail_job(job, f"{type(error).__name__}: {error}")
+        self.responder.fail_job(job, f"{type(error).__name__}: {error}", error)
 
     # ---- forks -----------------------------------------------------------------------------
     def _fork(self, job: Job, parent: ExecSequence, index: int) -> ExecSequence:

@@ -15,6 +15,10 @@ from choral.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes seeds in [0, 2**64)
+# The largest value of every other integer field: token ids, counts and lengths reach torch as
+# int64 (or index a tensor), and no vocabulary, context or sample count comes near 2**31, so a
+# larger value is a mistake, refused here rather than overflowing inside the loop.
+MAX_INT = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,7 @@ class SamplingParams:
             )
         for stop in self.stop:
             if not isinstance(stop, str) or not stop:
-                raise InvalidRequestError(f"stop: every stop string must be a non-empty str, got {stop!r}")
+                raise InvalidRequestError(f"stop: every stop string must be a non-empty str, got {show(stop)}")
         if self.logprobs is not None:
             s("logprobs", as_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS))
         if self.prompt_logprobs is not None:
@@ -122,7 +126,7 @@ class SamplingParams:
         self._check_seed()
         for name in self.logits_processors:
             if not isinstance(name, str) or not name:
-                raise InvalidRequestError(f"logits_processors: names must be non-empty str, got {name!r}")
+                raise InvalidRequestError(f"logits_processors: names must be non-empty str, got {show(name)}")
         self._check_structured()
 
     def _set(self, name: str, value: Any) -> None:
@@ -131,7 +135,7 @@ class SamplingParams:
     def _check_seed(self) -> None:
         if self.seed is None:
             return
-        seed = as_int("seed", self.seed, low=0)
+        seed = as_int("seed", self.seed, low=0, high=MAX_SEED)
         self._set("seed", seed)
         # Sample i draws from seed + i (beams draw nothing at random); every one must be a seed
         # torch's generators take, or the loop would fail when it forks the sample.
@@ -143,17 +147,15 @@ class SamplingParams:
 
     def _freeze_logit_bias(self) -> None:
         if not isinstance(self.logit_bias, Mapping):
-            raise InvalidRequestError(f"logit_bias: must be a mapping token id -> bias, got {self.logit_bias!r}")
+            raise InvalidRequestError(f"logit_bias: must be a mapping token id -> bias, got {show(self.logit_bias)}")
         frozen: dict[int, float] = {}
         for key, bias in self.logit_bias.items():
             # JSON objects (the OpenAI API) carry token ids as strings.
-            token = as_int("logit_bias", int(key) if isinstance(key, str) and key.lstrip("-").isdigit() else key,
-                             low=0)
-            if _is_bool(bias) or not isinstance(bias, numbers.Real) or math.isnan(bias):
-                raise InvalidRequestError(f"logit_bias: bias of token {token} must be a number, got {bias!r}")
-            if bias == math.inf:
+            token = as_int("logit_bias", _token_key(key), low=0)
+            value = as_number(f"logit_bias: bias of token {token}", bias, low=-math.inf, finite=False)
+            if value == math.inf:
                 raise InvalidRequestError(f"logit_bias: bias of token {token} is +inf; use a finite value")
-            frozen[token] = float(bias)
+            frozen[token] = value
         object.__setattr__(self, "logit_bias", _FrozenDict(frozen))
 
     def _freeze_bad_words(self) -> None:
@@ -167,7 +169,8 @@ class SamplingParams:
                 continue
             ids = tuple(word) if isinstance(word, list | tuple) else None
             if not ids:
-                raise InvalidRequestError(f"bad_words: each entry is a str or a non-empty token id list, got {word!r}")
+                raise InvalidRequestError(
+                    f"bad_words: each entry is a str or a non-empty token id list, got {show(word)}")
             words.append(tuple(as_int("bad_words", t, low=0) for t in ids))
         object.__setattr__(self, "bad_words", tuple(words))
 
@@ -180,7 +183,7 @@ class SamplingParams:
         self._set("beam_width", as_int("beam_width", self.beam_width, low=1))
         self._set("length_penalty", as_number("length_penalty", self.length_penalty, low=-math.inf))
         if not isinstance(self.early_stopping, bool):
-            raise InvalidRequestError(f"early_stopping: must be a bool, got {self.early_stopping!r}")
+            raise InvalidRequestError(f"early_stopping: must be a bool, got {show(self.early_stopping)}")
         if self.beam_width > 1:
             if self.n > self.beam_width:
                 raise InvalidRequestError(f"n: {self.n} beams asked of beam_width {self.beam_width}")
@@ -199,7 +202,7 @@ class SamplingParams:
         for name in given:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
-                raise InvalidRequestError(f"{name}: must be a non-empty string, got {value!r}")
+                raise InvalidRequestError(f"{name}: must be a non-empty string, got {show(value)}")
         if self.json_schema is not None:
             try:
                 json.loads(self.json_schema)
@@ -257,32 +260,57 @@ def _is_bool(value: Any) -> bool:
 def as_tuple(name: str, value: Any, what: str) -> tuple[Any, ...]:
     """A collection field (a list, tuple or any iterable but a str, bytes or mapping) as a tuple."""
     if isinstance(value, str | bytes | bytearray | Mapping) or not isinstance(value, Iterable):
-        raise InvalidRequestError(f"{name}: must be a list of {what}, got {value!r}")
+        raise InvalidRequestError(f"{name}: must be a list of {what}, got {show(value)}")
     return tuple(value)
 
 
-def as_number(name: str, value: Any, low: float, high: float | None = None, low_open: bool = False) -> float:
-    """``value`` as a float (any real number but a bool, numpy's included), checked against the bounds."""
+def as_number(name: str, value: Any, low: float, high: float | None = None, low_open: bool = False,
+              finite: bool = True) -> float:
+    """``value`` as a float (any real number but a bool, numpy's included), checked against the
+    bounds; infinite values are refused unless ``finite`` is False."""
     if _is_bool(value) or not isinstance(value, numbers.Real) or value != value:
-        raise InvalidRequestError(f"{name}: must be a number, got {value!r}")
+        raise InvalidRequestError(f"{name}: must be a number, got {show(value)}")
     try:
         number = float(value)
     except OverflowError:
         raise InvalidRequestError(f"{name}: the int given is too large for a float") from None
+    if finite and not math.isfinite(number):
+        raise InvalidRequestError(f"{name}: must be a finite number, got {number}")
     if number < low or (low_open and number == low) or (high is not None and number > high):
         top = high if high is not None else "inf"
-        raise InvalidRequestError(f"{name}: {value} is outside {'(' if low_open else '['}{low}, {top}]")
+        raise InvalidRequestError(f"{name}: {show(value)} is outside {'(' if low_open else '['}{low}, {top}]")
     return number
 
 
-def as_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    """``value`` as an int (an int or a numpy integer, never a bool or a float), checked against the bounds."""
+def _token_key(key: Any) -> Any:
+    """A logit_bias key: JSON objects (the OpenAI API) carry token ids as strings of ASCII digits."""
+    if isinstance(key, str):
+        digits = key[1:] if key.startswith("-") else key
+        if digits.isascii() and digits.isdigit() and len(digits) <= 12:  # int() of a huge string is slow
+            return int(key)
+        raise InvalidRequestError(f"logit_bias: key {key[:40]!r} is not a token id")
+    return key
+
+
+def as_int(name: str, value: Any, low: int, high: int | None = MAX_INT) -> int:
+    """``value`` as an int (an int or a numpy integer, never a bool or a float), checked against the
+    bounds (``high`` defaults to MAX_INT, which every integer field fits; None for no bound)."""
     if _is_bool(value):
-        raise InvalidRequestError(f"{name}: must be an int, got {value!r}")
+        raise InvalidRequestError(f"{name}: must be an int, got {show(value)}")
     try:
         number = operator.index(value)
     except TypeError:
-        raise InvalidRequestError(f"{name}: must be an int, got {value!r}") from None
+        raise InvalidRequestError(f"{name}: must be an int, got {show(value)}") from None
     if number < low or (high is not None and number > high):
-        raise InvalidRequestError(f"{name}: {number} is outside [{low}, {high if high is not None else 'inf'}]")
+        raise InvalidRequestError(f"{name}: {show(number)} is outside [{low}, {high if high is not None else 'inf'}]")
     return number
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages about hostile input (a
+    10**5000 int cannot even be turned into a str; a 10 MB string should not be echoed)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too large for str()
+        return f"an int of about {value.bit_length() * 3 // 10} digits" if isinstance(value, int) else "a value"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -11,6 +11,11 @@ Pipeline per step (each stage skipped when no row uses it, identity for rows tha
    from the row's own generator when seeded, so a seed gives the same tokens whatever the batch.
 
 Logprobs are reported from the raw model logits (before any of the above), as vLLM V1 does.
+
+A row is drawn from only when it still has a finite positive mass: after each stage that applied,
+a row whose largest logit is NaN, +inf or -inf (everything banned) is blamed on that stage, and
+``sample`` raises SamplingError naming the knob before anything is drawn or any grammar advances.
+(Without this, a NaN row made the draw return the last vocabulary id every step.)
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Protocol
 
 import torch
 
+from choral.errors import SamplingError
 from choral.sampling import logits_process as lp
 from choral.sampling.params import SamplingParams
 from choral.sampling.processors import LogitsProcessorRegistry
@@ -85,7 +91,7 @@ class Sampler:
         (best_of ranking)."""
         raw = logits
         params = [r.params for r in rows]
-        logits = self.process(logits, rows)
+        logits = self.process(logits, rows)  # raises SamplingError for a row left without mass
         greedy = [i for i, p in enumerate(params) if p.greedy]
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         chosen = torch.empty(len(rows), dtype=torch.long, device=self.device)
@@ -103,14 +109,18 @@ class Sampler:
         return SampleResult(token_ids, self._logprobs(raw, chosen, params, want_logprobs))
 
     def process(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        """Stage 1 of the pipeline: [B, V] -> [B, V] (a new tensor when anything applies)."""
+        """Stage 1 of the pipeline: [B, V] -> [B, V] (a new tensor when anything applies).
+        Raises SamplingError when a row is left without a finite positive mass."""
         params = [r.params for r in rows]
         vocab = logits.shape[-1]
         dev = self.device
+        blame: list[str | None] = [None] * len(rows)
+        _blame(logits, _MODEL, blame)
         names = [p.logits_processors for p in params]
         if any(names):
             logits = self.processors.apply(logits.clone(), names, [r.request_id for r in rows],
                                            [r.token_ids for r in rows])
+            _blame(logits, "logits_processors", blame)
         bias_rows, bias_ids, bias_vals = [], [], []
         for i, p in enumerate(params):
             for token, bias in p.logit_bias.items():
@@ -121,12 +131,14 @@ class Sampler:
         if bias_rows:
             logits = logits.index_put((torch.tensor(bias_rows, device=dev), torch.tensor(bias_ids, device=dev)),
                                       torch.tensor(bias_vals, device=dev, dtype=logits.dtype), accumulate=True)
+            _blame(logits, "logit_bias", blame)
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
             logits = lp.apply_history_penalties(
                 logits, [r.token_ids for r in rows], [r.num_prompt_tokens for r in rows],
                 torch.tensor([p.repetition_penalty for p in params], device=dev),
                 torch.tensor([p.presence_penalty for p in params], device=dev),
                 torch.tensor([p.frequency_penalty for p in params], device=dev))
+            _blame(logits, "repetition_penalty / presence_penalty / frequency_penalty", blame)
         ban_rows: list[int] = []
         ban_ids: list[int] = []
         for i, row in enumerate(rows):
@@ -136,9 +148,12 @@ class Sampler:
         if ban_rows:
             logits = logits.index_put((torch.tensor(ban_rows, device=dev), torch.tensor(ban_ids, device=dev)),
                                       torch.tensor(lp.NEG_INF, device=dev, dtype=logits.dtype))
+            _blame(logits, _BANS, blame)
         constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
         if constrained:
             logits = self._apply_grammar(logits, rows, constrained)
+            _blame(logits, "the structured-output constraint (json_schema / regex / grammar)", blame)
+        _raise_if_blamed(blame)
         return logits
 
     def _banned(self, row: SamplingRow) -> list[int]:
@@ -180,9 +195,12 @@ class Sampler:
         dev = self.device
         temps = torch.tensor([p.temperature for p in params], device=dev)
         logits = logits / temps[:, None]
+        blame: list[str | None] = [None] * len(params)
+        _blame(logits, "temperature", blame)
+        _raise_if_blamed(blame)
         ids = None  # when set, logits are [R, K] over these candidate token ids [R, K]
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)
+            top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=dev)
             top_p = torch.tensor([p.top_p for p in params], device=dev)
             compact = lp.top_k_top_p_candidates(logits, top_k, top_p)
             if compact is not None:
@@ -238,3 +256,26 @@ class Sampler:
                 tops = list(zip(ids, vals, strict=True))
             out.append((picked[row], tops))
         return out
+
+
+_MODEL = "the model's own logits (NaN/inf from the weights, the saved state or an overflow)"
+_BANS = "bans (min_tokens holding back EOS and stop_token_ids, bad_words, no_repeat_ngram_size)"
+
+
+def _blame(logits: torch.Tensor, stage: str, blame: list[str | None]) -> None:
+    """Mark the rows of ``logits`` [B, V] that ``stage`` left without a finite positive mass (the
+    row's max is NaN, +inf, or -inf when every token is out); the first stage to do so keeps the blame."""
+    top = logits.amax(-1)  # [B]; NaN anywhere in a row makes its max NaN
+    if bool(torch.isfinite(top).all()):
+        return
+    for i in (~torch.isfinite(top)).nonzero().flatten().tolist():
+        if blame[i] is None:
+            blame[i] = stage
+
+
+def _raise_if_blamed(blame: list[str | None]) -> None:
+    stage = next((b for b in blame if b is not None), None)
+    if stage is not None:
+        raise SamplingError(f"{stage}: no token can be drawn: after this step the logits have no finite "
+                            "positive probability mass (a NaN or infinite logit, or every token excluded); "
+                            "change that setting")

@@ -106,6 +106,8 @@ def _api_error(e: BaseException) -> BaseException:
         return ApiError(503, str(e))
     if isinstance(e, InvalidRequestError):
         return ApiError(400, str(e))
+    if isinstance(e, RequestFailedError) and isinstance(e.__cause__, InvalidRequestError):
+        return ApiError(400, str(e.__cause__))  # its own settings (SamplingError): the client's to fix
     if isinstance(e, RequestFailedError | ExecutorLoopError):  # accepted, then failed while it ran
         return ApiError(500, str(e))
     return e

@@ -18,7 +18,7 @@ import anyio
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from choral.errors import ExecutorLoopError, ProcessorStopped, RequestFailedError
+from choral.errors import ExecutorLoopError, InvalidRequestError, ProcessorStopped, RequestFailedError
 from choral.server.errors import ApiError, error_body
 
 DONE = "data: [DONE]\n\n"
@@ -80,6 +80,8 @@ def _terminal_error(e: BaseException) -> dict[str, Any]:
         return error_body(503, str(e))
     if isinstance(e, asyncio.CancelledError):  # a disconnect (nobody reads this) or the server's shutdown
         return error_body(503, "the server is shutting down; the request was cancelled")
+    if isinstance(e, RequestFailedError) and isinstance(e.__cause__, InvalidRequestError):
+        return error_body(400, str(e.__cause__))  # its own settings (SamplingError): the client's to fix
     if isinstance(e, RequestFailedError | ExecutorLoopError):  # accepted, then failed while it ran
         return error_body(500, str(e))
     return error_body(500, f"internal error: {type(e).__name__}")
