@@ -23,12 +23,11 @@ from choral.config import DEFAULT_MODEL, EngineConfig
 from choral.conversation.context_shift import ContextShift
 from choral.conversation.conversation import Conversation
 from choral.conversation.kv_table import KvTable
-from choral.conversation.state import State, decode_state, model_fingerprint
+from choral.conversation.state import State, StateSpec, decode_state, model_fingerprint
 from choral.engine.llm_engine import LLMEngine
 from choral.engine.model_runner import Chunk
 from choral.errors import (
     ConfigError,
-    CorruptStateError,
     ExecutorClosedError,
     InvalidRequestError,
     KvCacheExhaustedError,
@@ -165,23 +164,22 @@ class BatchedExecutor:
             self._check_open()
             return self._adopt(KvTable(self._engine.pool, self._engine.runner), context_shift)
 
-    def load(self, source: str | Path | State, context_shift: ContextShift | None = None) -> Conversation:
+    def load(self, source: str | Path | State, context_shift: ContextShift | None = None, *,
+             key: bytes | None = None) -> Conversation:
         """A conversation from ``Conversation.save`` (a file path or a :class:`State`). Raises a
-        StateLoadError for another model, a damaged file or a newer format; nothing is allocated."""
+        StateLoadError for another model, a damaged, malformed or forged file or a newer format;
+        nothing is allocated. With ``key``, the state must carry an HMAC made with that key
+        (``save(key=...)``): the checksum alone detects damage, not tampering."""
         with self._lock:
             self._check_open()
             if not isinstance(source, State | str | Path):
                 raise InvalidRequestError(f"load: expected a path or a State, got {type(source).__name__}")
             state = source if isinstance(source, State) else State.from_file(source)
-            saved = decode_state(state, self.fingerprint, self._engine.loaded.spec.num_layers)
             spec = self._engine.loaded.spec
-            shape = (len(saved.tokens), spec.num_kv_heads, spec.head_dim)
-            if any(tuple(t.shape) != shape for t in (*saved.keys, *saved.values)):
-                raise CorruptStateError(f"saved conversation: K/V shapes differ from {shape}")
-            if len(saved.tokens) > self.max_context:
-                raise CorruptStateError(
-                    f"saved conversation holds {len(saved.tokens)} tokens, more than the context {self.max_context}"
-                )
+            expect = StateSpec(num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                               vocab_size=spec.vocab_size, kv_dtype=self._engine.loaded.model.dtype,
+                               max_tokens=self.max_context)
+            saved = decode_state(state, self.fingerprint, expect, key=key)
             conversation = self._adopt(KvTable(self._engine.pool, self._engine.runner), context_shift)
             try:
                 conversation._load(saved)

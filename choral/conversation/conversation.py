@@ -282,18 +282,20 @@ class Conversation:
 
     # ---- save and close ----------------------------------------------------------------------
     @overload
-    def save(self, path: None = None) -> State: ...
+    def save(self, path: None = None, *, key: bytes | None = None) -> State: ...
 
     @overload
-    def save(self, path: str | Path) -> None: ...
+    def save(self, path: str | Path, *, key: bytes | None = None) -> None: ...
 
-    def save(self, path: str | Path | None = None) -> State | None:
-        """Save tokens, K/V and pending logits: to ``path``, or return a :class:`State`."""
+    def save(self, path: str | Path | None = None, *, key: bytes | None = None) -> State | None:
+        """Save tokens, K/V and pending logits: to ``path``, or return a :class:`State`. With
+        ``key`` (bytes), the state is signed (HMAC-SHA256) and ``load(key=...)`` accepts it only
+        unchanged: its checksum alone detects damage, not tampering."""
         with self._executor._lock:
             self._check_idle("save")
             keys, values = self._kv.read(len(self._tokens))
             saved = SavedConversation(list(self._tokens), keys, values, self._logits)
-            state = encode_state(saved, self._executor.fingerprint)
+            state = encode_state(saved, self._executor.fingerprint, key)
             if path is None:
                 return state
             state.save(path)
