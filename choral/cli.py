@@ -89,13 +89,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from choral.engine.llm_engine import LLMEngine
     from choral.executor import BatchingStrategy, Executor, ExecutorConfig, KvPolicy
     from choral.server.app import create_app
+    from choral.server.limits import ServerLimits
 
+    limits = ServerLimits(
+        max_request_bytes=args.max_request_bytes, max_json_items=args.max_json_items,
+        max_prompt_chars=args.max_prompt_chars, max_prompts=args.max_prompts, max_n=args.max_n,
+        max_logit_bias=args.max_logit_bias, max_stop=args.max_stop, max_template_chars=args.max_template_chars,
+        template_timeout_s=args.template_timeout, prep_workers=args.prep_workers)
     engine = LLMEngine(EngineConfig.from_kwargs(**engine_options(args)))
     config = ExecutorConfig(strategy=BatchingStrategy(args.strategy), kv_policy=KvPolicy(args.kv_policy),
                             max_queue_size=args.max_queue_size, enable_prefix_cache=not args.no_prefix_cache)
     executor = Executor(engine, config)
     name = args.served_model_name or args.model
-    app = create_app(executor, name, api_key=args.api_key)
+    app = create_app(executor, name, api_key=args.api_key, limits=limits)
     kv = engine.kv_size
     print(f"choral: serving {name!r} on http://{args.host}:{args.port}/v1 (KV cache {kv.num_tokens} tokens, "
           f"{kv.num_bytes / 2**20:.0f} MiB; {engine.loaded.model.dtype})", flush=True)
@@ -281,6 +287,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--graceful-timeout", type=int, default=10,
                        help="seconds in-flight requests may finish after SIGTERM (default: 10)")
     serve.add_argument("--log-level", default="warning", help="uvicorn log level (default: warning)")
+    lim = serve.add_argument_group("per-request limits (checked before any expensive work)")
+    lim.add_argument("--max-request-bytes", type=int, default=4 * 2**20,
+                     help="request body size in bytes, 413 past it (default: 4 MiB)")
+    lim.add_argument("--max-json-items", type=int, default=2**18,
+                     help="JSON values in a request body, 413 past it (default: 262144)")
+    lim.add_argument("--max-prompt-chars", type=int, default=None,
+                     help="characters of one text prompt or chat (default: 32 per token of context, >= 65536)")
+    lim.add_argument("--max-prompts", type=int, default=64, help="prompts per completion request (default: 64)")
+    lim.add_argument("--max-n", type=int, default=16, help="largest n (default: 16)")
+    lim.add_argument("--max-logit-bias", type=int, default=1024, help="logit_bias entries (default: 1024)")
+    lim.add_argument("--max-stop", type=int, default=64, help="stop strings (default: 64)")
+    lim.add_argument("--max-template-chars", type=int, default=None,
+                     help="characters a chat template may render (default: --max-prompt-chars)")
+    lim.add_argument("--template-timeout", type=float, default=5.0,
+                     help="seconds a chat template may run (default: 5)")
+    lim.add_argument("--prep-workers", type=int, default=2,
+                     help="threads that tokenize and validate requests off the event loop (default: 2)")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 

@@ -14,6 +14,12 @@ from choral.errors import InvalidRequestError, ModelLoadError
 
 ChatMessage = dict[str, Any]
 
+# A chat template is code that comes with the model: it is stopped after this long (a template
+# that loops would otherwise hold its thread forever), and its output is refused past this many
+# characters before anything tokenizes it. The server passes its own (configurable) limits.
+TEMPLATE_TIMEOUT_S = 5.0
+MAX_TEMPLATE_CHARS = 4 * 2**20
+
 
 class Tokenizer:
     """The model's tokenizer, loaded from its own files (never the hub).
@@ -133,9 +139,12 @@ class Tokenizer:
         return str(self._tok.convert_ids_to_tokens(int(token_id)))
 
     def apply_chat_template(
-        self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True
+        self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True, *,
+        timeout_s: float = TEMPLATE_TIMEOUT_S, max_chars: int = MAX_TEMPLATE_CHARS,
     ) -> list[int]:
-        """Render ``messages`` with the model's template and tokenize the result."""
+        """Render ``messages`` with the model's template and tokenize the result. A template
+        that fails, runs past ``timeout_s`` or renders more than ``max_chars`` characters is an
+        InvalidRequestError naming ``messages``."""
         if not self.has_chat_template:
             raise InvalidRequestError("this model has no chat template; pass a text prompt instead")
         if isinstance(messages, str | bytes | dict) or not isinstance(messages, Sequence):
@@ -153,11 +162,35 @@ class Tokenizer:
                 raise InvalidRequestError(
                     f"messages[{i}].content: must be a str, got {type(content).__name__}{hint}")
             check_text(f"messages[{i}].content", content)
-        text = self.hf_tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=add_generation_prompt, tokenize=False
-        )
+        text = self.render_chat_template(messages, add_generation_prompt, timeout_s=timeout_s, max_chars=max_chars)
         # The template already holds any BOS it wants; do not add special tokens again.
-        return self.encode(str(text), add_special_tokens=False, field="messages")
+        return self.encode(text, add_special_tokens=False, field="messages")
+
+    def render_chat_template(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True, *,
+                             timeout_s: float = TEMPLATE_TIMEOUT_S, max_chars: int = MAX_TEMPLATE_CHARS) -> str:
+        """The template's text for ``messages`` (already checked by the caller), within the limits."""
+        from choral.deadline import DeadlineExceeded, call_with_deadline
+
+        def render() -> Any:
+            return self.hf_tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                                         tokenize=False)
+
+        try:
+            text = call_with_deadline(render, timeout_s)
+        except DeadlineExceeded:
+            raise InvalidRequestError(f"messages: the model's chat template ran longer than {timeout_s:g} s "
+                                      "and was stopped") from None
+        except MemoryError:
+            raise InvalidRequestError("messages: the model's chat template ran out of memory") from None
+        except Exception as e:  # jinja2's TemplateError, raise_exception(), or the template's own bug
+            raise InvalidRequestError(f"messages: the chat template failed: {type(e).__name__}: "
+                                      f"{str(e)[:300]}") from None
+        if not isinstance(text, str):
+            raise InvalidRequestError(f"messages: the chat template returned {type(text).__name__}, not text")
+        if len(text) > max_chars:
+            raise InvalidRequestError(f"messages: the chat template's output has {len(text)} characters, more "
+                                      f"than the limit of {max_chars}")
+        return text
 
 
 def check_text(field: str, text: object) -> None:

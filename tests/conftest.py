@@ -104,3 +104,22 @@ def smollm_executor(smollm_fp32):  # type: ignore[no-untyped-def]
     ex = Executor(smollm_fp32.engine)
     yield ex
     ex.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random llama carrying SmolLM2's vocabulary, tokenizer and chat template: text and
+    chat requests without SmolLM2's weights."""
+    from choral.loader.resolve import resolve_model_path
+    from choral.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_model_path(resolve_model_path("smollm2-135m-instruct"), [])
+    assert tok is not None and tok.has_chat_template
+    config = tiny_config("llama")
+    config.vocab_size = tok.vocab_size
+    config.bos_token_id, config.eos_token_id = tok.bos_token_id, tok.eos_token_ids[0]
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny-chat-llama")
+    hf_class("llama")(config).save_pretrained(str(directory), safe_serialization=True)
+    tok.hf_tokenizer.save_pretrained(str(directory))
+    return directory

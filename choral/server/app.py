@@ -22,10 +22,12 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import Response as HttpResponse
 from pydantic import BaseModel, ConfigDict
 
-from choral.errors import ChoralError, InvalidRequestError
+from choral.errors import ChoralError, ConfigError, InvalidRequestError
 from choral.executor import Executor, Request, Result
 from choral.executor.completion import Completion, SequenceOutput
+from choral.sampling.params import show
 from choral.server.errors import ApiError, ApiKeyGuard, install_error_handlers
+from choral.server.limits import BodyLimit, Preparer, ServerLimits, check_count
 from choral.server.logprobs import TextOffsets, TokenBytes
 from choral.server.metrics import ServerMetrics
 from choral.server.protocol import (
@@ -53,15 +55,23 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-def create_app(executor: Executor, model_name: str, api_key: str | None = None) -> FastAPI:
-    """Build the FastAPI app serving ``executor`` under ``model_name``. When the app stops (its
-    lifespan ends: the server shut down) it shuts ``executor`` down, cancelling what still runs."""
+def create_app(executor: Executor, model_name: str, api_key: str | None = None,
+               limits: ServerLimits | None = None) -> FastAPI:
+    """Build the FastAPI app serving ``executor`` under ``model_name``, each request within
+    ``limits`` (ServerLimits' defaults when None). When the app stops (its lifespan ends: the
+    server shut down) it shuts ``executor`` down, cancelling what still runs."""
     engine = executor.engine
     tokenizer = engine.tokenizer
     token_bytes = TokenBytes(tokenizer) if tokenizer is not None else None
     metrics = ServerMetrics(executor, model_name)
     runner = Runner(executor, metrics)
     created = int(time.time())
+    limits = limits if limits is not None else ServerLimits()
+    if not isinstance(limits, ServerLimits):
+        raise ConfigError(f"limits: must be a ServerLimits, got {type(limits).__name__}")
+    preparer = Preparer(limits.prep_workers)
+    prompt_chars = limits.prompt_chars(engine.max_model_len)
+    template_chars = limits.template_chars(engine.max_model_len)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -70,10 +80,12 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None) 
         # last responses to this event loop. Stop it while the loop still runs: a response
         # delivered after the loop closed is an "Event loop is closed" error in the executor's log.
         await asyncio.to_thread(executor.shutdown, False)
+        preparer.shutdown()
 
     app = FastAPI(title="choral", description="OpenAI-compatible API for choral", lifespan=lifespan)
     install_error_handlers(app)
-    if api_key:
+    app.add_middleware(BodyLimit, limits=limits)
+    if api_key:  # outside BodyLimit: a caller without the key gets no body read
         app.add_middleware(ApiKeyGuard, api_key=api_key)
 
     @app.get("/health")
@@ -99,9 +111,17 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None) 
         tok = _tokenizer()
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give exactly one of prompt or messages", param="prompt")
+        if body.messages is not None and not body.messages:
+            raise ApiError(400, "messages: must hold at least one message", param="messages")
+        if body.prompt is not None:
+            _check_prompt_chars("prompt", len(body.prompt))
+            work = partial(tok.encode, body.prompt, body.add_special_tokens)
+        else:
+            messages = body.messages or []
+            _check_prompt_chars("messages", sum(len(str(m.get("content", ""))) for m in messages))
+            work = partial(_apply_template, messages)
         try:
-            ids = tok.encode(body.prompt, body.add_special_tokens) if body.prompt is not None else \
-                tok.apply_chat_template(body.messages or [])
+            ids = await preparer.run(work)
         except ChoralError as e:
             raise ApiError(400, str(e)) from None
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
@@ -112,22 +132,23 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None) 
         vocab = engine.loaded.spec.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
-            raise ApiError(400, f"token id {bad[0]} is out of range [0, {vocab})", param="tokens")
-        return {"prompt": _tokenizer().decode(body.tokens, skip_special_tokens=False)}
+            raise ApiError(400, f"tokens: token id {show(bad[0])} is out of range [0, {vocab})", param="tokens")
+        text = await preparer.run(partial(_tokenizer().decode, body.tokens, skip_special_tokens=False))
+        return {"prompt": text}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HttpRequest) -> Any:
         _check_model(body.model)
-        prompts = _completion_prompts(body.prompt)
+        _check_sizes(body)
+        if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int):
+            check_count("prompt", len(body.prompt), limits.max_prompts, "--max-prompts")
+            runner.check_room(len(body.prompt))
         if body.logprobs is not None:
             _token_bytes()
             if body.echo and body.stream:  # the executor streams the generated tokens' logprobs only
                 raise ApiError(400, "echo with logprobs: the prompt's logprobs are only returned without streaming",
                                param="echo")
-        echoes = [_tokenizer().decode(ids, body.skip_special_tokens) if body.echo else "" for ids in prompts]
-        # OpenAI's echo with logprobs covers the prompt's tokens too: the engine computes them.
-        prompt_logprobs = body.logprobs if body.echo else None
-        requests = [_build(body, ids, body.max_tokens or 16, body.logprobs, prompt_logprobs) for ids in prompts]
+        requests, echoes = await preparer.run(partial(_prepare_completion, body))
         runner.check_room(len(requests))
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
@@ -146,19 +167,13 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None) 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, http: HttpRequest) -> Any:
         _check_model(body.model)
+        _check_sizes(body)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        for m in messages:
+        for i, m in enumerate(messages):
             if isinstance(m.get("content"), list):  # OpenAI content parts: keep the text ones
-                m["content"] = "".join(part.get("text", "") for part in m["content"] if part.get("type") == "text")
-        try:
-            ids = _tokenizer().apply_chat_template(messages)
-        except ChoralError as e:
-            raise ApiError(400, str(e), param="messages") from None
-        limit = body.max_completion_tokens or body.max_tokens or max(1, engine.max_model_len - len(ids))
-        top = body.top_logprobs if body.logprobs else None
-        if body.logprobs and top is None:
-            top = 0
-        request = _build(body, ids, limit, top)
+                m["content"] = _join_text_parts(i, m["content"])
+        _check_prompt_chars("messages", sum(len(m.get("content") or "") for m in messages))
+        request = await preparer.run(partial(_prepare_chat, body, messages))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             streams = runner.open_streams([request])
@@ -171,7 +186,44 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None) 
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
                 "choices": choices, "usage": _usage([completion])}
 
-    # ---- requests ------------------------------------------------------------------------------
+    # ---- requests: cheap checks on the event loop, the rest in the worker pool ---------------------
+    def _check_sizes(body: _Common) -> None:
+        check_count("n", body.n, limits.max_n, "--max-n")
+        check_count("logit_bias", len(body.logit_bias or {}), limits.max_logit_bias, "--max-logit-bias")
+        if isinstance(body.stop, list):
+            check_count("stop", len(body.stop), limits.max_stop, "--max-stop")
+
+    def _check_prompt_chars(name: str, count: int) -> None:
+        if count > prompt_chars:
+            raise ApiError(400, f"{name}: {count} characters is more than this server's limit of {prompt_chars} "
+                                "(--max-prompt-chars)", param=name)
+
+    def _apply_template(messages: list[dict[str, Any]]) -> list[int]:
+        """(worker pool) The chat template within the server's limits, tokenized."""
+        return list(_tokenizer().apply_chat_template(messages, timeout_s=limits.template_timeout_s,
+                                                     max_chars=template_chars))
+
+    def _prepare_completion(body: CompletionRequest) -> tuple[list[Request], list[str]]:
+        """(worker pool) The completion's prompts tokenized and its requests built and validated."""
+        prompts = _completion_prompts(body.prompt)
+        echoes = [_tokenizer().decode(ids, body.skip_special_tokens) if body.echo else "" for ids in prompts]
+        # OpenAI's echo with logprobs covers the prompt's tokens too: the engine computes them.
+        prompt_logprobs = body.logprobs if body.echo else None
+        requests = [_build(body, ids, body.max_tokens or 16, body.logprobs, prompt_logprobs) for ids in prompts]
+        return requests, echoes
+
+    def _prepare_chat(body: ChatCompletionRequest, messages: list[dict[str, Any]]) -> Request:
+        """(worker pool) The chat rendered, tokenized, and its request built and validated."""
+        try:
+            ids = _apply_template(messages)
+        except ChoralError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        limit = body.max_completion_tokens or body.max_tokens or max(1, engine.max_model_len - len(ids))
+        top = body.top_logprobs if body.logprobs else None
+        if body.logprobs and top is None:
+            top = 0
+        return _build(body, ids, limit, top)
+
     def _tokenizer() -> Any:
         if tokenizer is None:
             raise ApiError(400, "this model has no tokenizer")
@@ -199,6 +251,9 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None) 
             items = list(prompt)
         if not items:
             raise ApiError(400, "prompt is empty", param="prompt")
+        for p in items:
+            if isinstance(p, str):
+                _check_prompt_chars("prompt", len(p))
         try:
             return [(_tokenizer().encode(p) if isinstance(p, str) else list(p)) for p in items]
         except InvalidRequestError as e:  # text that cannot be encoded (a lone surrogate, say)
@@ -306,6 +361,20 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None) 
     app.state.executor = executor
     app.state.metrics = metrics
     return app
+
+
+def _join_text_parts(index: int, parts: list[dict[str, Any]]) -> str:
+    """The text of OpenAI content parts ``[{"type": "text", "text": ...}, ...]`` as one str."""
+    texts = []
+    for j, part in enumerate(parts):
+        if part.get("type") != "text":
+            continue
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise ApiError(400, f"messages[{index}].content[{j}].text: must be a str, got {type(text).__name__}",
+                           param=f"messages.{index}.content.{j}.text")
+        texts.append(text)
+    return "".join(texts)
 
 
 def _usage_of(prompt: int, completion: int, cached: int) -> dict[str, Any]:

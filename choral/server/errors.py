@@ -37,8 +37,14 @@ def queue_full(message: str) -> ApiError:
 
 
 def error_body(status: int, message: str, type_: str | None = None, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_ or _TYPES.get(status, "APIError"), "param": param,
-                      "code": status}}
+    # The message may quote the client's own text, which may hold a lone surrogate (a model name
+    # "\udc80"): UTF-8 cannot encode that, so it is written as its escape instead.
+    return {"error": {"message": _encodable(message), "type": type_ or _TYPES.get(status, "APIError"),
+                      "param": _encodable(param) if param is not None else None, "code": status}}
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_response(status: int, message: str, type_: str | None = None, param: str | None = None,

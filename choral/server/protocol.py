@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from choral.errors import InvalidRequestError
 from choral.executor.request import Request
-from choral.sampling.params import SamplingParams
+from choral.sampling.params import MAX_INT, SamplingParams
 
 
 class StreamOptions(BaseModel):
@@ -35,7 +35,7 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=16)
+    n: int = Field(default=1, ge=1)  # the server's limit: ServerLimits.max_n
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -48,7 +48,7 @@ class _Common(BaseModel):
     top_k: int = Field(default=0, ge=-1)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: int = Field(default=0, ge=0, le=MAX_INT)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     priority: float = 0.0
