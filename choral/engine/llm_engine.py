@@ -16,6 +16,7 @@ from choral.engine.model_runner import ModelRunner, plan_kv_size
 from choral.errors import ConfigError, InvalidRequestError
 from choral.kv.block_pool import BlockPool
 from choral.loader.load import LoadedModel, load_model
+from choral.loader.memory import check_fits
 from choral.sampling.processors import BatchedLogitsProcessorFn, LogitsProcessorFn, LogitsProcessorRegistry
 from choral.sampling.sampler import Sampler
 from choral.sampling.structured import GrammarCompiler
@@ -45,6 +46,8 @@ class LLMEngine:
                 f"kv_cache_tokens: the KV cache holds {self.kv_size.num_tokens} tokens, fewer than "
                 f"max_model_len {self.max_model_len}; raise the cache or lower max_model_len"
             )
+        check_fits({"KV cache": self.kv_size.num_bytes}, self.loaded.model.device,
+                   "lower kv_cache_tokens (or kv_cache_memory_bytes) or max_model_len")
         self.pool = BlockPool(self.kv_size.num_blocks, config.block_size)
         self.runner = ModelRunner(self.loaded, self.kv_size, config.attention_backend)
         self.logits_processors = LogitsProcessorRegistry()

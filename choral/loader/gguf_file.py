@@ -13,7 +13,7 @@ from choral.errors import ModelLoadError
 from choral.loader.dequant import dequantize
 from choral.loader.gguf_reader import GGUFReader
 from choral.models.registry import Architecture, for_gguf
-from choral.models.spec import ModelSpec
+from choral.models.spec import ModelSpec, spec_or_error
 
 # GGUF tensor name pieces -> HF names (per layer ones get "model.layers.N." in front).
 _GLOBAL = {
@@ -62,7 +62,7 @@ class GGUFModelFile:
         if "rope_freqs.weight" in self.tensors:
             factors = self.dequantize("rope_freqs.weight")
             meta["_rope_freq_factors"] = tuple(float(x) for x in factors.reshape(-1))
-        self.spec: ModelSpec = self.architecture.spec_from_gguf(meta)
+        self.spec: ModelSpec = spec_or_error(path, lambda: self.architecture.spec_from_gguf(meta))
 
     def dequantize(self, name: str) -> np.ndarray:
         """Tensor ``name`` as float32 in numpy order (GGML's dims reversed)."""

@@ -11,7 +11,7 @@ import torch
 
 from choral.errors import ModelLoadError
 from choral.models.registry import Architecture, for_hf_config
-from choral.models.spec import ModelSpec
+from choral.models.spec import ModelSpec, spec_or_error
 
 
 class HFModelDir:
@@ -21,7 +21,7 @@ class HFModelDir:
         self.path = path
         self.config = _read_json(path / "config.json", required=True)
         self.architecture: Architecture = for_hf_config(self.config)
-        self.spec: ModelSpec = self.architecture.spec_from_hf(self.config)
+        self.spec: ModelSpec = spec_or_error(path / "config.json", lambda: self.architecture.spec_from_hf(self.config))
         self.files = self._weight_files()
         self.generation_config = _read_json(path / "generation_config.json", required=False)
 

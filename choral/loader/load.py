@@ -12,6 +12,7 @@ import torch
 from choral.errors import ConfigError, ModelLoadError
 from choral.loader.gguf_file import GGUFModelFile
 from choral.loader.hf_dir import HFModelDir
+from choral.loader.memory import check_fits
 from choral.loader.resolve import resolve_model_path
 from choral.models.spec import ModelSpec
 from choral.models.transformer import DecoderModel
@@ -60,6 +61,18 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def _check_memory(path: Path, source: GGUFModelFile | HFModelDir, spec: ModelSpec, dtype: torch.dtype,
+                  device: torch.device, max_positions: int) -> None:
+    """Refuse, before allocating, a model whose weights and rotary table cannot fit. A GGUF file
+    counts at its size on disk (its weights may stay packed); an HF directory at the dense size
+    in ``dtype``."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    weights = path.stat().st_size if isinstance(source, GGUFModelFile) else spec.weight_bytes(elem)
+    rotary = 14 * max_positions * spec.head_dim  # fp32 positions, freqs, cat, cos and sin while built
+    check_fits({"weights": weights, f"rotary table for {max_positions} positions": rotary}, device,
+               "check the model config, or lower max_model_len")
+
+
 def load_model(model: str, dtype: str, device: str, max_model_len: int | None) -> LoadedModel:
     """Resolve and load ``model`` (a bundled name, a .gguf file or an HF directory)."""
     start = time.perf_counter()
@@ -75,6 +88,7 @@ def load_model(model: str, dtype: str, device: str, max_model_len: int | None) -
         source = HFModelDir(path)
     spec = source.spec
     max_positions = max_model_len or spec.max_position_embeddings
+    _check_memory(path, source, spec, torch_dtype, dev, max_positions)
     with step(f"loading {path.name} ({spec.architecture}, {torch_dtype})"):
         decoder = DecoderModel(spec, torch_dtype, dev, max_positions)
         decoder.load_weights(source.iter_tensors())

@@ -20,6 +20,27 @@ def _require(config: Mapping[str, Any], key: str, source: str) -> Any:
     return config[key]
 
 
+_HF_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+_HF_FLOATS = ("rms_norm_eps", "rope_theta")
+
+
+def check_hf_types(config: Mapping[str, Any], source: str = "config.json") -> None:
+    """The numeric fields of an HF config have the right types (an int is never a float, str or
+    bool; 64.7 heads is not 64), and the head count can divide: errors name the field."""
+    for name in _HF_INTS:
+        value = config.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ModelLoadError(f"{source}: {name} must be an int, got {value!r}"[:300])
+    for name in _HF_FLOATS:
+        value = config.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ModelLoadError(f"{source}: {name} must be a number, got {value!r}"[:300])
+    heads = config.get("num_attention_heads")
+    if isinstance(heads, int) and heads < 1:
+        raise ModelLoadError(f"{source}: num_attention_heads is {heads}; it must be at least 1")
+
+
 def rope_from_hf(config: Mapping[str, Any]) -> RopeSpec:
     # transformers >= 5 writes rope_parameters (theta inside); older files use rope_scaling.
     params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
@@ -51,6 +72,7 @@ def spec_from_hf(
     layer_windows: tuple[int | None, ...] = (),
 ) -> ModelSpec:
     src = "config.json"
+    check_hf_types(config, src)
     if config.get("mlp_bias"):
         raise ModelLoadError(f"{src}: mlp_bias=true is not supported")
     if config.get("hidden_act", "silu") != "silu":
@@ -109,6 +131,8 @@ def spec_from_gguf(
 
     hidden = int(key("embedding_length"))
     heads = int(key("attention.head_count"))
+    if heads < 1:
+        raise ModelLoadError(f"{src}: {arch}.attention.head_count is {heads}; it must be at least 1")
     layers = int(key("block_count"))
     head_dim = int(meta.get(f"{arch}.attention.key_length") or hidden // heads)
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
