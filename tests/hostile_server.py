@@ -16,14 +16,14 @@ from choral.server.limits import ServerLimits
 
 
 @contextmanager
-def running_server(model_dir: Path, limits: ServerLimits | None = None,
+def running_server(model_dir: Path, limits: ServerLimits | None = None, config: ExecutorConfig | None = None,
                    **executor_options: Any) -> Iterator[tuple[str, Executor]]:
     """(base URL, executor) of a server on ``model_dir`` for the block's duration."""
     import uvicorn
 
     options: dict[str, Any] = dict(dtype="float32", block_size=4, kv_cache_tokens=2048, max_model_len=256)
     options.update(executor_options)
-    ex = Executor(str(model_dir), ExecutorConfig(max_queue_size=64), **options)
+    ex = Executor(str(model_dir), config or ExecutorConfig(max_queue_size=64), **options)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from choral.errors import ConfigError
-from choral.executor import Executor
+from choral.executor import BatchingStrategy, Executor, ExecutorConfig
 from choral.server.limits import ServerLimits, count_json_items
 from tests.hostile_server import running_server
 
@@ -199,3 +199,31 @@ def test_chat_template_failures_are_400s(base: str, template: Any, text: str, wo
         assert_error(post(base, path, body), 400, *words)
     assert time.monotonic() - start < 30
     assert httpx.get(f"{base}/health").status_code == 200
+
+
+# ---- case 7: aborted requests in /metrics --------------------------------------------------------
+
+def aborted(base: str, reason: str) -> float:
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith("choral_request_aborted_total{") and f'reason="{reason}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_client_disconnects_are_counted_in_metrics(tiny_chat_dir: Path) -> None:
+    held = ExecutorConfig(strategy=BatchingStrategy.FIXED_SIZE, batch_size=100, max_queue_size=8)
+    with running_server(tiny_chat_dir, config=held) as (base, ex):
+        for stream in (False, True):
+            before = aborted(base, "client_disconnected")
+            body = {"prompt": "hi", "max_tokens": 4, "stream": stream}
+            with httpx.Client() as client:  # the request waits in the queue (the batch never fills)
+                with pytest.raises(httpx.ReadTimeout):
+                    with client.stream("POST", f"{base}/v1/completions", json=body, timeout=1.0) as r:
+                        r.read()
+            deadline = time.monotonic() + 30
+            while aborted(base, "client_disconnected") < before + 1:
+                assert time.monotonic() < deadline, "the disconnect was never counted"
+                time.sleep(0.05)
+            while ex.num_queued_not_scheduled or ex.scheduler.waiting:
+                assert time.monotonic() < deadline, "the request was not cancelled"
+                time.sleep(0.05)

@@ -153,7 +153,8 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             streams = runner.open_streams(requests)
-            return EventStream(_stream_completion(rid, body, streams, echoes), partial(runner.close, streams))
+            return EventStream(_stream_completion(rid, body, streams, echoes), partial(runner.close, streams),
+                               metrics.observe_abort)
         results = await runner.run_all(requests, http)
         choices = []
         for p, completion in enumerate(results):
@@ -177,7 +178,8 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             streams = runner.open_streams([request])
-            return EventStream(_stream_chat(rid, body, streams[0]), partial(runner.close, streams))
+            return EventStream(_stream_chat(rid, body, streams[0]), partial(runner.close, streams),
+                               metrics.observe_abort)
         (completion,) = await runner.run_all([request], http)
         choices = [{"index": out.index, "message": {"role": "assistant", "content": out.text},
                     "logprobs": _token_bytes().chat_logprobs(out.token_ids, out.logprobs)

@@ -28,6 +28,8 @@ class ServerMetrics:
         self.generation_tokens = Counter("choral_generation_tokens", "Tokens generated", labels, registry=r)
         self.requests = Counter("choral_request_success", "Finished requests by finish reason",
                                 [*labels, "finished_reason"], registry=r)
+        self.aborted = Counter("choral_request_aborted", "HTTP requests ended before their answer was complete, "
+                               "by reason (client_disconnected, server_shutdown)", [*labels, "reason"], registry=r)
         self.ttft = Histogram("choral_time_to_first_token_seconds", "Time to first token", labels,
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("choral_time_per_output_token_seconds", "Time per output token after the first",
@@ -50,6 +52,10 @@ class ServerMetrics:
             if timing.time_to_first_token is not None and result.num_output_tokens > 1:
                 self.tpot.labels(m).observe(
                     (timing.latency - timing.time_to_first_token) / (result.num_output_tokens - 1))
+
+    def observe_abort(self, reason: str) -> None:
+        """Count an HTTP request whose answer could not be completed (its executor requests were cancelled)."""
+        self.aborted.labels(self.model, reason).inc()
 
     def observe_completion(self, completion: Completion) -> None:
         """Record every sequence of a finished non-streamed request."""

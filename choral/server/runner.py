@@ -52,6 +52,7 @@ class Runner:
                 if all(t.done() for t in tasks):
                     break
                 if await http.is_disconnected():
+                    self.metrics.observe_abort("client_disconnected")
                     raise ApiError(499, "client disconnected")
                 await asyncio.wait(tasks, timeout=_DISCONNECT_POLL_S, return_when=asyncio.FIRST_EXCEPTION)
             results = [t.result() for t in tasks]
@@ -59,6 +60,7 @@ class Runner:
             # uvicorn cancels what still runs once --graceful-timeout is over: answer that rather
             # than with a bare 500 (the requests are cancelled below).
             uncancel()
+            self.metrics.observe_abort("server_shutdown")
             raise ApiError(503, "the server is shutting down; the request was cancelled") from None
         finally:
             pending = [t for t in tasks if not t.done()]

@@ -36,11 +36,19 @@ class EventStream(StreamingResponse):
     cancelled at shutdown, or even before ``events`` started), it then closes ``events`` and awaits
     ``on_close`` (which ends the requests behind the stream)."""
 
-    def __init__(self, events: AsyncGenerator[str, None], on_close: Callable[[], Awaitable[None]] | None = None):
+    def __init__(self, events: AsyncGenerator[str, None], on_close: Callable[[], Awaitable[None]] | None = None,
+                 on_abort: Callable[[str], None] | None = None):
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         self._events = events
         self._on_close = on_close
+        self._on_abort = on_abort  # called with the reason when the stream ends before its end
         self._ended = False  # the last event (an error, then [DONE]) is out
+        self._finished = False  # the stream ran to its end, or ended with its request's own error
+        self._client_left = False
+
+    async def listen_for_disconnect(self, receive: Receive) -> None:
+        await super().listen_for_disconnect(receive)
+        self._client_left = True  # Starlette now cancels the response: an abort, not a shutdown
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -52,7 +60,12 @@ class EventStream(StreamingResponse):
             # the response is complete, so end normally (uvicorn would log the cancellation as
             # an "Exception in ASGI application").
             uncancel()
+        except OSError:  # the client went away while we wrote
+            self._client_left = True
+            raise
         finally:
+            if not self._finished and self._on_abort is not None:
+                self._on_abort("client_disconnected" if self._client_left else "server_shutdown")
             # Here, not in stream_response: a disconnect can cancel that before it starts. Shielded:
             # this runs inside a cancelled scope, and the cleanup must run to its end.
             with anyio.CancelScope(shield=True):
@@ -68,9 +81,11 @@ class EventStream(StreamingResponse):
         except BaseException as e:
             self._ended = await _send_last(send, event(_terminal_error(e)) + DONE)
             if isinstance(e, ApiError | RequestFailedError | ExecutorLoopError | ProcessorStopped):
+                self._finished = True
                 return  # the client has been told; nothing for the server log
             raise
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self._finished = True
 
 
 def _terminal_error(e: BaseException) -> dict[str, Any]:
