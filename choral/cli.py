@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from choral.config import DEFAULT_MODEL
 from choral.errors import ChoralError
@@ -78,8 +79,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"\n{len(outputs)} request(s): {prompt_tokens} prompt + {generated} generated tokens in "
           f"{elapsed:.2f} s = {generated / max(elapsed, 1e-9):.1f} tok/s "
           f"(load {loaded:.1f} s, {llm.engine.loaded.model.dtype}, KV cache {kv.num_tokens} tokens / "
-          f"{kv.num_bytes / 2**20:.0f} MiB)")
+          f"{kv.num_bytes / 2**20:.0f} MiB, {_threads(llm.engine)})")
     return 0
+
+
+def _threads(engine: Any) -> str:
+    import torch
+
+    if engine.loaded.model.device.type != "cpu":
+        return str(engine.loaded.model.device)
+    return f"{torch.get_num_threads()} CPU thread{'s' if torch.get_num_threads() != 1 else ''}"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -104,7 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(executor, name, api_key=args.api_key, limits=limits)
     kv = engine.kv_size
     print(f"choral: serving {name!r} on http://{args.host}:{args.port}/v1 (KV cache {kv.num_tokens} tokens, "
-          f"{kv.num_bytes / 2**20:.0f} MiB; {engine.loaded.model.dtype})", flush=True)
+          f"{kv.num_bytes / 2**20:.0f} MiB; {engine.loaded.model.dtype}; {_threads(engine)})", flush=True)
     # SIGTERM/SIGINT: stop accepting, let in-flight requests finish for up to --graceful-timeout
     # seconds, cancel whatever still runs, exit 0.
     server_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

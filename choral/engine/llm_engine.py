@@ -20,6 +20,7 @@ from choral.loader.memory import check_fits
 from choral.sampling.processors import BatchedLogitsProcessorFn, LogitsProcessorFn, LogitsProcessorRegistry
 from choral.sampling.sampler import Sampler
 from choral.sampling.structured import GrammarCompiler
+from choral.threads import default_num_threads
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ class LLMEngine:
         self.config = config
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
+        elif torch.device(config.device).type == "cpu":
+            torch.set_num_threads(default_num_threads())  # fewer when other processes hold the cores
         self.loaded = loaded or load_model(config.model, config.dtype, config.device, config.max_model_len)
         spec = self.loaded.spec
         self.max_model_len = config.max_model_len or spec.max_position_embeddings
@@ -53,9 +56,9 @@ class LLMEngine:
         self.logits_processors = LogitsProcessorRegistry()
         self.sampler = Sampler(self.runner.device, config.seed, self.eos_token_ids, self.logits_processors)
         self._grammars: GrammarCompiler | None = None
-        logger.info("choral: KV cache %d tokens (%d blocks of %d), %.1f MiB",
+        logger.info("choral: KV cache %d tokens (%d blocks of %d), %.1f MiB; %d CPU threads",
                     self.kv_size.num_tokens, self.kv_size.num_blocks, config.block_size,
-                    self.kv_size.num_bytes / 2**20)
+                    self.kv_size.num_bytes / 2**20, torch.get_num_threads())
 
     @property
     def tokenizer(self):  # type: ignore[no-untyped-def]
