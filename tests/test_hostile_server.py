@@ -143,7 +143,7 @@ def test_limits_are_validated() -> None:
 def test_health_answers_while_a_large_prompt_is_prepared(tiny_chat_dir: Path) -> None:
     limits = ServerLimits(max_request_bytes=16 * 2**20, max_prompt_chars=8 * 2**20)
     with running_server(tiny_chat_dir, limits) as (base, _):
-        prompt = "the quick brown fox jumps over the lazy dog. " * 40_000  # 1.8 MB: seconds to tokenize
+        prompt = "the quick brown fox jumps over the lazy dog. " * 15_000  # 680 kB: a second or more to tokenize
         done = threading.Event()
         answer: list[httpx.Response] = []
 
@@ -158,9 +158,9 @@ def test_health_answers_while_a_large_prompt_is_prepared(tiny_chat_dir: Path) ->
                 start = time.perf_counter()
                 assert client.get("/health", timeout=10).status_code == 200
                 latencies.append(time.perf_counter() - start)
-                time.sleep(0.01)
+                time.sleep(0.05)
         assert answer[0].status_code == 200 and answer[0].json()["count"] > 100_000
-        assert len(latencies) >= 10  # the big request took a while, and /health was answered throughout
+        assert len(latencies) >= 5  # the big request took a while, and /health was answered throughout
         latencies.sort()
         # The bound is 100 ms; the median holds it on a busy shared machine too, and no
         # answer waits for the whole tokenization (seconds before the worker pool).
