@@ -171,9 +171,13 @@ class Tokenizer:
         """The template's text for ``messages`` (already checked by the caller), within the limits."""
         from choral.deadline import DeadlineExceeded, call_with_deadline
 
+        # Load (and import) everything before the clock starts: the deadline is for the template's
+        # own code, and an import must never be interrupted half way.
+        hf = self.hf_tokenizer
+        import transformers.utils.chat_template_utils  # noqa: F401
+
         def render() -> Any:
-            return self.hf_tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
-                                                         tokenize=False)
+            return hf.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=False)
 
         try:
             text = call_with_deadline(render, timeout_s)
