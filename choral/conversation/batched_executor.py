@@ -241,10 +241,15 @@ class BatchedExecutor:
             for conversation, start, count in batch:
                 conversation._kv.prepare_write(start, start + count)
                 chunks.append(Chunk(conversation._tokens[start : start + count], start, conversation._kv.blocks,
-                                    logits=conversation._logits_mode(start, count)))
-            results = self._engine.runner.execute(chunks)
-            for (conversation, _, count), logits in zip(batch, results, strict=True):
-                conversation._computed(count, logits)
+                                    logits=conversation._logits_mode(start, count),
+                                    hidden=conversation._embeddings.mode))
+            runner = self._engine.runner
+            if any(chunk.hidden != "none" for chunk in chunks):
+                results, hidden = runner.execute_with_hidden(chunks)
+            else:
+                results, hidden = runner.execute(chunks), [None] * len(chunks)
+            for (conversation, _, count), logits, states in zip(batch, results, hidden, strict=True):
+                conversation._computed(count, logits, states)
                 if not conversation.requires_inference:
                     self._dequeue(conversation)
             return DecodeResult.OK

@@ -21,6 +21,7 @@ import torch
 
 from choral.conversation.context_shift import ContextShift, plan_shift
 from choral.conversation.kv_table import KvTable
+from choral.conversation.prompt_embeddings import PromptEmbeddings
 from choral.conversation.state import SavedConversation, State, encode_state
 from choral.errors import (
     ConversationClosedError,
@@ -57,6 +58,7 @@ class Conversation:
         self._logits: torch.Tensor | None = None  # [rows, V] of the last prompt, once computed
         self._all_logits = False
         self._logit_chunks: list[torch.Tensor] = []
+        self._embeddings = PromptEmbeddings()
         self._generator: torch.Generator | None = None
         self._generator_seed: int | None = None
         self._closed = False
@@ -114,11 +116,12 @@ class Conversation:
 
     # ---- prompting ---------------------------------------------------------------------------
     def prompt(self, prompt: str | Sequence[int] | int, all_logits: bool = False,
-               add_special_tokens: bool | None = None) -> None:
+               add_special_tokens: bool | None = None, embeddings: bool = False) -> None:
         """Queue text, token ids or one token for the next ``infer()``.
 
         ``all_logits`` keeps the logits of every prompted token (``logits(offset)`` then reaches
-        back ``offset`` tokens). Text gets the tokenizer's special tokens (BOS) only when the
+        back ``offset`` tokens). ``embeddings`` keeps the prompt's final hidden states for
+        :meth:`embedding`. Text gets the tokenizer's special tokens (BOS) only when the
         conversation is empty, unless ``add_special_tokens`` says otherwise.
         """
         with self._executor._lock:
@@ -129,6 +132,7 @@ class Conversation:
             self._logits = None
             self._all_logits = bool(all_logits)
             self._logit_chunks = []
+            self._embeddings.start(bool(embeddings))
             self._executor._enqueue(self)
 
     def _to_token_ids(self, prompt: str | Sequence[int] | int, add_special_tokens: bool | None) -> list[int]:
@@ -176,6 +180,18 @@ class Conversation:
                 raise InvalidRequestError(f"logits offset {offset!r} is outside [0, {rows}){hint}")
             return self._logits[rows - 1 - offset]
 
+    def embedding(self, pooling: str = "last", normalize: bool = True) -> torch.Tensor:
+        """The last prompt's embedding [hidden] (fp32), for a prompt made with ``embeddings=True``:
+        its last token's final hidden state (``last``) or the mean over its tokens (``mean``),
+        L2-normalized unless ``normalize`` is False. See prompt_embeddings.py."""
+        with self._executor._lock:
+            self._check_idle("read the embedding of")
+            vector = self._embeddings.pooled(pooling, normalize)
+            if vector is None:
+                raise RequiresPromptError(f"conversation {self._id} has no embedding: prompt it with "
+                                          "embeddings=True and run infer() first")
+            return vector
+
     def sample(self, params: SamplingParams | None = None, offset: int = 0) -> int:
         """Pick the next token from ``logits(offset)`` (greedy by default). Does not prompt it.
 
@@ -216,6 +232,7 @@ class Conversation:
             child._num_computed = self._num_computed
             child._all_logits = self._all_logits
             child._logits = self._logits.clone() if self._logits is not None else None
+            child._embeddings = self._embeddings.copy()
             if self._generator is not None:
                 child._generator = torch.Generator(device=self._generator.device)
                 child._generator.set_state(self._generator.get_state())
@@ -233,6 +250,7 @@ class Conversation:
             del self._tokens[new_len:]
             self._num_computed = new_len
             self._logits = None
+            self._embeddings.start(False)
 
     def remove(self, start: int, end: int, recompute: bool = True) -> None:
         """Erase tokens ``start .. end - 1``; later tokens move down to follow.
@@ -254,6 +272,7 @@ class Conversation:
             self._tokens = self._tokens[:start] + self._tokens[end:]
             self._num_computed = start
             self._logits = None
+            self._embeddings.start(False)
             self._all_logits = False
             self._logit_chunks = []
             if self.requires_inference:
@@ -279,6 +298,7 @@ class Conversation:
         self._tokens = self._tokens[:start] + self._tokens[end:]
         self._num_computed = len(self._tokens)
         self._logits = None
+        self._embeddings.start(False)
 
     # ---- save and close ----------------------------------------------------------------------
     @overload
@@ -334,8 +354,9 @@ class Conversation:
             return "all"
         return "last" if start + count == len(self._tokens) else "none"
 
-    def _computed(self, count: int, logits: torch.Tensor | None) -> None:
+    def _computed(self, count: int, logits: torch.Tensor | None, hidden: torch.Tensor | None = None) -> None:
         self._num_computed += count
+        self._embeddings.add(hidden, prompt_done=not self.requires_inference)
         if logits is not None and self._all_logits:
             self._logit_chunks.append(logits)
         if not self.requires_inference:

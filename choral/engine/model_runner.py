@@ -29,7 +29,8 @@ class Chunk:
     ``start`` is the cache index of the first token; tokens land at cache indices
     ``start .. start + len(token_ids) - 1`` through ``block_table``. ``positions`` are the rope
     positions (default: the cache indices). ``logits`` says which rows to return:
-    ``"last"``, ``"all"`` (prompt logprobs) or ``"none"``.
+    ``"last"``, ``"all"`` (prompt logprobs) or ``"none"``; ``hidden`` which rows' final hidden
+    states (the final norm's output: embeddings) to return, the same way.
     """
 
     token_ids: list[int]
@@ -38,6 +39,7 @@ class Chunk:
     positions: list[int] | None = None
     logits: str = "last"
     extra: dict[str, object] = field(default_factory=dict)
+    hidden: str = "none"
 
 
 def plan_kv_size(loaded: LoadedModel, block_size: int, kv_cache_tokens: int | None,
@@ -88,6 +90,11 @@ class ModelRunner:
     def execute(self, chunks: list[Chunk]) -> list[torch.Tensor | None]:
         """One forward for all chunks. Returns per chunk its logits ([1, V] for ``last``,
         [n, V] for ``all``) or None."""
+        return self.execute_with_hidden(chunks)[0]
+
+    def execute_with_hidden(self, chunks: list[Chunk]) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+        """One forward for all chunks: per chunk its logits (as :meth:`execute`) and its final
+        hidden states as ``chunk.hidden`` asks ([1, hidden] / [n, hidden] fp32, or None)."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -96,6 +103,8 @@ class ModelRunner:
         logits_rows: list[int] = []
         spans: list[tuple[int, int] | None] = []
         starts, lens, ctx, tables = [], [], [], []
+        hidden_rows: list[int] = []
+        hidden_spans: list[tuple[int, int] | None] = []
         for chunk in chunks:
             n = len(chunk.token_ids)
             offset = len(input_ids)
@@ -117,21 +126,31 @@ class ModelRunner:
                 logits_rows.extend(range(offset, offset + n))
             else:
                 spans.append(None)
+            first = offset if chunk.hidden == "all" else offset + n - 1
+            hidden_spans.append((len(hidden_rows), offset + n - first) if chunk.hidden != "none" else None)
+            if chunk.hidden != "none":
+                hidden_rows.extend(range(first, offset + n))
         dev = self.device
         layout = AttentionLayout(starts, lens, ctx, tables, bs)
         self.attention.prepare(layout, dev)
-        logits = self.model.forward(
-            torch.tensor(input_ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
-            (torch.tensor(blocks, dtype=torch.long, device=dev),
-             torch.tensor(offsets, dtype=torch.long, device=dev)),
-            self.attention,
-            self.k_caches,
-            self.v_caches,
-            torch.tensor(logits_rows, dtype=torch.long, device=dev),
-        )
-        return [logits[s : s + n] if span is not None else None
-                for span in spans for (s, n) in [span or (0, 0)]]
+        args = (torch.tensor(input_ids, dtype=torch.long, device=dev),
+                torch.tensor(positions, dtype=torch.long, device=dev),
+                (torch.tensor(blocks, dtype=torch.long, device=dev),
+                 torch.tensor(offsets, dtype=torch.long, device=dev)),
+                self.attention, self.k_caches, self.v_caches)
+        rows = torch.tensor(logits_rows, dtype=torch.long, device=dev)
+        states: torch.Tensor | None = None
+        if not hidden_rows:
+            logits = self.model.forward(*args, rows)
+        else:
+            with torch.inference_mode():
+                hidden = self.model.hidden_states(*args)  # [T, hidden]
+                logits = self.model.logits(hidden, rows)
+                states = self.model.final_hidden(hidden, torch.tensor(hidden_rows, dtype=torch.long, device=dev))
+                states = states.float()
+        return ([logits[s : s + n] if span is not None else None for span in spans for (s, n) in [span or (0, 0)]],
+                [states[s : s + n] if span is not None and states is not None else None
+                 for span in hidden_spans for (s, n) in [span or (0, 0)]])
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy K/V of block ``src`` into ``dst`` for every (src, dst): copy-on-write."""

@@ -167,6 +167,28 @@ class DecoderModel:
         v_caches: list[torch.Tensor],  # per layer [num_blocks, block_size, KVH, D]
         logits_indices: torch.Tensor,  # [L] rows of the batch whose logits are wanted
     ) -> torch.Tensor:  # [L, vocab] fp32
+        hidden = self.hidden_states(input_ids, positions, kv_index, attention, k_caches, v_caches)
+        return self.logits(hidden, logits_indices)
+
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """[L, vocab] fp32 next-token logits of ``rows`` of ``hidden`` ([T, hidden])."""
+        return self.lm_head(self.final_hidden(hidden, rows)).float()
+
+    def final_hidden(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """[L, hidden] the final norm's output at ``rows``: what the lm_head reads, and the
+        tokens' embeddings (pooled by the caller)."""
+        return self._norm(hidden.index_select(0, rows), self.final_norm)
+
+    @torch.inference_mode()
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_index: tuple[torch.Tensor, torch.Tensor],
+        attention: AttentionBackend,
+        k_caches: list[torch.Tensor],
+        v_caches: list[torch.Tensor],
+    ) -> torch.Tensor:  # [T, hidden], the residual stream after the last layer (before the final norm)
         spec = self.spec
         num_tokens = input_ids.shape[0]
         hd, nh, nkv = spec.head_dim, spec.num_heads, spec.num_kv_heads
@@ -193,6 +215,5 @@ class DecoderModel:
             hidden = hidden + w.o(attn.view(num_tokens, nh * hd))
             x = self._norm(hidden, w.post_norm)
             hidden = hidden + w.down(self._act(w.gate_up(x)))  # gate_up: [T, 2 * inter]
-        last = self._norm(hidden.index_select(0, logits_indices), self.final_norm)
-        return self.lm_head(last).float()
+        return hidden
 
