@@ -94,10 +94,13 @@ def _threads(engine: Any) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from choral.config import EngineConfig
-    from choral.engine.llm_engine import LLMEngine
-    from choral.executor import BatchingStrategy, Executor, ExecutorConfig, KvPolicy
-    from choral.server.app import create_app
+    from choral.server.loading import LoadingApp
+    from choral.server.tool_parsers import format_named
+
+    if args.tool_call_parser:
+        format_named(args.tool_call_parser)  # an unknown name fails now, not after loading
+    name = args.served_model_name or args.model
+
     from choral.server.limits import ServerLimits
 
     limits = ServerLimits(
@@ -105,22 +108,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_prompt_chars=args.max_prompt_chars, max_prompts=args.max_prompts, max_n=args.max_n,
         max_logit_bias=args.max_logit_bias, max_stop=args.max_stop, max_template_chars=args.max_template_chars,
         template_timeout_s=args.template_timeout, prep_workers=args.prep_workers)
-    engine = LLMEngine(EngineConfig.from_kwargs(**engine_options(args)))
-    config = ExecutorConfig(strategy=BatchingStrategy(args.strategy), kv_policy=KvPolicy(args.kv_policy),
-                            max_queue_size=args.max_queue_size, enable_prefix_cache=not args.no_prefix_cache)
-    executor = Executor(engine, config)
-    name = args.served_model_name or args.model
-    app = create_app(executor, name, api_key=args.api_key, limits=limits)
-    kv = engine.kv_size
-    print(f"choral: serving {name!r} on http://{args.host}:{args.port}/v1 (KV cache {kv.num_tokens} tokens, "
-          f"{kv.num_bytes / 2**20:.0f} MiB; {engine.loaded.model.dtype}; {_threads(engine)})", flush=True)
+
+    def build() -> object:
+        from choral.config import EngineConfig
+        from choral.engine.llm_engine import LLMEngine
+        from choral.executor import BatchingStrategy, Executor, ExecutorConfig, KvPolicy
+        from choral.server.app import create_app
+
+        engine = LLMEngine(EngineConfig.from_kwargs(**engine_options(args)))
+        config = ExecutorConfig(strategy=BatchingStrategy(args.strategy), kv_policy=KvPolicy(args.kv_policy),
+                                max_queue_size=args.max_queue_size, enable_prefix_cache=not args.no_prefix_cache)
+        executor = Executor(engine, config)
+        app = create_app(executor, name, api_key=args.api_key, limits=limits, strict=args.strict,
+                         tool_call_parser=args.tool_call_parser, pooling=args.pooling)
+        kv = engine.kv_size
+        print(f"choral: serving {name!r} on http://{args.host}:{args.port}/v1 (KV cache {kv.num_tokens} tokens, "
+              f"{kv.num_bytes / 2**20:.0f} MiB; {engine.loaded.model.dtype}; {_threads(engine)})", flush=True)
+        return app
+
+    server: _GracefulServer | None = None
+
+    def failed(error: BaseException) -> None:
+        print(f"choral serve: {error}", file=sys.stderr, flush=True)
+        if server is not None:
+            server.server.should_exit = True  # uvicorn checks it every tick
+
+    app = LoadingApp(build, failed)  # type: ignore[arg-type]
+    print(f"choral: loading {args.model!r}; http://{args.host}:{args.port}/health answers 503 until it is ready",
+          flush=True)
     # SIGTERM/SIGINT: stop accepting, let in-flight requests finish for up to --graceful-timeout
     # seconds, cancel whatever still runs, exit 0.
     server_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                    timeout_graceful_shutdown=args.graceful_timeout)
-    _GracefulServer(server_config).run()
-    executor.shutdown(wait=False)
-    return 0
+    server = _GracefulServer(server_config)
+    server.run()
+    if app.app is not None:
+        app.app.state.executor.shutdown(wait=False)
+    return 1 if app.error is not None else 0
 
 
 class _GracefulServer:
@@ -296,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--graceful-timeout", type=int, default=10,
                        help="seconds in-flight requests may finish after SIGTERM (default: 10)")
     serve.add_argument("--log-level", default="warning", help="uvicorn log level (default: warning)")
+    serve.add_argument("--strict", action="store_true",
+                       help="refuse unknown request fields with a 400 (default: ignore them with a warning)")
+    serve.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json", "mistral"],
+                       help="how the model writes tool calls (default: read from its chat template)")
+    serve.add_argument("--pooling", default="last", choices=["last", "mean"],
+                       help="/v1/embeddings: the last token's hidden state, or the mean over the tokens "
+                            "(default: last)")
     lim = serve.add_argument_group("per-request limits (checked before any expensive work)")
     lim.add_argument("--max-request-bytes", type=int, default=4 * 2**20,
                      help="request body size in bytes, 413 past it (default: 4 MiB)")

@@ -120,6 +120,18 @@ class Tokenizer:
             return bool(self._config.get("chat_template")) or (self._saved_dir / "chat_template.jinja").exists()
         return bool(getattr(self._tok, "chat_template", None))
 
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template's source (None without one), read without importing transformers."""
+        if self._saved_dir is not None:
+            template = self._config.get("chat_template")
+            path = self._saved_dir / "chat_template.jinja"
+            if not template and path.exists():
+                template = path.read_text(encoding="utf-8")
+        else:
+            template = getattr(self._tok, "chat_template", None)
+        return template if isinstance(template, str) and template else None
+
     def encode(self, text: str, add_special_tokens: bool = True, field: str = "prompt") -> list[int]:
         """Token ids of ``text``; ``field`` names it in the InvalidRequestError raised for text that is
         not a str or not valid Unicode (a lone surrogate such as ``"\\udc80"`` has no UTF-8 form)."""
@@ -139,12 +151,19 @@ class Tokenizer:
         return str(self._tok.convert_ids_to_tokens(int(token_id)))
 
     def apply_chat_template(
-        self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True, *,
+        self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
+        template_kwargs: dict[str, Any] | None = None, *,
         timeout_s: float = TEMPLATE_TIMEOUT_S, max_chars: int = MAX_TEMPLATE_CHARS,
     ) -> list[int]:
         """Render ``messages`` with the model's template and tokenize the result. A template
         that fails, runs past ``timeout_s`` or renders more than ``max_chars`` characters is an
-        InvalidRequestError naming ``messages``."""
+        InvalidRequestError naming ``messages``.
+
+        ``tools`` go to the template as ``tools`` (OpenAI's tool dicts); ``continue_final_message``
+        leaves the last (assistant) message open so the model continues it (prefill);
+        ``template_kwargs`` are more variables for the template (``enable_thinking``, say).
+        An assistant message may have ``content`` None when it holds ``tool_calls``."""
         if not self.has_chat_template:
             raise InvalidRequestError("this model has no chat template; pass a text prompt instead")
         if isinstance(messages, str | bytes | dict) or not isinstance(messages, Sequence):
@@ -156,17 +175,23 @@ class Tokenizer:
             if not isinstance(m["role"], str) or not m["role"]:
                 raise InvalidRequestError(f"messages[{i}].role: must be a non-empty str, got {m['role']!r}")
             content = m["content"]
+            if content is None and m.get("tool_calls"):
+                continue
             if not isinstance(content, str):
                 # OpenAI's content parts are joined into one str by the server, not here.
                 hint = "; join the text parts into one str" if isinstance(content, list) else ""
                 raise InvalidRequestError(
                     f"messages[{i}].content: must be a str, got {type(content).__name__}{hint}")
             check_text(f"messages[{i}].content", content)
-        text = self.render_chat_template(messages, add_generation_prompt, timeout_s=timeout_s, max_chars=max_chars)
+        text = self.render_chat_template(messages, add_generation_prompt, tools=tools,
+                                         continue_final_message=continue_final_message,
+                                         template_kwargs=template_kwargs, timeout_s=timeout_s, max_chars=max_chars)
         # The template already holds any BOS it wants; do not add special tokens again.
         return self.encode(text, add_special_tokens=False, field="messages")
 
-    def render_chat_template(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True, *,
+    def render_chat_template(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True,
+                             tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
+                             template_kwargs: dict[str, Any] | None = None, *,
                              timeout_s: float = TEMPLATE_TIMEOUT_S, max_chars: int = MAX_TEMPLATE_CHARS) -> str:
         """The template's text for ``messages`` (already checked by the caller), within the limits."""
         from choral.deadline import DeadlineExceeded, call_with_deadline
@@ -177,7 +202,10 @@ class Tokenizer:
         import transformers.utils.chat_template_utils  # noqa: F401
 
         def render() -> Any:
-            return hf.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=False)
+            return hf.apply_chat_template(list(messages), tools=tools,
+                                          add_generation_prompt=add_generation_prompt and not continue_final_message,
+                                          continue_final_message=continue_final_message, tokenize=False,
+                                          **(template_kwargs or {}))
 
         try:
             text = call_with_deadline(render, timeout_s)

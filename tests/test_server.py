@@ -155,7 +155,7 @@ def test_models_tokenize_detokenize(server: str, client) -> None:  # type: ignor
     [
         ({"model": "gpt-4", "messages": QUESTION}, 404, "does not exist"),
         ({"messages": QUESTION, "temperature": 5}, 400, "temperature"),
-        ({"messages": QUESTION, "frobnicate": 1}, 400, "frobnicate"),
+        ({"messages": QUESTION, "audio": {"voice": "alloy"}}, 400, "audio"),
         ({"messages": []}, 400, "messages"),
         ({"messages": [{"role": "user", "content": "x " * 3000}]}, 400, "context holds 2048"),
         ({"messages": QUESTION, "max_tokens": 5000}, 400, "maximum context length"),
@@ -376,7 +376,8 @@ def test_every_error_has_openais_shape(server: str, client) -> None:  # type: ig
     assert error(httpx.post(f"{server}/v1/completions", content=b"[1, 2]", headers=headers), 400)[
         "message"].startswith("request body")
     assert error(httpx.get(f"{server}/v1/completions"), 405)["type"] == "MethodNotAllowedError"
-    assert error(httpx.post(f"{server}/v1/embeddings", json={}), 404)["type"] == "NotFoundError"
+    assert error(httpx.post(f"{server}/v1/images/generations", json={}), 404)["type"] == "NotFoundError"
+    assert error(httpx.post(f"{server}/v1/embeddings", json={}), 400)["param"] == "input"
     assert client.models.retrieve("smollm2-135m-instruct").id == "smollm2-135m-instruct"
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.models.retrieve("gpt-4")

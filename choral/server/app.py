@@ -19,14 +19,20 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
+from fastapi.responses import JSONResponse
 from fastapi.responses import Response as HttpResponse
 from pydantic import BaseModel, ConfigDict
 
+from choral.engine.embedder import POOLINGS, Embedder
 from choral.errors import ChoralError, ConfigError, InvalidRequestError
 from choral.executor import Executor, Request, Result
 from choral.executor.completion import Completion, SequenceOutput
 from choral.sampling.params import show
+from choral.server.chat import ChatResponder, usage_of
+from choral.server.chat_render import render_chat
+from choral.server.embeddings import install_embeddings
 from choral.server.errors import ApiError, ApiKeyGuard, install_error_handlers
+from choral.server.fields import IGNORED_HEADER, check_fields
 from choral.server.limits import BodyLimit, Preparer, ServerLimits, check_count
 from choral.server.logprobs import TextOffsets, TokenBytes
 from choral.server.metrics import ServerMetrics
@@ -39,6 +45,8 @@ from choral.server.protocol import (
 )
 from choral.server.runner import Runner
 from choral.server.sse import DONE, EventStream, event
+from choral.server.tool_choice import ToolPlan, plan_tools
+from choral.server.tool_parsers import detect_format, format_named
 
 
 class TokenizeRequest(BaseModel):
@@ -56,12 +64,21 @@ class DetokenizeRequest(BaseModel):
 
 
 def create_app(executor: Executor, model_name: str, api_key: str | None = None,
-               limits: ServerLimits | None = None) -> FastAPI:
+               limits: ServerLimits | None = None, strict: bool = False, tool_call_parser: str | None = None,
+               pooling: str = "last") -> FastAPI:
     """Build the FastAPI app serving ``executor`` under ``model_name``, each request within
     ``limits`` (ServerLimits' defaults when None). When the app stops (its lifespan ends: the
-    server shut down) it shuts ``executor`` down, cancelling what still runs."""
+    server shut down) it shuts ``executor`` down, cancelling what still runs.
+
+    ``strict`` refuses unknown request fields (default: ignored with a warning, see fields.py);
+    ``tool_call_parser`` names the tool-call format (default: read from the chat template);
+    ``pooling`` is how /v1/embeddings pools the tokens' hidden states (``last`` or ``mean``)."""
+    if pooling not in POOLINGS:
+        raise ConfigError(f"pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
     engine = executor.engine
     tokenizer = engine.tokenizer
+    template = tokenizer.chat_template if tokenizer is not None else None
+    tool_format = format_named(tool_call_parser) if tool_call_parser else detect_format(template, model_name)
     token_bytes = TokenBytes(tokenizer) if tokenizer is not None else None
     metrics = ServerMetrics(executor, model_name)
     runner = Runner(executor, metrics)
@@ -89,8 +106,11 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
         app.add_middleware(ApiKeyGuard, api_key=api_key)
 
     @app.get("/health")
-    async def health() -> HttpResponse:
-        return HttpResponse(status_code=200 if executor.is_running else 503)
+    @app.get("/v1/health")
+    async def health() -> JSONResponse:
+        # 503 while loading comes from loading.py; here the model is loaded.
+        ok = executor.is_running
+        return JSONResponse({"status": "ok" if ok else "error"}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def get_metrics() -> HttpResponse:
@@ -137,7 +157,8 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
         return {"prompt": text}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, http: HttpRequest) -> Any:
+    async def completions(body: CompletionRequest, http: HttpRequest, response: HttpResponse) -> Any:
+        headers = _ignored(body, "/v1/completions", response)
         _check_model(body.model)
         _check_sizes(body)
         if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int):
@@ -154,7 +175,7 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
         if body.stream:
             streams = runner.open_streams(requests)
             return EventStream(_stream_completion(rid, body, streams, echoes), partial(runner.close, streams),
-                               metrics.observe_abort)
+                               metrics.observe_abort, headers)
         results = await runner.run_all(requests, http)
         choices = []
         for p, completion in enumerate(results):
@@ -166,27 +187,20 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
                 "choices": choices, "usage": _usage(results)}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest, http: HttpRequest) -> Any:
+    async def chat(body: ChatCompletionRequest, http: HttpRequest, response: HttpResponse) -> Any:
+        headers = _ignored(body, "/v1/chat/completions", response)
         _check_model(body.model)
         _check_sizes(body)
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        for i, m in enumerate(messages):
-            if isinstance(m.get("content"), list):  # OpenAI content parts: keep the text ones
-                m["content"] = _join_text_parts(i, m["content"])
-        _check_prompt_chars("messages", sum(len(m.get("content") or "") for m in messages))
-        request = await preparer.run(partial(_prepare_chat, body, messages))
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        _check_prompt_chars("messages", sum(_chars(m.content) for m in body.messages))
+        plan = plan_tools(body, tool_format)
+        request, prefill = await preparer.run(partial(_prepare_chat, body, plan))
+        responder = ChatResponder(f"chatcmpl-{uuid.uuid4().hex}", model_name, body, plan, prefill, _token_bytes)
         if body.stream:
             streams = runner.open_streams([request])
-            return EventStream(_stream_chat(rid, body, streams[0]), partial(runner.close, streams),
-                               metrics.observe_abort)
+            return EventStream(responder.stream(streams[0]), partial(runner.close, streams), metrics.observe_abort,
+                               headers)
         (completion,) = await runner.run_all([request], http)
-        choices = [{"index": out.index, "message": {"role": "assistant", "content": out.text},
-                    "logprobs": _token_bytes().chat_logprobs(out.token_ids, out.logprobs)
-                    if out.logprobs is not None else None,
-                    "finish_reason": out.finish_reason.api_name} for out in completion.outputs]
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-                "choices": choices, "usage": _usage([completion])}
+        return responder.response(completion)
 
     # ---- requests: cheap checks on the event loop, the rest in the worker pool ---------------------
     def _check_sizes(body: _Common) -> None:
@@ -214,17 +228,17 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
         requests = [_build(body, ids, body.max_tokens or 16, body.logprobs, prompt_logprobs) for ids in prompts]
         return requests, echoes
 
-    def _prepare_chat(body: ChatCompletionRequest, messages: list[dict[str, Any]]) -> Request:
-        """(worker pool) The chat rendered, tokenized, and its request built and validated."""
-        try:
-            ids = _apply_template(messages)
-        except ChoralError as e:
-            raise ApiError(400, str(e), param="messages") from None
+    def _prepare_chat(body: ChatCompletionRequest, plan: ToolPlan | None) -> tuple[Request, str]:
+        """(worker pool) The chat rendered (tools, prefill) within the template limits, tokenized,
+        and its request built and validated; with the continued message's text."""
+        rendered = render_chat(_tokenizer(), body, plan, timeout_s=limits.template_timeout_s,
+                               max_chars=template_chars)
+        ids = rendered.token_ids
         limit = body.max_completion_tokens or body.max_tokens or max(1, engine.max_model_len - len(ids))
         top = body.top_logprobs if body.logprobs else None
         if body.logprobs and top is None:
             top = 0
-        return _build(body, ids, limit, top)
+        return _build(body, ids, limit, top, tools=plan), rendered.prefill
 
     def _tokenizer() -> Any:
         if tokenizer is None:
@@ -236,13 +250,27 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
             raise ApiError(400, "logprobs: this model has no tokenizer to spell tokens with", param="logprobs")
         return token_bytes
 
+    def _ignored(body: BaseModel, endpoint: str, response: HttpResponse) -> dict[str, str]:
+        """Unknown fields: refused (--strict) or ignored and named in a response header."""
+        ignored = check_fields(body, strict, endpoint)
+        headers = {IGNORED_HEADER: ", ".join(ignored)} if ignored else {}
+        response.headers.update(headers)
+        return headers
+
     def _check_model(name: str | None) -> None:
         if name is not None and name != model_name:
             raise ApiError(404, f"The model `{name}` does not exist.", param="model")
 
     def _model_card() -> dict[str, Any]:
+        spec, model = engine.loaded.spec, engine.loaded.model
         return {"id": model_name, "object": "model", "created": created, "owned_by": "choral",
-                "max_model_len": engine.max_model_len}
+                "root": str(engine.loaded.path), "parent": None, "max_model_len": engine.max_model_len,
+                "meta": {"architecture": spec.architecture, "vocab_size": spec.vocab_size,
+                         "hidden_size": spec.hidden_size, "num_layers": spec.num_layers,
+                         "context_length": spec.max_position_embeddings, "num_parameters": model.num_parameters,
+                         "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
+                         "chat_template": tokenizer is not None and tokenizer.has_chat_template,
+                         "tool_call_parser": tool_format.name}}
 
     def _completion_prompts(prompt: Any) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -262,24 +290,29 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
             raise ApiError(400, str(e), param="prompt") from e
 
     def _build(body: _Common, ids: list[int], max_tokens: int, logprobs: int | None,
-               prompt_logprobs: int | None = None) -> Request:
+               prompt_logprobs: int | None = None, tools: ToolPlan | None = None) -> Request:
         if len(ids) + max_tokens > engine.max_model_len and (body.max_tokens or getattr(
                 body, "max_completion_tokens", None)):
             raise ApiError(400, f"This model's maximum context length is {engine.max_model_len} tokens. However, "
                                 f"you requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, "
                                 f"{max_tokens} for the completion).", param="max_tokens")
         try:
-            request = to_request(body, ids, max_tokens, logprobs, body.stream, prompt_logprobs)
+            # Metrics see every response on the executor's thread, a cancelled request's too.
+            request = to_request(body, ids, max_tokens, logprobs, body.stream, prompt_logprobs, metrics.observe)
         except InvalidRequestError as e:
             raise ApiError(400, str(e)) from None
         try:
             fmt = body.response_format if isinstance(body, ChatCompletionRequest) else None
             if fmt is not None and fmt.type != "text":
                 request = with_response_format(request, fmt)
+            if tools is not None:
+                request = tools.constrain(request)
             # The final request, response format included (its schema is compiled here): what is
             # wrong with it is a 400 now, before anything is queued or streamed.
             executor.validate(request)
         except InvalidRequestError as e:
+            if str(e).startswith("tools"):
+                raise ApiError(400, str(e), param="tools") from None
             if str(e).startswith(("response_format", "json_schema")):
                 raise ApiError(400, str(e) if str(e).startswith("response_format") else f"response_format: {e}",
                                param="response_format") from None
@@ -287,12 +320,8 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
         return request
 
     # ---- responses -----------------------------------------------------------------------------
-    def _observe(result: Result) -> None:
-        if result.is_sequence_final:
-            metrics.observe_final(result)
-
     def _usage(completions: list[Completion]) -> dict[str, Any]:
-        return _usage_of(sum(len(c.prompt_token_ids) for c in completions),
+        return usage_of(sum(len(c.prompt_token_ids) for c in completions),
                          sum(len(o.token_ids) for c in completions for o in c.outputs),
                          sum(c.num_cached_tokens for c in completions))
 
@@ -318,7 +347,6 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
         prompt_tokens, cached_tokens, completion_tokens = [0] * len(streams), [0] * len(streams), 0
         for p, stream in enumerate(streams):  # the executor runs them all; they are sent in turn
             async for result in stream:
-                _observe(result)
                 index = p * body.n + result.sequence_index
                 text = result.text
                 if index not in offsets:  # OpenAI sends the echoed prompt as a choice's first text
@@ -337,49 +365,21 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
                     "finish_reason": result.finish_reason.api_name if result.is_sequence_final else None}]})
         if body.stream_options and body.stream_options.include_usage:
             yield event({**base, "choices": [],
-                         "usage": _usage_of(sum(prompt_tokens), completion_tokens, sum(cached_tokens))})
+                         "usage": usage_of(sum(prompt_tokens), completion_tokens, sum(cached_tokens))})
         yield DONE
 
-    async def _stream_chat(rid: str, body: ChatCompletionRequest,
-                           stream: AsyncIterator[Result]) -> AsyncGenerator[str, None]:
-        base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name}
-        for index in range(body.n):
-            yield event({**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                              "logprobs": None, "finish_reason": None}]})
-        prompt_tokens = cached_tokens = completion_tokens = 0
-        async for result in stream:
-            _observe(result)
-            completion_tokens += len(result.output_token_ids)
-            prompt_tokens, cached_tokens = result.num_prompt_tokens, result.num_cached_tokens
-            yield event({**base, "choices": [{
-                "index": result.sequence_index, "delta": {"content": result.text} if result.text else {},
-                "logprobs": _token_bytes().chat_logprobs(result.output_token_ids, result.logprobs)
-                if result.logprobs is not None else None,
-                "finish_reason": result.finish_reason.api_name if result.is_sequence_final else None}]})
-        if body.stream_options and body.stream_options.include_usage:
-            yield event({**base, "choices": [], "usage": _usage_of(prompt_tokens, completion_tokens, cached_tokens)})
-        yield DONE
+    embedder = Embedder(engine.loaded, engine.max_model_len, engine.config.block_size,
+                        attention_backend=engine.config.attention_backend)
+    install_embeddings(app, embedder, tokenizer, model_name, pooling, _ignored, _check_model)
 
     app.state.executor = executor
     app.state.metrics = metrics
     return app
 
 
-def _join_text_parts(index: int, parts: list[dict[str, Any]]) -> str:
-    """The text of OpenAI content parts ``[{"type": "text", "text": ...}, ...]`` as one str."""
-    texts = []
-    for j, part in enumerate(parts):
-        if part.get("type") != "text":
-            continue
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise ApiError(400, f"messages[{index}].content[{j}].text: must be a str, got {type(text).__name__}",
-                           param=f"messages.{index}.content.{j}.text")
-        texts.append(text)
-    return "".join(texts)
 
-
-def _usage_of(prompt: int, completion: int, cached: int) -> dict[str, Any]:
-    """OpenAI's ``usage``, the same whether streamed or not."""
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+def _chars(content: str | list[dict[str, Any]] | None) -> int:
+    """Characters of a message's text (its text parts'), for the prompt-size limit."""
+    if isinstance(content, list):
+        return sum(len(p["text"]) for p in content if isinstance(p.get("text"), str))
+    return len(content or "")

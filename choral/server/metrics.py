@@ -1,79 +1,132 @@
-"""Prometheus metrics for ``/metrics``: live gauges read at scrape time, histograms per request."""
+"""Prometheus metrics for ``/metrics``: vLLM's names (``vllm:*``, so dashboards made for vLLM
+work) and choral's own (``choral_*``), every one labelled ``model_name``.
+
+Two sources. What the executor holds (queues, KV usage, prefix-cache and preemption totals) is
+read at scrape time by a collector, as gauges and counters. What a request measured (latencies,
+tokens, why it finished) is recorded once per finished sequence by :meth:`ServerMetrics.observe`,
+which every request the server queues carries as its callback: it runs on the executor's thread
+for every response, so a request cancelled because its client went away is counted too.
+Counters are counters (``rate()`` them); nothing is a lifetime ratio.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Iterator
 
-from choral.executor import Executor, Result
-from choral.executor.completion import Completion
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from choral.executor import Executor, Response
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+_TOKEN_GAP_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+class _LiveCollector(Collector):
+    """Gauges and counters read from the executor at scrape time."""
+
+    def __init__(self, executor: Executor, model_name: str):
+        self.executor, self.model = executor, model_name
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        ex, m = self.executor, [self.model]
+        pool = ex.kv.pool
+        running = len(ex.scheduler.running)
+        waiting = len(ex.scheduler.waiting) + ex.num_queued_not_scheduled
+        usage = pool.num_used_blocks / pool.num_blocks
+        # The pool counts whole blocks; vLLM counts tokens: a block is block_size tokens.
+        queries = pool.stats.prefix_queries * pool.block_size
+        hits = pool.stats.prefix_hits * pool.block_size
+        preemptions = ex.aggregate.total_preemptions
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric(m, value)
+            return family
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric(m, value)
+            return family
+
+        yield gauge("vllm:num_requests_running", "Sequences holding KV (running)", running)
+        yield gauge("vllm:num_requests_waiting", "Sequences waiting to be scheduled", waiting)
+        yield gauge("vllm:kv_cache_usage_perc", "KV cache usage, 1 = full", usage)
+        yield gauge("vllm:gpu_cache_usage_perc", "KV cache usage, 1 = full (vLLM's older name)", usage)
+        yield counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", queries)
+        yield counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", hits)
+        yield counter("vllm:num_preemptions", "Sequences preempted", preemptions)
+        yield gauge("choral_num_requests_running", "Sequences holding KV", running)
+        yield gauge("choral_num_requests_waiting", "Sequences queued", waiting)
+        yield gauge("choral_kv_cache_usage_perc", "Fraction of KV blocks in use", usage)
+        yield gauge("choral_kv_cache_used_blocks", "KV blocks in use", pool.num_used_blocks)
+        yield counter("choral_prefix_cache_queries", "Full prompt blocks looked up in the prefix cache",
+                      pool.stats.prefix_queries)
+        yield counter("choral_prefix_cache_hits", "Full prompt blocks found in the prefix cache",
+                      pool.stats.prefix_hits)
+        yield counter("choral_num_preemptions", "Sequences preempted", preemptions)
 
 
 class ServerMetrics:
+    """The server's registry: live values plus what finished requests measured."""
+
     def __init__(self, executor: Executor, model_name: str):
-        self.executor = executor
-        self.registry = CollectorRegistry()
-        labels = ["model_name"]
         self.model = model_name
-        r = self.registry
-        self.running = Gauge("choral_num_requests_running", "Sequences holding KV", labels, registry=r)
-        self.waiting = Gauge("choral_num_requests_waiting", "Sequences queued", labels, registry=r)
-        self.kv_usage = Gauge("choral_kv_cache_usage_perc", "Fraction of KV blocks in use", labels, registry=r)
-        self.kv_used = Gauge("choral_kv_cache_used_blocks", "KV blocks in use", labels, registry=r)
-        self.prefix_hit_rate = Gauge("choral_prefix_cache_hit_rate", "Prefix-cache block hits / queries",
-                                     labels, registry=r)
-        self.preemptions = Gauge("choral_num_preemptions_total", "Sequences preempted so far", labels, registry=r)
-        self.prompt_tokens = Counter("choral_prompt_tokens", "Prompt tokens processed", labels, registry=r)
-        self.generation_tokens = Counter("choral_generation_tokens", "Tokens generated", labels, registry=r)
-        self.requests = Counter("choral_request_success", "Finished requests by finish reason",
-                                [*labels, "finished_reason"], registry=r)
+        self.registry = r = CollectorRegistry()
+        r.register(_LiveCollector(executor, model_name))
+        labels = ["model_name"]
+        self.counters: dict[str, Counter] = {}
+        self.histograms: dict[str, Histogram] = {}
+        for prefix in ("vllm:", "choral_"):
+            self.counters[prefix + "prompt"] = Counter(f"{prefix}prompt_tokens", "Prompt tokens processed",
+                                                       labels, registry=r)
+            self.counters[prefix + "generation"] = Counter(f"{prefix}generation_tokens", "Tokens generated",
+                                                           labels, registry=r)
+            self.counters[prefix + "success"] = Counter(f"{prefix}request_success", "Finished sequences by reason",
+                                                        [*labels, "finished_reason"], registry=r)
+            self.histograms[prefix + "ttft"] = Histogram(f"{prefix}time_to_first_token_seconds",
+                                                         "Time to first token", labels, buckets=_LATENCY_BUCKETS,
+                                                         registry=r)
+            self.histograms[prefix + "e2e"] = Histogram(f"{prefix}e2e_request_latency_seconds",
+                                                        "End-to-end request latency", labels,
+                                                        buckets=_LATENCY_BUCKETS, registry=r)
+            self.histograms[prefix + "tpot"] = Histogram(f"{prefix}time_per_output_token_seconds",
+                                                         "Time per output token after the first", labels,
+                                                         buckets=_TOKEN_GAP_BUCKETS, registry=r)
         self.aborted = Counter("choral_request_aborted", "HTTP requests ended before their answer was complete, "
                                "by reason (client_disconnected, server_shutdown)", [*labels, "reason"], registry=r)
-        self.ttft = Histogram("choral_time_to_first_token_seconds", "Time to first token", labels,
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram("choral_time_per_output_token_seconds", "Time per output token after the first",
-                              labels, buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0), registry=r)
-        self.e2e = Histogram("choral_e2e_request_latency_seconds", "End-to-end request latency", labels,
-                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.histograms["vllm:queue"] = Histogram("vllm:request_queue_time_seconds", "Time waiting to be scheduled",
+                                                  labels, buckets=_LATENCY_BUCKETS, registry=r)
 
-    def observe_final(self, result: Result) -> None:
-        """Record a finished sequence (call once per final result)."""
-        m = self.model
-        self.requests.labels(m, result.finish_reason.value).inc()
-        self.generation_tokens.labels(m).inc(result.num_output_tokens)
-        if result.sequence_index == 0:
-            self.prompt_tokens.labels(m).inc(result.num_prompt_tokens)
-        timing = result.timing
-        if timing.time_to_first_token is not None:
-            self.ttft.labels(m).observe(timing.time_to_first_token)
-        if timing.latency is not None:
-            self.e2e.labels(m).observe(timing.latency)
-            if timing.time_to_first_token is not None and result.num_output_tokens > 1:
-                self.tpot.labels(m).observe(
-                    (timing.latency - timing.time_to_first_token) / (result.num_output_tokens - 1))
+    def observe(self, response: Response) -> None:
+        """A request's callback: record each sequence as it finishes (any thread)."""
+        result = response.result
+        if result is None or not result.is_sequence_final:
+            return
+        m, timing = self.model, result.timing
+        # vLLM's finished_reason values (stop, length, abort), and choral's own finer ones.
+        reasons = {"vllm:": result.finish_reason.api_name or "abort", "choral_": result.finish_reason.value}
+        gap = None
+        if timing.latency is not None and timing.time_to_first_token is not None and result.num_output_tokens > 1:
+            gap = (timing.latency - timing.time_to_first_token) / (result.num_output_tokens - 1)
+        for prefix, reason in reasons.items():
+            self.counters[prefix + "success"].labels(m, reason).inc()
+            self.counters[prefix + "generation"].labels(m).inc(result.num_output_tokens)
+            if result.sequence_index == 0:  # the prompt is shared by a request's n samples
+                self.counters[prefix + "prompt"].labels(m).inc(result.num_prompt_tokens)
+            if timing.time_to_first_token is not None:
+                self.histograms[prefix + "ttft"].labels(m).observe(timing.time_to_first_token)
+            if timing.latency is not None:
+                self.histograms[prefix + "e2e"].labels(m).observe(timing.latency)
+            if gap is not None:
+                self.histograms[prefix + "tpot"].labels(m).observe(gap)
+        if result.sequence_index == 0 and timing.queue_time is not None:
+            self.histograms["vllm:queue"].labels(m).observe(timing.queue_time)
 
     def observe_abort(self, reason: str) -> None:
         """Count an HTTP request whose answer could not be completed (its executor requests were cancelled)."""
         self.aborted.labels(self.model, reason).inc()
 
-    def observe_completion(self, completion: Completion) -> None:
-        """Record every sequence of a finished non-streamed request."""
-        for out in completion.outputs:
-            self.observe_final(Result(
-                is_final=True, is_sequence_final=True, sequence_index=out.index, output_token_ids=[], text="",
-                finish_reason=out.finish_reason, logprobs=None, num_prompt_tokens=len(completion.prompt_token_ids),
-                num_output_tokens=len(out.token_ids), num_cached_tokens=completion.num_cached_tokens,
-                timing=completion.timing))
-
     def render(self) -> bytes:
-        ex, m = self.executor, self.model
-        pool = ex.kv.pool
-        self.running.labels(m).set(len(ex.scheduler.running))
-        self.waiting.labels(m).set(len(ex.scheduler.waiting) + ex.num_queued_not_scheduled)
-        self.kv_used.labels(m).set(pool.num_used_blocks)
-        self.kv_usage.labels(m).set(pool.num_used_blocks / pool.num_blocks)
-        queries = pool.stats.prefix_queries
-        self.prefix_hit_rate.labels(m).set(pool.stats.prefix_hits / queries if queries else 0.0)
-        self.preemptions.labels(m).set(ex.aggregate.total_preemptions)
         return generate_latest(self.registry)

@@ -1,35 +1,37 @@
 """OpenAI request bodies (pydantic) and their translation to choral Requests.
 
-Unknown fields are rejected with a 400 that names them (never silently dropped). choral's extra
-sampling fields (top_k, min_p, priority, ...) are accepted as vLLM accepts them.
+Unknown fields are kept aside (``extra="allow"``) for fields.py to ignore with a warning, or to
+refuse under ``--strict``; never silently dropped. choral's extra sampling fields (top_k, min_p,
+priority, ...) are accepted as vLLM accepts them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from choral.errors import InvalidRequestError
-from choral.executor.request import Request
+from choral.executor.request import Request, Response
 from choral.sampling.params import MAX_INT, SamplingParams
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
     include_usage: bool = False
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
     type: Literal["text", "json_object", "json_schema"] = "text"
     json_schema: dict[str, Any] | None = None
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -63,9 +65,36 @@ class CompletionRequest(_Common):
 
 
 class ChatMessage(BaseModel):
+    # A message's other keys (name, tool_calls, tool_call_id, ...) go to the chat template.
     model_config = ConfigDict(extra="allow")
+    keeps_extra: ClassVar[bool] = True  # fields.py: not unknown fields
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(_Common):
@@ -74,6 +103,14 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    # vLLM's chat extras: assistant prefill, the template's own options, the prefill echoed.
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    echo: bool = False
 
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
@@ -111,9 +148,9 @@ def sampling_params(body: _Common, max_tokens: int, logprobs: int | None,
 
 
 def to_request(body: _Common, prompt: Any, max_tokens: int, logprobs: int | None, streaming: bool,
-               prompt_logprobs: int | None = None) -> Request:
+               prompt_logprobs: int | None = None, callback: Callable[[Response], None] | None = None) -> Request:
     return Request(prompt, sampling_params(body, max_tokens, logprobs, prompt_logprobs), streaming=streaming, n=body.n,
-                   priority=body.priority, client_id=body.user)
+                   priority=body.priority, client_id=body.user, callback=callback)
 
 
 def with_response_format(request: Request, fmt: ResponseFormat) -> Request:

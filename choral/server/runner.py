@@ -31,7 +31,7 @@ class Runner:
     def __init__(self, executor: Executor, metrics: ServerMetrics):
         self.executor = executor
         self.ax = AsyncExecutor(executor)
-        self.metrics = metrics
+        self.metrics = metrics  # counts the HTTP requests that end early (observe_abort)
 
     def check_room(self, count: int) -> None:
         """Refuse a request of more prompts than the queue ever holds: all or none could never
@@ -67,8 +67,6 @@ class Runner:
             for t in pending:
                 t.cancel()  # a started one cancels and releases its request; one not started queued none
             await asyncio.gather(*pending, return_exceptions=True)
-        for completion in results:
-            self.metrics.observe_completion(completion)
         return results
 
     def open_streams(self, requests: list[Request]) -> list[AsyncIterator[Result]]:

@@ -37,8 +37,9 @@ class EventStream(StreamingResponse):
     ``on_close`` (which ends the requests behind the stream)."""
 
     def __init__(self, events: AsyncGenerator[str, None], on_close: Callable[[], Awaitable[None]] | None = None,
-                 on_abort: Callable[[str], None] | None = None):
-        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                 on_abort: Callable[[str], None] | None = None, headers: dict[str, str] | None = None):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", **(headers or {})})
         self._events = events
         self._on_close = on_close
         self._on_abort = on_abort  # called with the reason when the stream ends before its end
