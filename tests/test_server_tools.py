@@ -187,7 +187,8 @@ def scrape(server: str) -> dict[str, Any]:
 
 
 def sample(families: dict[str, Any], name: str, **labels: str) -> float:
-    return sum(s.value for s in families[name.removesuffix("_total")].samples
+    """The sum of the samples called ``name`` (a counter's ``_total``, a histogram's ``_count``)."""
+    return sum(s.value for family in families.values() for s in family.samples
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
