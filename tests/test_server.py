@@ -31,7 +31,9 @@ def start_server(*extra: str) -> tuple[subprocess.Popen[bytes], str]:
            "--kv-cache-tokens", "16384", "--max-model-len", "2048", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    # The port opens at once and /health says 503 while the model loads: wait as long as it loads
+    # (minutes on a loaded CI machine).
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {proc.stdout.read().decode() if proc.stdout else ''}")
