@@ -30,12 +30,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="tokens per forward, prompt chunks + decodes (default: 2048)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    g.add_argument("--weights", default="auto", choices=["auto", "native", "dequantize"],
+                   help="quantized weights: native = kept packed (CPU integer kernels), dequantize = "
+                        "converted to --dtype at load; auto = native for quantized models on the CPU")
+    g.add_argument("--quantization", default=None, choices=["q8_0", "q4_0"],
+                   help="quantize a float model's weights at load and run them natively (default: off)")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, object]:
     return dict(model=args.model, dtype=args.dtype, device=args.device, kv_cache_tokens=args.kv_cache_tokens,
                 block_size=args.block_size, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens, num_threads=args.threads)
+                max_num_batched_tokens=args.max_num_batched_tokens, num_threads=args.threads,
+                weights=args.weights, quantization=args.quantization)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

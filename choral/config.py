@@ -9,6 +9,8 @@ from typing import Any
 from choral.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+WEIGHTS = ("auto", "native", "dequantize")
+QUANTIZATIONS = ("q8_0", "q4_0")
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
@@ -18,7 +20,15 @@ class EngineConfig:
 
     Attributes:
         model: a model name (``smollm2-135m-instruct``), a ``.gguf`` file or an HF model directory.
-        dtype: ``auto`` picks bf16 where the device computes it fast, else fp32.
+        dtype: ``auto`` picks bf16 where the device computes it fast, else fp32 (always fp32
+            with native quantized weights).
+        weights: how quantized weights are held. ``native``: kept packed as stored (GGUF Q8_0,
+            Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) and multiplied by the CPU's integer-dot
+            kernels, with fp32 activations; CPU only. ``dequantize``: every weight converted to
+            ``dtype`` at load (the CUDA path). ``auto`` (default): ``native`` for a model with
+            quantized tensors on the CPU (unless ``dtype`` asks for bf16/fp16), else ``dequantize``.
+        quantization: ``q8_0`` or ``q4_0`` quantizes a float model's projection and embedding
+            weights at load (llama.cpp's formats) and runs them natively; None keeps them as stored.
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         block_size: tokens per KV block.
         kv_cache_tokens: KV capacity in tokens (rounded up to whole blocks).
@@ -46,6 +56,8 @@ class EngineConfig:
     num_threads: int | None = None
     seed: int = 0
     attention_backend: str = "auto"
+    weights: str = "auto"
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -65,6 +77,21 @@ class EngineConfig:
             raise ConfigError(
                 f"attention_backend: {self.attention_backend!r} is not one of auto, kernel, torch"
             )
+        if self.weights not in WEIGHTS:
+            raise ConfigError(f"weights: {self.weights!r} is not one of {', '.join(WEIGHTS)}")
+        if self.quantization is not None:
+            if self.quantization not in QUANTIZATIONS:
+                raise ConfigError(f"quantization: {self.quantization!r} is not one of {', '.join(QUANTIZATIONS)} "
+                                  "(or None)")
+            if self.weights == "dequantize":
+                raise ConfigError("quantization: weights='dequantize' would undo it; use weights='native' or 'auto'")
+        if self.weights == "native" or self.quantization is not None:
+            if self.device != "cpu":
+                raise ConfigError("weights: native quantized weights run on the CPU; on CUDA quantized "
+                                  "models are dequantized at load (weights='dequantize')")
+            if self.dtype not in ("auto", "float32"):
+                raise ConfigError(f"dtype: native quantized weights compute in float32, not {self.dtype}; "
+                                  "pass dtype='float32' or 'auto', or weights='dequantize'")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"seed: must be an int, got {self.seed!r}")
 

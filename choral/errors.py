@@ -31,6 +31,10 @@ class UnsupportedTensorTypeError(ModelLoadError):
     """A weight is stored in a tensor type choral cannot dequantize."""
 
 
+class QuantKernelError(ChoralError):
+    """The quantized-weight kernel was given tensors it cannot take, or could not run."""
+
+
 class InvalidRequestError(ChoralError, ValueError):
     """A request (prompt, sampling parameters) is invalid; nothing was changed."""
 

@@ -93,7 +93,9 @@ def smollm_fp32():  # type: ignore[no-untyped-def]
     """The bundled model in fp32, loaded once for the whole session."""
     from choral import LLM
 
-    return LLM("smollm2-135m-instruct", dtype="float32", kv_cache_tokens=8192, max_model_len=2048)
+    # The dequantized fp32 reference (what transformers computes from the same file).
+    return LLM("smollm2-135m-instruct", dtype="float32", weights="dequantize", kv_cache_tokens=8192,
+               max_model_len=2048)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from choral.cli import main
 
 def test_generate_prints_completions_and_speed(capsys) -> None:  # type: ignore[no-untyped-def]
     rc = main(["generate", "What is the capital of France?", "--max-tokens", "12", "--dtype", "float32",
+               "--weights", "dequantize",
                "--quiet", "--kv-cache-tokens", "4096", "--max-model-len", "1024"])
     out = capsys.readouterr().out
     assert rc == 0
@@ -58,8 +59,8 @@ def test_chat_through_a_pseudo_terminal() -> None:
     pid, fd = pty.fork()
     if pid == 0:  # the child: become `choral chat`
         os.execv(sys.executable, [sys.executable, "-m", "choral.cli", "chat", "--dtype", "float32",
-                                  "--temperature", "0", "--max-tokens", "24", "--kv-cache-tokens", "4096",
-                                  "--max-model-len", "2048"])
+                                  "--weights", "dequantize", "--temperature", "0", "--max-tokens", "24",
+                                  "--kv-cache-tokens", "4096", "--max-model-len", "2048"])
     buffer = b""
 
     def read_until(needle: bytes, timeout: float = 180) -> bytes:

@@ -27,8 +27,9 @@ def free_port() -> int:
 
 def start_server(*extra: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
+    # The dequantized fp32 model: its answers are the ones asserted (native weights: test_quant_model).
     cmd = [sys.executable, "-m", "choral.cli", "serve", "--port", str(port), "--dtype", "float32",
-           "--kv-cache-tokens", "16384", "--max-model-len", "2048", *extra]
+           "--weights", "dequantize", "--kv-cache-tokens", "16384", "--max-model-len", "2048", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     # The port opens at once and /health says 503 while the model loads: wait as long as it loads

@@ -19,6 +19,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from choral.config import DEFAULT_MODEL, EngineConfig
 from choral.conversation.context_shift import ContextShift
 from choral.conversation.conversation import Conversation
@@ -103,8 +105,10 @@ class BatchedExecutor:
         self._inflight: asyncio.Future[DecodeResult] | None = None
         loaded = self._engine.loaded
         layers = loaded.model.layers
-        sample = [loaded.model.embed[:16], loaded.model.final_norm, layers[0].input_norm, layers[-1].post_norm]
-        self.fingerprint = model_fingerprint(loaded.spec.fingerprint(), loaded.model.dtype, sample)
+        sample = [loaded.model.embed_tokens(torch.arange(16)), loaded.model.final_norm, layers[0].input_norm,
+                  layers[-1].post_norm]
+        self.fingerprint = model_fingerprint(loaded.spec.fingerprint(), loaded.model.dtype, sample,
+                                             loaded.weights_mode)
 
     # ---- properties --------------------------------------------------------------------------
     @property

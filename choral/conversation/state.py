@@ -277,10 +277,12 @@ def _checked_values(tensors: dict[str, torch.Tensor], spec: StateSpec) -> SavedC
 
 
 def model_fingerprint(spec_fingerprint: dict[str, Any], dtype: torch.dtype,
-                      sample: list[torch.Tensor]) -> dict[str, Any]:
+                      sample: list[torch.Tensor], weights: str = "dequantize") -> dict[str, Any]:
     """The model identity a state is checked against: shapes and rope from the spec, the K/V
-    dtype, and a sha256 over a few weight tensors (cast to fp32, so it names the checkpoint)."""
+    dtype, how the weights run (``native`` packed or ``dequantize``d: their K/V differ) and a
+    sha256 over a few weight tensors (cast to fp32, so it names the checkpoint)."""
     h = hashlib.sha256()
     for t in sample:
         h.update(t.detach().float().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return {**spec_fingerprint, "dtype": str(dtype).removeprefix("torch."), "weights_sha256": h.hexdigest()[:32]}
+    return {**spec_fingerprint, "dtype": str(dtype).removeprefix("torch."), "weights": weights,
+            "weights_sha256": h.hexdigest()[:32]}

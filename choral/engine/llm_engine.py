@@ -34,7 +34,8 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         elif torch.device(config.device).type == "cpu":
             torch.set_num_threads(default_num_threads())  # fewer when other processes hold the cores
-        self.loaded = loaded or load_model(config.model, config.dtype, config.device, config.max_model_len)
+        self.loaded = loaded or load_model(config.model, config.dtype, config.device, config.max_model_len,
+                                             config.weights, config.quantization)
         spec = self.loaded.spec
         self.max_model_len = config.max_model_len or spec.max_position_embeddings
         if self.max_model_len > spec.max_position_embeddings:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from choral.loader.dequant import dequantize
 from choral.loader.gguf_reader import GGUFReader
 from choral.models.registry import Architecture, for_gguf
 from choral.models.spec import ModelSpec, spec_or_error
+from choral.quant.repack import GGUF_TYPES, PackedRows, repack
 
 # GGUF tensor name pieces -> HF names (per layer ones get "model.layers.N." in front).
 _GLOBAL = {
@@ -68,20 +70,39 @@ class GGUFModelFile:
         """Tensor ``name`` as float32 in numpy order (GGML's dims reversed)."""
         return dequantize(self.reader.raw(name), self.tensors[name], self.path)
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """HF-named fp32 tensors, with llama.cpp's q/k row permutation undone."""
+    def iter_tensors(self, keep_packed: bool = False) -> Iterator[tuple[str, torch.Tensor | PackedRows]]:
+        """HF-named tensors, with llama.cpp's q/k row permutation undone: fp32, or with
+        ``keep_packed`` the 2-d tensors of a type in ``repack.GGUF_TYPES`` as PackedRows."""
         spec = self.spec
         for name in self.tensors:
             if name == "rope_freqs.weight":
                 continue
             hf_name = self._hf_name(name)
-            array = self.dequantize(name)
+            permute_heads = None
             if self.architecture.gguf_qk_permuted and name.endswith(_PERMUTED):
-                heads = spec.num_heads if "attn_q" in name else spec.num_kv_heads
-                array = _unpermute(array, heads)
+                permute_heads = spec.num_heads if "attn_q" in name else spec.num_kv_heads
+            info = self.tensors[name]
+            if keep_packed and info.type_name in GGUF_TYPES and len(info.shape) == 2:
+                rows, cols = info.shape
+                packed = repack(self.reader.raw(name), info.type_name, rows, cols)
+                if permute_heads is not None:  # whole rows move: the same permutation on packed rows
+                    order = _unpermute(np.arange(rows), permute_heads)
+                    packed = replace(packed, data=np.ascontiguousarray(packed.data[order]))
+                yield hf_name, packed
+                continue
+            array = self.dequantize(name)
+            if permute_heads is not None:
+                array = _unpermute(array, permute_heads)
             # Dequantized arrays are fresh; F32 tensors are views of the read-only mapping: copy.
             owned = array if array.flags.writeable and array.flags.c_contiguous else np.array(array, copy=True)
             yield hf_name, torch.from_numpy(owned)
+
+    def quantized_types(self) -> dict[str, int]:
+        """GGUF type name -> number of tensors of that type (e.g. ``{"Q4_1": 210, "Q8_0": 1, "F32": 61}``)."""
+        counts: dict[str, int] = {}
+        for info in self.tensors.values():
+            counts[info.type_name] = counts.get(info.type_name, 0) + 1
+        return counts
 
     def _hf_name(self, name: str) -> str:
         if name in _GLOBAL:

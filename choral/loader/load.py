@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ from choral.loader.resolve import resolve_model_path
 from choral.models.spec import ModelSpec
 from choral.models.transformer import DecoderModel
 from choral.progress import step
+from choral.quant.kernels import kernel_available
+from choral.quant.quantize import quantize_tensors
+from choral.quant.repack import GGUF_TYPES
 from choral.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -34,6 +38,11 @@ class LoadedModel:
     tokenizer: Tokenizer | None
     eos_token_ids: tuple[int, ...]
     weights_digest: str  # identifies the weights (file size + mtime + spec) for fingerprints
+
+    @property
+    def weights_mode(self) -> str:
+        """``native`` (quantized weights kept packed) or ``dequantize``."""
+        return "native" if self.model.native else "dequantize"
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -73,12 +82,14 @@ def _check_memory(path: Path, source: GGUFModelFile | HFModelDir, spec: ModelSpe
                "check the model config, or lower max_model_len")
 
 
-def load_model(model: str, dtype: str, device: str, max_model_len: int | None) -> LoadedModel:
-    """Resolve and load ``model`` (a bundled name, a .gguf file or an HF directory)."""
+def load_model(model: str, dtype: str, device: str, max_model_len: int | None, weights: str = "auto",
+               quantization: str | None = None) -> LoadedModel:
+    """Resolve and load ``model`` (a bundled name, a .gguf file or an HF directory).
+
+    ``weights`` and ``quantization`` as in EngineConfig (already validated against each other)."""
     start = time.perf_counter()
     path = resolve_model_path(model)
     dev = pick_device(device)
-    torch_dtype = pick_dtype(dtype, dev)
     source: GGUFModelFile | HFModelDir
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -86,12 +97,20 @@ def load_model(model: str, dtype: str, device: str, max_model_len: int | None) -
         source = GGUFModelFile(path)
     else:
         source = HFModelDir(path)
+    native = _native_weights(source, weights, quantization, dtype, dev)
+    torch_dtype = torch.float32 if native else pick_dtype(dtype, dev)
     spec = source.spec
     max_positions = max_model_len or spec.max_position_embeddings
     _check_memory(path, source, spec, torch_dtype, dev, max_positions)
-    with step(f"loading {path.name} ({spec.architecture}, {torch_dtype})"):
-        decoder = DecoderModel(spec, torch_dtype, dev, max_positions)
-        decoder.load_weights(source.iter_tensors())
+    mode = "native" if native else "dequantized"
+    with step(f"loading {path.name} ({spec.architecture}, {torch_dtype}, {mode} weights)"):
+        decoder = DecoderModel(spec, torch_dtype, dev, max_positions, native=native)
+        if quantization is not None:
+            decoder.load_weights(quantize_tensors(source.iter_tensors(), quantization))
+        elif isinstance(source, GGUFModelFile):
+            decoder.load_weights(source.iter_tensors(keep_packed=native))
+        else:
+            decoder.load_weights(source.iter_tensors())
     digest = None
     if isinstance(source, GGUFModelFile):
         has_vocab = "tokenizer.ggml.model" in source.metadata
@@ -101,7 +120,48 @@ def load_model(model: str, dtype: str, device: str, max_model_len: int | None) -
     with step("loading the tokenizer"):
         tokenizer = Tokenizer.from_model_path(path, source.eos_token_ids, digest) if has_vocab else None
     eos = tokenizer.eos_token_ids if tokenizer else tuple(source.eos_token_ids)
+    if native:
+        _return_freed_memory()
     stat = path.stat()
     digest = f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}"
-    logger.info("loaded %s (%s, %s) in %.1f s", path, spec.architecture, torch_dtype, time.perf_counter() - start)
+    if quantization is not None:
+        digest += f":{quantization}"
+    logger.info("loaded %s (%s, %s, %s weights) in %.1f s", path, spec.architecture, torch_dtype,
+                "native" if native else "dequantized", time.perf_counter() - start)
     return LoadedModel(path, spec, decoder, tokenizer, eos, digest)
+
+
+def _native_weights(source: GGUFModelFile | HFModelDir, weights: str, quantization: str | None, dtype: str,
+                    device: torch.device) -> bool:
+    """Whether this load keeps quantized weights packed (EngineConfig.weights says how to decide)."""
+    packed_types = sorted(t for t in source.quantized_types() if t in GGUF_TYPES) \
+        if isinstance(source, GGUFModelFile) else []
+    if quantization is not None:
+        if packed_types:
+            raise ConfigError(f"quantization: {source.path} is already quantized ({', '.join(packed_types)}); "
+                              "quantization= applies to float weights")
+        _require_kernel()
+        return True
+    if weights == "native":
+        if not packed_types:
+            raise ConfigError(f"weights: {source.path} has no quantized tensors to keep packed; "
+                              "pass quantization='q8_0' or 'q4_0' to quantize it at load")
+        _require_kernel()
+        return True
+    return (weights == "auto" and bool(packed_types) and device.type == "cpu"
+            and dtype in ("auto", "float32") and kernel_available())
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages that repacking's numpy temporaries freed back to the OS (glibc keeps
+    them otherwise: ~40 MB of resident memory for the bundled model)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _require_kernel() -> None:
+    if not kernel_available():
+        raise ConfigError("weights: native quantized weights need the C kernel (quant_matmul.c), which did not "
+                          "compile here (no C compiler, or CHORAL_NO_KERNELS=1); use weights='dequantize'")

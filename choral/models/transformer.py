@@ -1,15 +1,19 @@
 """The Llama-family decoder forward over a packed batch and a paged KV cache.
 
 One forward runs T tokens from many sequences at once (prompt chunks and single decode
-tokens mixed). Weights are plain tensors: q/k/v and gate/up are fused into one matmul each,
-which halves the number of weight reads and kernel launches per layer.
+tokens mixed). q/k/v and gate/up are fused into one matmul each, which halves the number of
+weight reads and kernel launches per layer. Weights are plain tensors, or with ``native=True``
+GGUF's quantized tensors kept packed (``choral/quant``: integer-dot projections, an embedding
+that dequantizes only the rows a step needs, and the tied lm_head on the same bytes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -21,32 +25,47 @@ from choral.kernels.silu_mul import SiluMul
 from choral.models.linear import Projection, choose_layout
 from choral.models.rope import RotaryTable, apply_rotary
 from choral.models.spec import ModelSpec
+from choral.quant.kernels import dequantize_rows
+from choral.quant.linear import QuantEmbedding, QuantProjection
+from choral.quant.repack import PackedRows
+
+logger = logging.getLogger(__name__)
+
+AnyProjection = Projection | QuantProjection
+Weight = torch.Tensor | PackedRows  # what the loaders hand over: a tensor, or packed GGUF blocks
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [hidden]
-    qkv: Projection  # hidden -> q_size + 2 * kv_size
+    qkv: AnyProjection  # hidden -> q_size + 2 * kv_size
     q_norm: torch.Tensor | None  # [head_dim]
     k_norm: torch.Tensor | None
-    o: Projection  # q_size -> hidden
+    o: AnyProjection  # q_size -> hidden
     post_norm: torch.Tensor  # [hidden]
-    gate_up: Projection  # hidden -> 2 * intermediate
-    down: Projection  # intermediate -> hidden
+    gate_up: AnyProjection  # hidden -> 2 * intermediate
+    down: AnyProjection  # intermediate -> hidden
 
 
 class DecoderModel:
-    """Weights and forward of one Llama-family model. Owns no KV state."""
+    """Weights and forward of one Llama-family model. Owns no KV state.
 
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device, max_positions: int):
+    ``native=True`` keeps quantized weights packed (CPU, fp32 activations); the loader then hands
+    PackedRows for them. Otherwise every weight is a tensor of ``dtype``."""
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device, max_positions: int,
+                 native: bool = False):
+        if native and (device.type != "cpu" or dtype != torch.float32):
+            raise ValueError("native quantized weights run on the CPU with float32 activations")
         self.spec = spec
         self.dtype = dtype
         self.device = device
+        self.native = native
         self.rotary = RotaryTable(spec.rope, spec.head_dim, max_positions, device)
         self.scale = spec.head_dim**-0.5
-        self.embed: torch.Tensor
+        self.embed: torch.Tensor | QuantEmbedding
         self.final_norm: torch.Tensor
-        self.lm_head: Projection
+        self.lm_head: AnyProjection
         self.layers: list[LayerWeights] = []
         self.projection_layout = choose_layout(dtype, device)
         # fp32 and bf16 on the CPU: RMSNorm in one C pass (torch runs it as ~6 ops; see
@@ -58,34 +77,45 @@ class DecoderModel:
         self._act_kernel = SiluMul.load(dtype) if cpu else None
 
     # ---- loading -------------------------------------------------------------------------
-    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, tensors: Iterable[tuple[str, Weight]]) -> None:
         """Take HF-named tensors (``model.layers.0.self_attn.q_proj.weight``...) and fuse them."""
         spec = self.spec
-        named: dict[str, torch.Tensor] = {}
+        named: dict[str, Weight] = {}
         for name, tensor in tensors:
-            named[name] = tensor.to(device=self.device, dtype=self.dtype)
+            if isinstance(tensor, PackedRows):
+                if not self.native:
+                    raise ModelLoadError(f"weights: {name} is packed but the model dequantizes its weights")
+                named[name] = tensor
+            else:
+                named[name] = tensor.to(device=self.device, dtype=self.dtype)
 
-        def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        def take_any(name: str, shape: tuple[int, ...]) -> Weight:
             if name not in named:
                 raise ModelLoadError(f"weights: missing tensor {name!r}")
             t = named.pop(name)
-            if tuple(t.shape) != shape:
-                raise ModelLoadError(f"weights: {name} has shape {tuple(t.shape)}, expected {shape}")
-            return t.contiguous()
+            t_shape = (t.rows, t.cols) if isinstance(t, PackedRows) else tuple(t.shape)
+            if t_shape != shape:
+                raise ModelLoadError(f"weights: {name} has shape {t_shape}, expected {shape}")
+            return t if isinstance(t, PackedRows) else t.contiguous()
+
+        def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+            """A weight used as a plain tensor (norms, biases): packed ones are dequantized."""
+            return self._dense(take_any(name, shape))
 
         def maybe(name: str, shape: tuple[int, ...], present: bool) -> torch.Tensor | None:
             return take(name, shape) if present else None
 
         h, q, kv, inter, d = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size, spec.head_dim
-        self.embed = take("model.embed_tokens.weight", (spec.vocab_size, h))
+        embed = take_any("model.embed_tokens.weight", (spec.vocab_size, h))
+        self.embed = QuantEmbedding(embed) if isinstance(embed, PackedRows) else embed
         self.final_norm = take("model.norm.weight", (h,))
         for i in range(spec.num_layers):
             p = f"model.layers.{i}."
-            qkv = torch.cat([
-                take(p + "self_attn.q_proj.weight", (q, h)),
-                take(p + "self_attn.k_proj.weight", (kv, h)),
-                take(p + "self_attn.v_proj.weight", (kv, h)),
-            ])
+            qkv = [
+                take_any(p + "self_attn.q_proj.weight", (q, h)),
+                take_any(p + "self_attn.k_proj.weight", (kv, h)),
+                take_any(p + "self_attn.v_proj.weight", (kv, h)),
+            ]
             bias = None
             if spec.qkv_bias:
                 bias = torch.cat([
@@ -93,45 +123,69 @@ class DecoderModel:
                     take(p + "self_attn.k_proj.bias", (kv,)),
                     take(p + "self_attn.v_proj.bias", (kv,)),
                 ])
-            gate_up = torch.cat([
-                take(p + "mlp.gate_proj.weight", (inter, h)),
-                take(p + "mlp.up_proj.weight", (inter, h)),
-            ])
-            o_weight = take(p + "self_attn.o_proj.weight", (h, q))
+            gate_up = [
+                take_any(p + "mlp.gate_proj.weight", (inter, h)),
+                take_any(p + "mlp.up_proj.weight", (inter, h)),
+            ]
+            o_weight = take_any(p + "self_attn.o_proj.weight", (h, q))
             self.layers.append(LayerWeights(
                 input_norm=take(p + "input_layernorm.weight", (h,)),
                 qkv=self._projection(qkv, bias),
                 q_norm=maybe(p + "self_attn.q_norm.weight", (d,), spec.qk_norm),
                 k_norm=maybe(p + "self_attn.k_norm.weight", (d,), spec.qk_norm),
-                o=self._projection(o_weight, maybe(p + "self_attn.o_proj.bias", (h,), spec.o_bias)),
+                o=self._projection([o_weight], maybe(p + "self_attn.o_proj.bias", (h,), spec.o_bias)),
                 post_norm=take(p + "post_attention_layernorm.weight", (h,)),
                 gate_up=self._projection(gate_up, None),
-                down=self._projection(take(p + "mlp.down_proj.weight", (h, inter)), None),
+                down=self._projection([take_any(p + "mlp.down_proj.weight", (h, inter))], None),
             ))
         if spec.tie_word_embeddings or "lm_head.weight" not in named:
             named.pop("lm_head.weight", None)
-            self.lm_head = self._projection(self.embed, None)
+            # Tied: the lm_head reads the embedding's own bytes (packed or not), no second copy.
+            self.lm_head = (self.embed.as_projection() if isinstance(self.embed, QuantEmbedding)
+                            else self._projection([self.embed], None))
             self.tied = True
         else:
-            self.lm_head = self._projection(take("lm_head.weight", (spec.vocab_size, h)), None)
+            self.lm_head = self._projection([take_any("lm_head.weight", (spec.vocab_size, h))], None)
             self.tied = False
         # Rotary tables some exporters save as buffers are recomputed, not loaded.
         leftovers = [n for n in named if not n.endswith("rotary_emb.inv_freq")]
         if leftovers:
             raise ModelLoadError(f"weights: unexpected tensors {sorted(leftovers)[:5]}")
 
-    def _projection(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Projection:
-        return Projection(weight, bias, self.projection_layout)
+    def _dense(self, weight: Weight) -> torch.Tensor:
+        if isinstance(weight, torch.Tensor):
+            return weight
+        full = dequantize_rows(weight.kind, torch.from_numpy(weight.data), weight.cols, range(weight.rows))
+        return full.to(device=self.device, dtype=self.dtype)
+
+    def _projection(self, parts: Sequence[Weight], bias: torch.Tensor | None) -> AnyProjection:
+        """One projection over row groups stacked along the outputs (fused q/k/v, gate/up)."""
+        if all(isinstance(p, PackedRows) for p in parts):
+            return QuantProjection(_merge_packed([p for p in parts if isinstance(p, PackedRows)]), bias)
+        if any(isinstance(p, PackedRows) for p in parts):
+            # A fused group of packed and float tensors (rare: e.g. one F16 tensor in a Q4 file)
+            # runs dequantized, as one float projection.
+            logger.info("a fused projection mixes packed and float weights; it runs dequantized")
+        weights = [self._dense(p) for p in parts]
+        return Projection(weights[0] if len(weights) == 1 else torch.cat(weights), bias, self.projection_layout)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[T] token ids -> [T, hidden] in the model's dtype."""
+        if isinstance(self.embed, QuantEmbedding):
+            return self.embed.lookup(input_ids)
+        return self.embed.index_select(0, input_ids)
 
     @property
     def num_parameters(self) -> int:
         """Parameters as the checkpoint counts them (a tied lm_head counts once)."""
-        total = self.embed.numel() + self.final_norm.numel()
+        embed = self.embed
+        total = (embed.num_embeddings * embed.embedding_dim if isinstance(embed, QuantEmbedding)
+                 else embed.numel()) + self.final_norm.numel()
         if not self.tied:
             total += self.lm_head.num_parameters
         for layer in self.layers:
             for value in vars(layer).values():
-                if isinstance(value, Projection):
+                if isinstance(value, Projection | QuantProjection):
                     total += value.num_parameters
                 elif value is not None:
                     total += value.numel()
@@ -139,7 +193,34 @@ class DecoderModel:
 
     @property
     def weight_bytes(self) -> int:
-        return self.num_parameters * self.embed.element_size()
+        """Bytes of every weight as held in memory (packed ones at their packed size; a tied
+        lm_head counts once)."""
+        if not self.native:
+            return self.num_parameters * self.final_norm.element_size()
+
+        def nbytes(value: object) -> int:
+            if isinstance(value, QuantProjection | QuantEmbedding):
+                return value.weight_bytes
+            if isinstance(value, Projection):
+                return value.num_parameters * value.dtype.itemsize
+            if isinstance(value, torch.Tensor):
+                return value.numel() * value.element_size()
+            return 0
+
+        total = nbytes(self.embed) + nbytes(self.final_norm) + (0 if self.tied else nbytes(self.lm_head))
+        return total + sum(nbytes(v) for layer in self.layers for v in vars(layer).values())
+
+    @property
+    def weight_formats(self) -> dict[str, int]:
+        """How the projections hold their weights: GGUF type (packed) or torch dtype -> count."""
+        counts: dict[str, int] = {}
+        projections = [v for layer in self.layers for v in vars(layer).values()
+                       if isinstance(v, Projection | QuantProjection)]
+        for proj in [*projections, self.lm_head]:
+            names = proj.formats if isinstance(proj, QuantProjection) else [str(proj.dtype).removeprefix("torch.")]
+            for name in names:
+                counts[name] = counts.get(name, 0) + 1
+        return counts
 
     # ---- forward -------------------------------------------------------------------------
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -193,7 +274,7 @@ class DecoderModel:
         num_tokens = input_ids.shape[0]
         hd, nh, nkv = spec.head_dim, spec.num_heads, spec.num_kv_heads
         cos, sin = self.rotary.lookup(positions, self.dtype)  # [T, 1, D]
-        hidden = self.embed.index_select(0, input_ids)  # [T, hidden]
+        hidden = self.embed_tokens(input_ids)  # [T, hidden]
         for i, w in enumerate(self.layers):
             x = self._norm(hidden, w.input_norm)
             qkv = w.qkv(x)  # [T, q + 2kv]
@@ -217,3 +298,16 @@ class DecoderModel:
             hidden = hidden + w.down(self._act(w.gate_up(x)))  # gate_up: [T, 2 * inter]
         return hidden
 
+
+
+def _merge_packed(parts: list[PackedRows]) -> list[PackedRows]:
+    """Adjacent row groups of the same block kind joined into one (one kernel call for them)."""
+    merged: list[PackedRows] = []
+    for p in parts:
+        last = merged[-1] if merged else None
+        if last is not None and last.kind == p.kind and last.cols == p.cols:
+            source = last.source if last.source == p.source else f"{last.source}+{p.source}"
+            merged[-1] = PackedRows(p.kind, np.concatenate([last.data, p.data]), last.rows + p.rows, p.cols, source)
+        else:
+            merged.append(p)
+    return merged

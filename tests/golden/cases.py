@@ -23,7 +23,7 @@ from choral.executor.completion import Completion
 
 @dataclass
 class Context:
-    llm: LLM  # SmolLM2, dtype float32, kv_cache_tokens 8192, max_model_len 2048
+    llm: LLM  # SmolLM2, dtype float32, weights dequantize, kv_cache_tokens 8192, max_model_len 2048
     tiny: dict[str, Path]
 
 

@@ -26,7 +26,8 @@ def build_context(root: Path) -> Context:
         directory.mkdir()
         make_tiny_model(arch, directory)
         tiny[arch] = directory
-    llm = LLM("smollm2-135m-instruct", dtype="float32", kv_cache_tokens=8192, max_model_len=2048)
+    llm = LLM("smollm2-135m-instruct", dtype="float32", weights="dequantize", kv_cache_tokens=8192,
+              max_model_len=2048)
     return Context(llm, tiny)
 
 
