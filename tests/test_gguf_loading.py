@@ -91,7 +91,9 @@ def test_gguf_with_quantized_tensors_matches_transformers(tmp_path: Path) -> Non
     path = tmp_path / "tiny.gguf"
     write_llama_gguf(hf, path, {"blk.0.ffn_up.weight": T.Q8_0, "blk.1.attn_v.weight": T.Q4_1,
                                 "blk.1.ffn_down.weight": T.Q6_K if hf.config.intermediate_size % 256 == 0 else T.Q5_0})
-    engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", block_size=4, kv_cache_tokens=256))
+    # Dequantized: exact against transformers' own dequantization (native weights: test_quant_model).
+    engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", weights="dequantize", block_size=4,
+                                    kv_cache_tokens=256))
     assert engine.loaded.tokenizer is None
     tokens = list(range(3, 30))
     table = engine.pool.allocate(-(-len(tokens) // 4))
