@@ -1,12 +1,13 @@
 # Two commands for a fresh machine (see README):
 #   make demo   - set everything up, then run the demo on the bundled model
 #   make test   - set everything up, then run lint, type checks and the whole test suite
+#   make test-fast - the same, with only the tests that load no model
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.choral-setup
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +32,12 @@ test: setup
 	$(VENV)/bin/ruff check choral tests benchmarks examples
 	$(VENV)/bin/mypy
 	$(PY) -m pytest
+
+# The fast tier: lint, types and the tests that load no model (tests/conftest.py; ~80 s of CPU).
+test-fast: setup
+	$(VENV)/bin/ruff check choral tests benchmarks examples
+	$(VENV)/bin/mypy
+	$(PY) -m pytest --fast
 
 bench: setup
 	$(PY) benchmarks/bench_engine.py

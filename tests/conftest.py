@@ -11,6 +11,51 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# ---- test tiers ----------------------------------------------------------------------------------
+# `pytest --fast` (make test-fast) runs the tests that load no model; `pytest` runs everything.
+# A test loads a model when it uses one of these fixtures (module ones included) or is marked
+# @pytest.mark.model; in the fast tier loading one anyway fails, so an unmarked model test cannot
+# slip in. Errors raised before any weights are read (a missing file, an unknown architecture) stay fast.
+MODEL_FIXTURES = {"tiny_models", "smollm_path", "smollm_fp32", "smollm_executor",
+                  "tokenizer", "chat_ex", "long_context_dir"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fast", action="store_true",
+                     help="the fast tier: only tests that load no model (see tests/conftest.py)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--fast"):
+        _forbid_model_loads()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)
+    if config.getoption("--fast"):
+        slow = [item for item in items if item.get_closest_marker("model") is not None]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if item.get_closest_marker("model") is None]
+
+
+def _forbid_model_loads() -> None:
+    """Every way the tests run a model (an engine's model runner, a tokenizer read from a model
+    file, a transformers model) raises in the fast tier: the test must be marked @pytest.mark.model."""
+    import transformers
+
+    import choral.engine.model_runner
+    import choral.tokenizer
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the fast tier loads no model: mark this test @pytest.mark.model")
+
+    choral.engine.model_runner.ModelRunner.__init__ = refuse  # type: ignore[method-assign,assignment]
+    choral.tokenizer.Tokenizer.from_model_path = classmethod(refuse)  # type: ignore[assignment,method-assign,arg-type]
+    transformers.PreTrainedModel.__init__ = refuse  # type: ignore[method-assign,assignment]
+
 TINY = dict(
     vocab_size=128,
     hidden_size=64,

@@ -5,9 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from choral.cli import main
 
 
+@pytest.mark.model
 def test_generate_prints_completions_and_speed(capsys) -> None:  # type: ignore[no-untyped-def]
     rc = main(["generate", "What is the capital of France?", "--max-tokens", "12", "--dtype", "float32",
                "--weights", "dequantize",
@@ -24,12 +27,20 @@ def test_generate_reports_errors_cleanly(capsys) -> None:  # type: ignore[no-unt
     assert "choral: error:" in capsys.readouterr().err
 
 
+def help_text(*args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "choral.cli", *args, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0, (args, result.stderr)
+    return result.stdout
+
+
 def test_help_explains_the_commands() -> None:
-    for args, needle in ((["--help"], "generate"), (["generate", "--help"], "Example"), (["chat", "--help"], "/reset"),
-                         (["serve", "--help"], "OpenAI"), (["bench", "--help"], "concurrency")):
-        result = subprocess.run([sys.executable, "-m", "choral.cli", *args], capture_output=True, text=True)
-        assert result.returncode == 0
-        assert needle in result.stdout and "--model" in result.stdout or args == ["--help"]
+    top = help_text()
+    for command in ("generate", "serve", "chat", "bench"):  # the top level lists every command
+        assert f"    {command} " in top, (command, top)
+    for command, needle in (("generate", "Example"), ("chat", "/reset"), ("serve", "OpenAI"),
+                            ("bench", "concurrency")):
+        text = help_text(command)  # each command explains itself and takes --model
+        assert needle in text and "--model" in text, (command, text)
 
 
 def test_bench_in_process_writes_table_json_and_plot(tiny_models, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -98,6 +109,7 @@ def test_chat_through_a_pseudo_terminal() -> None:
         os.close(fd)
 
 
+@pytest.mark.model
 def test_generate_with_decoding_controls(capsys) -> None:  # type: ignore[no-untyped-def]
     rc = main(["generate", "Pick a number.", "--max-tokens", "8", "--dtype", "float32", "--quiet",
                "--kv-cache-tokens", "4096", "--max-model-len", "1024", "--n", "2", "--temperature", "0.8",

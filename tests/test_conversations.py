@@ -189,6 +189,7 @@ def test_remove_recompute_equals_fresh(llama: BatchedExecutor) -> None:
 
 
 # ---- shift_left -----------------------------------------------------------------------------------
+@pytest.mark.model
 @pytest.mark.parametrize("arch", ["llama", "llama3", "qwen3", "mistral"])
 def test_shift_left_matches_fresh_at_new_positions(arch: str, tmp_path: Path) -> None:
     with make_executor(one_layer_model(arch, tmp_path)) as executor:

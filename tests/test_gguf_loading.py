@@ -81,6 +81,7 @@ def write_llama_gguf(hf_model, path: Path, quantize: dict[str, object] | None = 
     w.close()
 
 
+@pytest.mark.model
 def test_gguf_with_quantized_tensors_matches_transformers(tmp_path: Path) -> None:
     import gguf
 
@@ -117,6 +118,7 @@ def test_unsupported_gguf_architecture(tmp_path: Path) -> None:
         LLMEngine(EngineConfig(model=str(path), dtype="float32"))
 
 
+@pytest.mark.model
 def test_unsupported_tensor_type(tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     import gguf
 

@@ -16,6 +16,7 @@ from choral.errors import ModelLoadError
 from tests.conftest import make_tiny_model
 
 
+@pytest.mark.model
 def test_sharded_checkpoint_with_index(tmp_path: Path) -> None:
     hf = make_tiny_model("qwen2", tmp_path / "ref")
     hf.save_pretrained(str(tmp_path / "sharded"), max_shard_size="40KB")
@@ -35,6 +36,7 @@ def test_sharded_checkpoint_with_index(tmp_path: Path) -> None:
         LLMEngine(EngineConfig(model=str(tmp_path / "sharded"), dtype="float32"))
 
 
+@pytest.mark.model
 def test_generation_config_eos_ids(tmp_path: Path) -> None:
     make_tiny_model("llama", tmp_path)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
@@ -42,6 +44,7 @@ def test_generation_config_eos_ids(tmp_path: Path) -> None:
     assert engine.eos_token_ids == (2, 7)
 
 
+@pytest.mark.model
 def test_missing_weight_is_named(tmp_path: Path) -> None:
     make_tiny_model("llama", tmp_path)
     from safetensors.torch import load_file, save_file

@@ -18,6 +18,9 @@ import pytest
 
 from choral.sampling.params import SamplingParams
 
+# Every test talks to a server process on the bundled model (or builds one on a tiny model).
+pytestmark = pytest.mark.model
+
 
 def free_port() -> int:
     with socket.socket() as s:
