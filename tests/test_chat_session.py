@@ -205,3 +205,33 @@ def test_answer_ends_when_the_context_is_full(smollm_fp32) -> None:  # type: ign
         # The conversation's KV is full; the answer's last token was sampled but never fed.
         assert session.conversation.token_count == 48
         assert len(last.token_ids) == 48 + 1 - prompt_tokens
+
+
+def test_penalties_change_a_repetitive_answer(executor: BatchedExecutor) -> None:
+    question = "Write the word hello twenty times, separated by spaces."
+
+    def answer(**penalty: float) -> str:
+        params = SamplingParams(temperature=0, **penalty)
+        return ChatSession(executor.create()).prompt(question, max_tokens=24, params=params)
+
+    free = answer()
+    words = [w.strip(",.!").lower() for w in free.split()]
+    assert len(words) >= 3 and set(words) == {"hello"}, free  # greedy repeats itself
+    assert answer(presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0) == free
+    for knob in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        assert answer(**{knob: 1.5}) != free, knob
+
+
+def test_penalties_count_the_current_answer_as_output(executor: BatchedExecutor) -> None:
+    session = ChatSession(executor.create())
+    session.prompt("Say hi.", max_tokens=3)
+    seen: list[int | None] = []
+    real_sample = session.conversation.sample
+
+    def spy(*args: Any, num_output_tokens: int | None = None, **kwargs: Any) -> int:
+        seen.append(num_output_tokens)
+        return real_sample(*args, num_output_tokens=num_output_tokens, **kwargs)
+
+    session.conversation.sample = spy  # type: ignore[method-assign]
+    session.prompt("And again.", max_tokens=5, params=SamplingParams(temperature=0, ignore_eos=True))
+    assert seen == [0, 1, 2, 3, 4]  # the earlier turns are this answer's prompt

@@ -65,7 +65,9 @@ class _Turn:
         if self.cancel is not None and self.cancel.cancelled:
             return self.stop(FinishReason.CANCELLED)
         early = self.finisher.num_tokens < self.params.min_tokens
-        token = conversation.sample(self.params if early else self.free_params)
+        # Penalties count the current answer as output (every earlier token is its prompt).
+        token = conversation.sample(self.params if early else self.free_params,
+                                    num_output_tokens=self.finisher.num_tokens)
         reason = self.finisher.add(token)
         self.emit(self.finisher.delta())
         if reason is not FinishReason.NOT_FINISHED:

@@ -54,6 +54,9 @@ class Conversation:
         self._kv = kv
         self.context_shift = context_shift
         self._tokens: list[int] = []
+        # Per token: this conversation sampled it and was fed it back (output, for penalties).
+        self._sampled: list[bool] = []
+        self._last_sampled: int | None = None  # the token sample() last returned, until the next prompt or edit
         self._num_computed = 0  # tokens whose K/V are in the cache
         self._logits: torch.Tensor | None = None  # [rows, V] of the last prompt, once computed
         self._all_logits = False
@@ -127,8 +130,11 @@ class Conversation:
         with self._executor._lock:
             self._check_idle("prompt")
             new = self._to_token_ids(prompt, add_special_tokens)
+            fed_back = new == [self._last_sampled]  # before a context shift forgets it
             self._make_room(len(new))
             self._tokens.extend(new)
+            self._sampled.extend([fed_back] * len(new))
+            self._last_sampled = None
             self._logits = None
             self._all_logits = bool(all_logits)
             self._logit_chunks = []
@@ -192,16 +198,26 @@ class Conversation:
                                           "embeddings=True and run infer() first")
             return vector
 
-    def sample(self, params: SamplingParams | None = None, offset: int = 0) -> int:
+    def sample(self, params: SamplingParams | None = None, offset: int = 0, *,
+               num_output_tokens: int | None = None) -> int:
         """Pick the next token from ``logits(offset)`` (greedy by default). Does not prompt it.
 
-        A conversation counts no output: ``min_tokens`` > 0 bans the end tokens on this draw
-        (ChatSession passes it only until its answer is long enough)."""
+        The repetition penalty looks at every token (prompt + output, as vLLM). Presence and
+        frequency penalties count the output: the tokens this conversation sampled and was then
+        prompted with (``prompt(sample())``), wherever they are in its history; or, with
+        ``num_output_tokens``, its last that many tokens (ChatSession: the current answer). A
+        loaded state's tokens count as prompt.
+
+        ``min_tokens`` > 0 bans the end tokens on this draw whatever the output (ChatSession
+        passes it only until its answer is long enough)."""
         with self._executor._lock:
             row = self.logits(offset)
             params = params or GREEDY
             if not isinstance(params, SamplingParams):
                 raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
+            n = len(self._tokens)
+            if num_output_tokens is not None and not (_is_int(num_output_tokens) and 0 <= num_output_tokens <= n):
+                raise InvalidRequestError(f"num_output_tokens: must be an int in [0, {n}], got {num_output_tokens!r}")
             if params.structured or params.n > 1 or params.num_samples > 1:
                 raise InvalidRequestError(
                     "Conversation.sample draws one token: structured output, n, best_of and beams run in "
@@ -216,11 +232,17 @@ class Conversation:
                     self._generator.manual_seed(params.seed)
                     self._generator_seed = params.seed
                 generator = self._generator
-            # The whole conversation is the history penalties look at; there is no separate output.
-            sample_row = Row(params, token_ids=list(self._tokens), num_prompt_tokens=len(self._tokens),
-                             generator=generator, request_id=str(self.id), bad_words=bad_words)
+            if num_output_tokens is not None:
+                output = self._tokens[n - num_output_tokens :]
+            else:
+                output = [t for t, sampled in zip(self._tokens, self._sampled, strict=True) if sampled]
+            # num_prompt_tokens = all of them: min_tokens counts no output here (see above).
+            sample_row = Row(params, token_ids=list(self._tokens), num_prompt_tokens=n, generator=generator,
+                             request_id=str(self.id), bad_words=bad_words, output_token_ids=output)
             result = self._executor._sampler.sample(row[None, :], [sample_row])
-            return int(result.token_ids[0])
+            token = int(result.token_ids[0])
+            self._last_sampled = token
+            return token
 
     # ---- structure ---------------------------------------------------------------------------
     def fork(self) -> Conversation:
@@ -229,6 +251,8 @@ class Conversation:
             self._check_idle("fork")
             child = self._executor._adopt(self._kv.fork(), self.context_shift)
             child._tokens = list(self._tokens)
+            child._sampled = list(self._sampled)
+            child._last_sampled = self._last_sampled  # the child holds the same logits
             child._num_computed = self._num_computed
             child._all_logits = self._all_logits
             child._logits = self._logits.clone() if self._logits is not None else None
@@ -248,6 +272,8 @@ class Conversation:
             new_len = len(self._tokens) - num_tokens
             self._kv.truncate(new_len)
             del self._tokens[new_len:]
+            del self._sampled[new_len:]
+            self._last_sampled = None
             self._num_computed = new_len
             self._logits = None
             self._embeddings.start(False)
@@ -270,6 +296,8 @@ class Conversation:
                 return
             self._kv.truncate(start)
             self._tokens = self._tokens[:start] + self._tokens[end:]
+            self._sampled = self._sampled[:start] + self._sampled[end:]
+            self._last_sampled = None
             self._num_computed = start
             self._logits = None
             self._embeddings.start(False)
@@ -296,6 +324,8 @@ class Conversation:
     def _shift(self, start: int, end: int) -> None:
         self._kv.erase_and_shift(start, end, len(self._tokens))  # raises before any change
         self._tokens = self._tokens[:start] + self._tokens[end:]
+        self._sampled = self._sampled[:start] + self._sampled[end:]
+        self._last_sampled = None
         self._num_computed = len(self._tokens)
         self._logits = None
         self._embeddings.start(False)
@@ -329,6 +359,7 @@ class Conversation:
             self._executor._forget(self)
             self._kv.release()
             self._tokens = []
+            self._sampled = []
             self._num_computed = 0
             self._logits = None
             self._closed = True
@@ -371,12 +402,15 @@ class Conversation:
         """Drop tokens not yet computed (an aborted chat turn)."""
         if self.requires_inference:
             del self._tokens[self._num_computed :]
+            del self._sampled[self._num_computed :]
             self._logit_chunks = []
             self._executor._dequeue(self)
 
     def _load(self, saved: SavedConversation) -> None:
         self._kv.write(saved.keys, saved.values)
         self._tokens = list(saved.tokens)
+        self._sampled = [False] * len(self._tokens)
+        self._last_sampled = None
         self._num_computed = len(self._tokens)
         self._logits = saved.logits
         self._all_logits = saved.logits is not None and saved.logits.shape[0] > 1

@@ -63,6 +63,9 @@ class Row:
     request_id: str = ""
     bad_words: list[tuple[int, ...]] = field(default_factory=list)
     grammar: GrammarMatcher | None = None
+    # The output presence/frequency penalties count when it is not the tail of token_ids (a
+    # conversation's sampled tokens, among its prompts); None: token_ids[num_prompt_tokens:].
+    output_token_ids: list[int] | None = None
 
 
 @dataclass
@@ -133,8 +136,9 @@ class Sampler:
                                       torch.tensor(bias_vals, device=dev, dtype=logits.dtype), accumulate=True)
             _blame(logits, "logit_bias", blame)
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
+            histories, num_prompt = _penalty_histories(rows)
             logits = lp.apply_history_penalties(
-                logits, [r.token_ids for r in rows], [r.num_prompt_tokens for r in rows],
+                logits, histories, num_prompt,
                 torch.tensor([p.repetition_penalty for p in params], device=dev),
                 torch.tensor([p.presence_penalty for p in params], device=dev),
                 torch.tensor([p.frequency_penalty for p in params], device=dev))
@@ -279,3 +283,20 @@ def _raise_if_blamed(blame: list[str | None]) -> None:
         raise SamplingError(f"{stage}: no token can be drawn: after this step the logits have no finite "
                             "positive probability mass (a NaN or infinite logit, or every token excluded); "
                             "change that setting")
+
+
+def _penalty_histories(rows: Sequence[SamplingRow]) -> tuple[list[list[int]], list[int]]:
+    """Per row, the history the penalties read and where its output starts. A Row with its own
+    ``output_token_ids`` reads ``token_ids + output_token_ids`` with the output after all of
+    ``token_ids``: the repetition penalty sees the same set of tokens, presence/frequency count
+    just that output."""
+    histories, num_prompt = [], []
+    for r in rows:
+        output = getattr(r, "output_token_ids", None)  # only a plain Row has it
+        if output is None:
+            histories.append(r.token_ids)
+            num_prompt.append(r.num_prompt_tokens)
+        else:
+            histories.append([*r.token_ids, *output])
+            num_prompt.append(len(r.token_ids))
+    return histories, num_prompt
