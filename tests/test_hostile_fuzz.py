@@ -21,6 +21,9 @@ from hypothesis.errors import Unsatisfiable
 from choral.server.limits import ServerLimits
 from tests.hostile_server import running_server
 
+# Its fixtures serve a model (the fast tier, pytest --fast, leaves these out).
+pytestmark = pytest.mark.model
+
 LIMITS = ServerLimits(max_request_bytes=2**20, max_json_items=50_000, max_prompt_chars=20_000, template_timeout_s=2.0)
 # Deadlines for the canary: generous for a shared, busy 2-core machine, far below a stalled loop.
 HEALTH_DEADLINE_S = 5.0

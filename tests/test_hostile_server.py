@@ -20,6 +20,9 @@ from choral.executor import BatchingStrategy, Executor, ExecutorConfig
 from choral.server.limits import ServerLimits, count_json_items
 from tests.hostile_server import running_server
 
+# Its fixtures serve a model (the fast tier, pytest --fast, leaves these out).
+pytestmark = pytest.mark.model
+
 LIMITS = ServerLimits(max_request_bytes=2**20, max_json_items=20_000, max_prompt_chars=50_000, max_prompts=8,
                       max_n=4, max_logit_bias=16, max_stop=4, max_template_chars=20_000, template_timeout_s=1.0)
 CHAT = [{"role": "user", "content": "hi"}]
