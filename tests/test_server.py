@@ -264,11 +264,13 @@ def test_api_key_and_queue_full(tiny_models) -> None:  # type: ignore[no-untyped
 
 
 # ---- edges: disconnects, echo, logprobs, usage, error shapes ----------------------------------------
-def finished_total(base: str) -> float:
-    """Requests finished so far, whatever the reason (a cancelled non-streamed one is not counted)."""
+def finished_total(base: str, cancelled: bool = False) -> float:
+    """Sequences that ran to their end so far (or, with ``cancelled``, the ones cancelled: every
+    request is counted when it ends, however it ends)."""
     text = httpx.get(f"{base}/metrics").text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("choral_request_success_total{"))
+               if line.startswith("choral_request_success_total{")
+               and ('finished_reason="cancelled"' in line) == cancelled)
 
 
 def wait_all_idle(base: str, timeout: float) -> None:
@@ -286,16 +288,18 @@ LONG = {"max_tokens": 1500, "temperature": 0.8, "seed": 1, "ignore_eos": True}  
 
 def test_nonstreaming_disconnect_cancels_and_frees(server: str) -> None:
     wait_all_idle(server, 60)
-    finished = finished_total(server)
+    finished, cancelled = finished_total(server), finished_total(server, cancelled=True)
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and goes away
         httpx.post(f"{server}/v1/completions", json={"prompt": "Count forever:", **LONG}, timeout=1.0)
     wait_all_idle(server, 10)  # cancelled, its blocks freed: long before its 1500 tokens
     assert finished_total(server) == finished  # cancelled, not run to its end
+    assert finished_total(server, cancelled=True) == cancelled + 1
 
 
 def test_closing_a_multi_prompt_stream_cancels_every_prompt(server: str) -> None:
     wait_all_idle(server, 60)
     finished = finished_total(server)
+    cancelled = finished_total(server, cancelled=True)
     body = {"prompt": ["Once upon a time", "The weather", "In 1492"], **LONG, "stream": True}
     with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=30) as r:
         lines = (line for line in r.iter_lines() if line)
@@ -304,6 +308,7 @@ def test_closing_a_multi_prompt_stream_cancels_every_prompt(server: str) -> None
         assert metric(server, "choral_num_requests_running") >= 1
     wait_all_idle(server, 10)  # all three end with the response, not when the GC finds them
     assert finished_total(server) == finished
+    assert finished_total(server, cancelled=True) == cancelled + 3
 
 
 def test_echo_streams_the_prompt_and_logprobs_cover_it(client) -> None:  # type: ignore[no-untyped-def]
