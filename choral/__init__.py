@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
         DecodeResult,
         State,
     )
-    from choral.engine.outputs import CompletionOutput, RequestOutput
+    from choral.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
     from choral.errors import (
         ChoralError,
         ConfigError,
@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     )
     from choral.finish import FinishReason
     from choral.llm import LLM
+    from choral.sampling.guided import GuidedDecodingParams, StructuredOutputsParams
     from choral.sampling.params import SamplingParams
 
 # Public name -> the module that defines it. ``import choral`` imports none of them (torch alone
@@ -51,6 +52,10 @@ _LAZY = {
     "EngineConfig": "choral.config",
     "CompletionOutput": "choral.engine.outputs",
     "RequestOutput": "choral.engine.outputs",
+    "RequestMetrics": "choral.engine.outputs",
+    "Logprob": "choral.engine.outputs",
+    "GuidedDecodingParams": "choral.sampling.guided",
+    "StructuredOutputsParams": "choral.sampling.guided",
     **dict.fromkeys(("BatchedExecutor", "CancelToken", "ChatSession", "ContextShift", "Conversation",
                      "DecodeResult", "State"), "choral.conversation"),
     **dict.fromkeys((
@@ -92,6 +97,10 @@ __all__ = [
     "CorruptStateError",
     "DecodeResult",
     "EngineConfig",
+    "GuidedDecodingParams",
+    "Logprob",
+    "RequestMetrics",
+    "StructuredOutputsParams",
     "ExecutorClosedError",
     "FinishReason",
     "IncompatibleStateError",

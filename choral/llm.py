@@ -12,41 +12,73 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from choral.config import DEFAULT_MODEL, EngineConfig
-from choral.engine.llm_engine import LLMEngine
+from choral.config import DEFAULT_MODEL
 from choral.engine.outputs import RequestOutput, request_output
-from choral.engine.prompts import is_single_prompt, to_token_ids
-from choral.errors import InvalidRequestError
+from choral.engine.prompts import is_single_prompt, is_token_list, to_token_ids
+from choral.errors import ConfigError, InvalidRequestError
 from choral.executor.config import ExecutorConfig
 from choral.executor.executor import Executor
 from choral.executor.request import Request, Response
 from choral.sampling.params import SamplingParams
 from choral.tokenizer import Tokenizer
+from choral.vllm_options import VllmOptions, build_engine, engine_config
 
 _POLL_S = 0.5  # how often generate() checks that the executor loop is alive while it waits
 
 
 class LLM:
-    """Load a model and generate from batches of prompts.
+    """Load a model and generate from batches of prompts. Takes vLLM's ``LLM(...)`` options.
 
     Args:
         model: a bundled model name, a ``.gguf`` file or an HF model directory.
+        tokenizer: another tokenizer (an HF directory or a ``.gguf`` file); default: the model's.
+        skip_tokenizer_init: load no tokenizer (prompts must be token ids; outputs carry no text).
+        dtype: ``auto``, ``float32`` (``float``), ``bfloat16``, ``float16`` (``half``) or a torch dtype.
+        seed: seed of the engine's default random generator.
+        max_model_len, max_num_seqs, max_num_batched_tokens, block_size: as vLLM's.
         enable_prefix_caching: reuse the KV of prompt prefixes seen before (off by default, as
             in vLLM's LLM: every prompt is computed in full, so results never depend on what ran before).
-        dtype, device and any other :class:`~choral.config.EngineConfig` field as keywords;
-        an unknown keyword is an error.
+        gpu_memory_utilization: on CUDA, the fraction of the device's memory choral may fill
+            (weights included); the KV cache gets what is left. On the CPU it has no meaning: the
+            KV cache is sized by ``kv_cache_tokens`` / ``kv_cache_memory_bytes`` (a warning says so).
+        enforce_eager: accepted; choral always runs eagerly (no graph capture).
+        trust_remote_code: accepted; choral never runs code from a model's files.
+        tensor_parallel_size, pipeline_parallel_size: 1 (one device).
+        quantization: refused until choral has a quantized weight path to choose.
+        device, kv_cache_tokens, kv_cache_memory_bytes, num_threads, attention_backend: choral's own
+            :class:`~choral.config.EngineConfig` fields. An unknown keyword is an error.
 
     The executor behind ``generate`` starts on first use and lives until :meth:`close` (or the
     end of a ``with LLM(...) as llm:`` block, or garbage collection).
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, *, enable_prefix_caching: bool = False, **options: Any):
-        self.config = EngineConfig.from_kwargs(model=model, **options)
-        self.engine = LLMEngine(self.config)
+    def __init__(self, model: str = DEFAULT_MODEL, *, tokenizer: str | None = None, tokenizer_mode: str = "auto",
+                 skip_tokenizer_init: bool = False, trust_remote_code: bool = False, tensor_parallel_size: int = 1,
+                 pipeline_parallel_size: int = 1, dtype: Any = "auto", quantization: str | None = None,
+                 seed: int | None = None, gpu_memory_utilization: float | None = None, enforce_eager: bool = False,
+                 enable_prefix_caching: bool = False, kv_cache_dtype: str = "auto", revision: str | None = None,
+                 tokenizer_revision: str | None = None, download_dir: str | None = None, load_format: str = "auto",
+                 enable_chunked_prefill: bool | None = None, **options: Any):
+        vllm = VllmOptions(tokenizer=tokenizer, tokenizer_mode=tokenizer_mode, skip_tokenizer_init=skip_tokenizer_init,
+                           trust_remote_code=trust_remote_code, tensor_parallel_size=tensor_parallel_size,
+                           pipeline_parallel_size=pipeline_parallel_size, quantization=quantization,
+                           gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+                           kv_cache_dtype=kv_cache_dtype, revision=revision, tokenizer_revision=tokenizer_revision,
+                           download_dir=download_dir, load_format=load_format,
+                           enable_chunked_prefill=enable_chunked_prefill)
+        self.config = engine_config(model, dtype, seed, vllm, options)
+        self.engine = build_engine(self.config, vllm)
         # generate() queues every prompt at once, and validates them all before queueing any.
         self._executor_config = ExecutorConfig(enable_prefix_cache=bool(enable_prefix_caching),
                                                max_queue_size=sys.maxsize)
         self._executor: Executor | None = None
+
+    def get_tokenizer(self) -> Any:
+        """The model's transformers tokenizer (as vLLM's ``get_tokenizer``): ``encode``, ``decode``,
+        ``apply_chat_template`` and the rest of its API."""
+        if self.tokenizer is None:
+            raise ConfigError("this LLM has no tokenizer (skip_tokenizer_init=True, or the model ships none)")
+        return self.tokenizer.hf_tokenizer
 
     @property
     def tokenizer(self) -> Tokenizer | None:
@@ -65,25 +97,38 @@ class LLM:
         prompts: Any,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        lora_request: Any = None,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for one prompt or a list. A prompt is text, a list of token ids, or a list of
-        chat messages (``{"role", "content"}`` dicts, rendered with the model's chat template).
+        """Generate for one prompt or a list. A prompt is text, a list of token ids, a list of
+        chat messages (``{"role", "content"}`` dicts, rendered with the model's chat template), or
+        a vLLM prompt dict (``{"prompt": text}`` or ``{"prompt_token_ids": [...]}``).
 
-        Returns one :class:`RequestOutput` per prompt, in order. Every prompt is validated before
-        any work starts: a bad one raises and nothing runs.
+        ``priority`` (one int per prompt) orders the work as vLLM's priority scheduling does:
+        a lower value runs first. Returns one :class:`RequestOutput` per prompt, in order. Every
+        prompt is validated before any work starts: a bad one raises and nothing runs.
         """
+        if lora_request is not None:
+            raise InvalidRequestError("lora_request: LoRA adapters are not supported")
         items = [prompts] if is_single_prompt(prompts) else list(prompts)
         if not items:
             return []
         params = self._params_per_prompt(sampling_params, len(items))
+        priorities = self._priorities(priority, len(items))
+        # The executor applies truncate_prompt_tokens. A chat prompt's text is the rendered template (vLLM's).
         encoded = [to_token_ids(p, self.tokenizer) for p in items]
+        encoded = [(self.tokenizer.decode(ids, False) if text is None and self.tokenizer is not None
+                    and not is_token_list(item) else text, ids)
+                   for item, (text, ids) in zip(items, encoded, strict=True)]
         finished: queue.SimpleQueue[int] = queue.SimpleQueue()  # request ids, as they finish
 
         def on_response(response: Response) -> None:  # called on the executor's thread
             if response.has_error or (response.result is not None and response.result.is_final):
                 finished.put(response.request_id)  # poll() returns the Completion or raises the error
 
-        requests = [Request(ids, sp, callback=on_response) for (_, ids), sp in zip(encoded, params, strict=True)]
+        # vLLM: a lower priority value runs first; the executor runs higher values first.
+        requests = [Request(ids, sp, priority=-float(pri), callback=on_response)
+                    for (_, ids), sp, pri in zip(encoded, params, priorities, strict=True)]
         executor = self.executor
         ids = executor.submit_many(requests)
         position = {rid: i for i, rid in enumerate(ids)}
@@ -104,7 +149,7 @@ class LLM:
                 completion = executor.poll(rid, timeout=None)
                 assert completion is not None
                 i = position[rid]
-                outputs[i] = request_output(completion, str(rid), encoded[i][0], params[i])
+                outputs[i] = request_output(completion, str(rid), encoded[i][0], params[i], self.tokenizer)
                 generated += sum(len(o.token_ids) for o in completion.outputs)
                 if bar is not None:
                     elapsed = max(time.perf_counter() - started, 1e-9)
@@ -146,6 +191,15 @@ class LLM:
                 f"sampling_params: give one SamplingParams or a list of {count}, got {len(params)} items"
             )
         return params
+
+    @staticmethod
+    def _priorities(priority: Sequence[int] | None, count: int) -> list[int]:
+        if priority is None:
+            return [0] * count
+        values = list(priority)
+        if len(values) != count or not all(isinstance(p, int) and not isinstance(p, bool) for p in values):
+            raise InvalidRequestError(f"priority: give one int per prompt ({count}), got {priority!r}")
+        return values
 
     def register_logits_processor(self, name: str, fn: Any, batched: bool = False) -> None:
         """Register a logits processor that requests pick by name (``SamplingParams.logits_processors``):

@@ -58,5 +58,9 @@ def test_prompt_logprobs_match_full_forward(smollm_fp32, hf_smollm) -> None:  # 
     for pos in range(1, len(prompt)):
         entry = out.prompt_logprobs[pos]
         assert entry is not None
-        assert abs(entry[0] - ref[pos - 1, prompt[pos]].item()) < 1e-3
-        assert entry[1][0][0] == int(ref[pos - 1].argmax())
+        assert abs(entry[prompt[pos]].logprob - ref[pos - 1, prompt[pos]].item()) < 1e-3
+        assert entry[prompt[pos]].rank == int((ref[pos - 1] > ref[pos - 1, prompt[pos]]).sum()) + 1
+        best = next(t for t, e in entry.items() if e.rank == 1)
+        assert best == int(ref[pos - 1].argmax())
+        assert entry[best].decoded_token == llm.tokenizer.decode([best], False)
+        assert len(entry) in (2, 3)  # the top 2, plus the prompt token when it is not among them

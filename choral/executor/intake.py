@@ -39,6 +39,9 @@ class Intake:
             raise InvalidRequestError(f"expected a Request, got {type(request).__name__}")
         engine = self.engine
         text, token_ids = to_token_ids(request.prompt, engine.tokenizer)
+        keep = request.sampling.truncate_prompt_tokens
+        if keep is not None and len(token_ids) > keep:
+            token_ids = token_ids[-keep:]  # vLLM's truncate_prompt_tokens: the prompt's last k tokens
         vocab = engine.loaded.spec.vocab_size
         validate_token_ids(token_ids, vocab, engine.max_model_len)
         for t in (x for w in request.stop_words for x in w):

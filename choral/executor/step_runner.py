@@ -23,6 +23,7 @@ from choral.executor.responses import Responder
 from choral.executor.scheduler import ScheduledStep, Scheduler
 from choral.finish import FinishReason
 from choral.sampling.sampler import SampleResult
+from choral.sampling.token_logprobs import TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -188,4 +189,5 @@ def record_prompt_logprobs(seq: ExecSequence, start: int, logits: torch.Tensor) 
         if top:
             vals, ids = logp[j].topk(top)
             tops = list(zip(ids.tolist(), vals.tolist(), strict=True))
-        seq.prompt_logprobs.append((float(logp[j, tok]), tops))
+        value = logp[j, tok]
+        seq.prompt_logprobs.append(TokenLogprobs(float(value), tops, int((logp[j] > value).sum()) + 1))

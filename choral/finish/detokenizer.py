@@ -23,8 +23,9 @@ _CONTEXT = 6  # tokens of left context re-decoded each step
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer | None, stop: Sequence[str], skip_special_tokens: bool,
-                 min_tokens: int = 0):
+                 min_tokens: int = 0, include_stop: bool = False):
         self.tokenizer = tokenizer
+        self.include_stop = include_stop  # keep the matched stop string in the text (vLLM's include_stop_str_in_output)
         self.stop = tuple(stop)
         self.skip = skip_special_tokens
         self.min_tokens = min_tokens
@@ -56,7 +57,7 @@ class IncrementalDetokenizer:
         if cuts:
             cut = min(cuts)
             self.stopped_on = next(s for s in self.stop if self.text.startswith(s, cut))
-            self.text = self.text[:cut]
+            self.text = self.text[:cut + len(self.stopped_on) if self.include_stop else cut]
             self.emitted = min(self.emitted, len(self.text))
 
     def delta(self, final: bool) -> str:

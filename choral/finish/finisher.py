@@ -41,6 +41,7 @@ class StopConditions:
         max_tokens: output tokens at which it ends as ``LENGTH`` (None: no limit).
         max_model_len: prompt + output tokens at which it ends as ``LENGTH`` (None: no limit).
         skip_special_tokens: leave special tokens out of the text.
+        include_stop_str_in_output: keep the matched stop string at the end of the text.
     """
 
     end_ids: frozenset[int] = frozenset()
@@ -51,6 +52,7 @@ class StopConditions:
     max_tokens: int | None = None
     max_model_len: int | None = None
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
     @classmethod
     def from_params(cls, params: SamplingParams, eos_token_ids: Iterable[int], *, max_tokens: int | None = None,
@@ -63,7 +65,8 @@ class StopConditions:
         return cls(end_ids=frozenset(ends), stop_token_ids=frozenset(params.stop_token_ids),
                    stop_sequences=tuple(stop_sequences), stop=tuple(params.stop), min_tokens=params.min_tokens,
                    max_tokens=params.max_tokens if max_tokens is None else max_tokens,
-                   max_model_len=max_model_len, skip_special_tokens=params.skip_special_tokens)
+                   max_model_len=max_model_len, skip_special_tokens=params.skip_special_tokens,
+                   include_stop_str_in_output=params.include_stop_str_in_output)
 
     def token_reason(self, token: int) -> FinishReason | None:
         """``END_ID`` or ``STOP_WORDS`` if ``token`` by itself ends a sequence, else None."""
@@ -95,7 +98,8 @@ class Finisher:
         self.reason = FinishReason.NOT_FINISHED
         self.stop_reason: int | str | None = None  # the end id, stop id or stop string that ended it
         self._detok = IncrementalDetokenizer(tokenizer, conditions.stop, conditions.skip_special_tokens,
-                                             min_tokens=conditions.min_tokens)
+                                             min_tokens=conditions.min_tokens,
+                                             include_stop=conditions.include_stop_str_in_output)
 
     @property
     def finished(self) -> bool:

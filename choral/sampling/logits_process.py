@@ -189,7 +189,8 @@ def bad_word_token_ids(bad_words: Sequence[tuple[int, ...] | str], tokenizer: An
 
 
 def check_token_ids(params: SamplingParams, vocab_size: int, tokenizer: Any) -> list[tuple[int, ...]]:
-    """Check every token id ``params`` names (stop_token_ids, logit_bias, bad_words once tokenized)
+    """Check every token id ``params`` names (stop_token_ids, logit_bias, bad_words once tokenized,
+    allowed_token_ids)
     against a vocabulary of ``vocab_size``, and return the bad words in token-id form.
 
     The sampler indexes the logits with these ids, so one out of range would fail mid-step:
@@ -197,7 +198,8 @@ def check_token_ids(params: SamplingParams, vocab_size: int, tokenizer: Any) -> 
     """
     bad_words = bad_word_token_ids(params.bad_words, tokenizer)
     named = (("stop_token_ids", params.stop_token_ids), ("logit_bias", tuple(params.logit_bias)),
-             ("bad_words", tuple(t for word in bad_words for t in word)))
+             ("bad_words", tuple(t for word in bad_words for t in word)),
+             ("allowed_token_ids", params.allowed_token_ids or ()))
     for name, ids in named:
         for t in ids:
             if not 0 <= t < vocab_size:

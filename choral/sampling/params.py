@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from choral.errors import InvalidRequestError
+from choral.sampling.guided import StructuredOutputsParams, as_structured, to_constraint
 
 MAX_LOGPROBS = 20
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes seeds in [0, 2**64)
@@ -56,6 +57,12 @@ class SamplingParams:
         json_schema: constrain the output to JSON matching this schema (dict or JSON text).
         regex: constrain the output to this regular expression.
         grammar: constrain the output to this EBNF/GBNF grammar (``root ::= ...``) or a Lark grammar.
+        structured_outputs: vLLM's ``StructuredOutputsParams`` (json, regex, choice, grammar,
+            json_object; a dict works too), turned into json_schema / regex / grammar.
+        guided_decoding: vLLM's older name for ``structured_outputs``.
+        include_stop_str_in_output: keep the matched stop string at the end of the text.
+        allowed_token_ids: only these token ids may be generated (None = all).
+        truncate_prompt_tokens: keep only the last k prompt tokens (None = the whole prompt).
     """
 
     temperature: float = 1.0
@@ -87,11 +94,17 @@ class SamplingParams:
     json_schema: str | None = None
     regex: str | None = None
     grammar: str | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_decoding: StructuredOutputsParams | None = None
+    include_stop_str_in_output: bool = False
+    allowed_token_ids: tuple[int, ...] | None = None
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         # Values are normalized as they are checked: lists (any iterable) are frozen into tuples,
         # numbers into float and integers (numpy's too) into int; a bool is never a number.
         s = self._set
+        self._check_vllm_options()
         # One str is accepted for one stop string / processor name.
         s("stop", as_tuple("stop", (self.stop,) if isinstance(self.stop, str) else self.stop, "str"))
         s("stop_token_ids", tuple(as_int("stop_token_ids", t, low=0)
@@ -128,6 +141,32 @@ class SamplingParams:
             if not isinstance(name, str) or not name:
                 raise InvalidRequestError(f"logits_processors: names must be non-empty str, got {show(name)}")
         self._check_structured()
+
+    def _check_vllm_options(self) -> None:
+        """vLLM's names: structured_outputs / guided_decoding become json_schema / regex / grammar."""
+        for name in ("structured_outputs", "guided_decoding"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            given = [n for n in ("json_schema", "regex", "grammar", "structured_outputs", "guided_decoding")
+                     if n != name and getattr(self, n) is not None]
+            if given:
+                raise InvalidRequestError(f"{name}: cannot be combined with {given[0]}")
+            structured = as_structured(name, value)
+            kind, text = to_constraint(name, structured)
+            self._set(name, structured)
+            self._set(kind, text)
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise InvalidRequestError(
+                f"include_stop_str_in_output: must be a bool, got {self.include_stop_str_in_output!r}")
+        if self.allowed_token_ids is not None:
+            ids = tuple(as_int("allowed_token_ids", t, low=0)
+                        for t in as_tuple("allowed_token_ids", self.allowed_token_ids, "token ids"))
+            if not ids:
+                raise InvalidRequestError("allowed_token_ids: must name at least one token id")
+            self._set("allowed_token_ids", tuple(sorted(set(ids))))
+        if self.truncate_prompt_tokens is not None:
+            self._set("truncate_prompt_tokens", as_int("truncate_prompt_tokens", self.truncate_prompt_tokens, low=1))
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)

@@ -31,6 +31,7 @@ from choral.sampling import logits_process as lp
 from choral.sampling.params import SamplingParams
 from choral.sampling.processors import LogitsProcessorRegistry
 from choral.sampling.structured import GrammarMatcher, allowed_from_bitmask
+from choral.sampling.token_logprobs import TokenLogprobs
 
 
 class SamplingRow(Protocol):
@@ -135,6 +136,16 @@ class Sampler:
             logits = logits.index_put((torch.tensor(bias_rows, device=dev), torch.tensor(bias_ids, device=dev)),
                                       torch.tensor(bias_vals, device=dev, dtype=logits.dtype), accumulate=True)
             _blame(logits, "logit_bias", blame)
+        allowed = [(i, p.allowed_token_ids) for i, p in enumerate(params) if p.allowed_token_ids is not None]
+        if allowed:
+            # Every token but the allowed ones gets -inf (a new tensor: the raw logits feed logprobs).
+            keep = torch.zeros_like(logits, dtype=torch.bool)
+            for i, ids in allowed:
+                keep[i, torch.tensor([t for t in ids if t < vocab], dtype=torch.long, device=dev)] = True
+            others = [i for i in range(len(params)) if params[i].allowed_token_ids is None]
+            keep[others] = True
+            logits = logits.masked_fill(~keep, lp.NEG_INF)
+            _blame(logits, "allowed_token_ids", blame)
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
             histories, num_prompt = _penalty_histories(rows)
             logits = lp.apply_history_penalties(
@@ -245,7 +256,9 @@ class Sampler:
         if not any(wanted):
             return [None] * len(params)
         logp = raw.log_softmax(-1)
-        picked = logp.gather(1, chosen[:, None]).squeeze(1).tolist()
+        picked_t = logp.gather(1, chosen[:, None])  # [R, 1]
+        picked = picked_t.squeeze(1).tolist()
+        ranks = ((logp > picked_t).sum(-1) + 1).tolist()  # vLLM's rank: 1 + tokens strictly more likely
         top_n = max(p.logprobs or 0 for p in params)
         top_vals, top_ids = logp.topk(top_n, dim=-1) if top_n else (None, None)
         out: list[tuple[float, list[tuple[int, float]]] | None] = []
@@ -258,7 +271,7 @@ class Sampler:
                 ids = top_ids[row, : p.logprobs].tolist()
                 vals = top_vals[row, : p.logprobs].tolist()
                 tops = list(zip(ids, vals, strict=True))
-            out.append((picked[row], tops))
+            out.append(TokenLogprobs(picked[row], tops, ranks[row]))
         return out
 
 
