@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import logging
 import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from choral.config import DEFAULT_MODEL
@@ -180,6 +182,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from choral.bench import plot, run_bench, table, to_json
 
+    wanted = (("--url", "httpx", args.url), ("--plot", "matplotlib", args.plot))
+    missing = [(flag, module) for flag, module, used in wanted if used and importlib.util.find_spec(module) is None]
+    if missing:
+        flag, module = missing[0]
+        print(f"choral bench: {flag} needs {module}, which is not installed; install the bench extras: "
+              "pip install 'choral[bench]'", file=sys.stderr)
+        return 2
     levels = [int(x) for x in str(args.concurrency).split(",") if x]
     if not levels or min(levels) < 1:
         print("choral bench: --concurrency needs positive integers, e.g. 1,4,16", file=sys.stderr)
@@ -215,17 +224,60 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_COMMANDS = {
+    "/help": "this list",
+    "/reset": "clear the history",
+    "/system TEXT": "set the system prompt (and clear the history); /system alone removes it",
+    "/exit": "quit (also /quit, Ctrl-D)",
+}
+
+
+def _chat_help() -> str:
+    lines = [f"  {name:<14} {what}" for name, what in CHAT_COMMANDS.items()]
+    return "\n".join([*lines, "  //TEXT         send TEXT starting with a single /",
+                      "Up/Down recall earlier lines; Ctrl-C stops an answer."])
+
+
+def _line_editing(history: Path | None) -> None:
+    """readline line editing for input() (arrows, Ctrl-A/E, search) and a history kept across sessions."""
+    try:
+        import readline
+    except ImportError:  # Windows without pyreadline: plain input()
+        return
+    readline.set_history_length(1000)
+    if history is None:
+        return
+    with contextlib.suppress(OSError):
+        readline.read_history_file(history)
+
+    def save() -> None:
+        with contextlib.suppress(OSError):
+            history.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(history)
+
+    import atexit
+
+    atexit.register(save)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
+    from choral.kernels.build import cache_dir
+
+    _line_editing(None if args.no_history else cache_dir().parent / "chat_history")
+    print(f"choral chat: loading {args.model} ...", flush=True)
+    start = time.perf_counter()
     from choral.conversation import BatchedExecutor, CancelToken, ChatSession
     from choral.sampling.params import SamplingParams
 
     executor = BatchedExecutor(**engine_options(args))
+    if executor.tokenizer is not None:
+        executor.tokenizer.warm_up()  # the chat template's machinery loads while the user types
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                             max_tokens=args.max_tokens)
     system: str | None = args.system
     session = ChatSession(executor.create(), system_prompt=system)
-    print("choral chat: type a message. /reset clears the history, /system TEXT sets the system prompt "
-          "(and resets), /exit quits; Ctrl-C stops an answer.", flush=True)
+    print(f"choral chat: ready in {time.perf_counter() - start:.1f} s. Type a message; /help lists the commands "
+          "(/reset, /system TEXT, /exit); Ctrl-C stops an answer.", flush=True)
     while True:
         try:
             line = input("> ")
@@ -238,15 +290,25 @@ def cmd_chat(args: argparse.Namespace) -> int:
         text = line.strip()
         if not text:
             continue
-        if text in ("/exit", "/quit"):
-            break
-        if text == "/reset" or text == "/system" or text.startswith("/system "):
-            if text.startswith("/system"):
-                system = text[len("/system"):].strip() or None
-            session.conversation.close()
-            session = ChatSession(executor.create(), system_prompt=system)
-            print("(history cleared)" if text == "/reset" else f"(system prompt: {system!r}; history cleared)",
-                  flush=True)
+        if text.startswith("//"):
+            text = text[1:]  # a message that starts with "/"
+        elif text.startswith("/"):
+            command, _, rest = text.partition(" ")
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/help":
+                print(_chat_help(), flush=True)
+                continue
+            if command in ("/reset", "/system"):
+                if command == "/system":
+                    system = rest.strip() or None
+                session.conversation.close()
+                session = ChatSession(executor.create(), system_prompt=system)
+                print("(history cleared)" if command == "/reset" else f"(system prompt: {system!r}; history cleared)",
+                      flush=True)
+                continue
+            print(f"(unknown command {command}; commands: {', '.join(c.split()[0] for c in CHAT_COMMANDS)}, /quit; "
+                  "start with // to send a message beginning with /)", flush=True)
             continue
         # Ctrl-C during an answer stops it after the current token; the partial answer stays in
         # the history (the KV cache keeps every turn, so the next turn feeds only new tokens).
@@ -357,8 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
         "chat",
         help="interactive chat in the terminal, streaming",
         description="Chat with the model using its chat template. The whole history lives in one "
-                    "conversation's KV cache, so each turn only feeds the new tokens. Commands: /reset, "
-                    "/system TEXT, /exit. Example:\n  choral chat --system 'You are terse.'",
+                    "conversation's KV cache, so each turn only feeds the new tokens. Line editing and "
+                    "input history (Up/Down) as in a shell. Commands: /help, /reset, /system TEXT, /exit. "
+                    "Example:\n  choral chat --system 'You are terse.'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     chat.add_argument("--system", default=None, help="system prompt (default: the template's own)")
@@ -366,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
     chat.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default: 0.9)")
     chat.add_argument("--seed", type=int, default=None, help="sampling seed")
+    chat.add_argument("--no-history", action="store_true",
+                      help="keep no input history on disk (default: kept in the cache directory, chat_history)")
     add_engine_args(chat)
     chat.set_defaults(func=cmd_chat)
 
@@ -400,11 +465,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from choral import progress
+
+    # Slow steps (loading, compiling kernels, building caches) say so on stderr, unless --quiet.
+    previous = progress.set_enabled(not getattr(args, "quiet", False))
     try:
         return int(args.func(args))
     except ChoralError as e:
         print(f"choral: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        progress.set_enabled(previous)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,12 @@ _enabled: bool | None = None  # None: decided by CHORAL_PROGRESS / whether stder
 _lock = threading.Lock()
 
 
-def set_enabled(enabled: bool | None) -> None:
-    """Force progress lines on or off (None: back to the environment's choice)."""
+def set_enabled(enabled: bool | None) -> bool | None:
+    """Force progress lines on or off (None: back to the environment's choice); returns the
+    previous setting, to restore."""
     global _enabled
-    _enabled = enabled
+    previous, _enabled = _enabled, enabled
+    return previous
 
 
 def enabled() -> bool:

@@ -60,8 +60,9 @@ def test_bench_in_process_writes_table_json_and_plot(tiny_models, tmp_path, caps
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_chat_through_a_pseudo_terminal() -> None:
-    """One exchange, /system and /reset, then /exit, driven through a pty like a person would."""
+def test_chat_through_a_pseudo_terminal(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Loading said, one exchange, /system and /reset, an unknown command refused, line history
+    (Up recalls the last line), then /exit, driven through a pty like a person would."""
     import os
     import pty
     import select
@@ -69,6 +70,7 @@ def test_chat_through_a_pseudo_terminal() -> None:
 
     pid, fd = pty.fork()
     if pid == 0:  # the child: become `choral chat`
+        os.environ["CHORAL_CACHE_DIR"] = str(tmp_path)  # the input history goes there, not to ~/.cache
         os.execv(sys.executable, [sys.executable, "-m", "choral.cli", "chat", "--dtype", "float32",
                                   "--weights", "dequantize", "--temperature", "0", "--max-tokens", "24",
                                   "--kv-cache-tokens", "4096", "--max-model-len", "2048"])
@@ -90,7 +92,8 @@ def test_chat_through_a_pseudo_terminal() -> None:
         return head
 
     try:
-        read_until(b"> ")
+        banner = read_until(b"> ")
+        assert b"choral chat: loading smollm2-135m-instruct ..." in banner and b"ready in" in banner
         os.write(fd, b"What is the capital of France?\n")
         answer = read_until(b"> ")
         assert b"Paris" in answer
@@ -98,9 +101,15 @@ def test_chat_through_a_pseudo_terminal() -> None:
         assert b"system prompt" in read_until(b"> ")
         os.write(fd, b"/reset\n")
         assert b"history cleared" in read_until(b"> ")
+        os.write(fd, b"/frobnicate now\n")
+        refused = read_until(b"> ")
+        assert b"unknown command /frobnicate" in refused and b"/reset" in refused and b"/exit" in refused
+        os.write(fd, b"\x1b[A\n")  # Up: readline recalls "/frobnicate now"
+        assert b"unknown command /frobnicate" in read_until(b"> ")
         os.write(fd, b"/exit\n")
         _, status = os.waitpid(pid, 0)
         assert os.WEXITSTATUS(status) == 0
+        assert "/frobnicate now" in (tmp_path / "chat_history").read_text()
     finally:
         try:
             os.kill(pid, 9)
