@@ -269,3 +269,16 @@ def test_guided_choice_regex_json(smollm_fp32) -> None:  # type: ignore[no-untyp
 def test_bad_structured_outputs(options, message) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InvalidRequestError, match=message):
         SamplingParams(**options)
+
+
+def test_conversation_sample_refuses_truncate_prompt_tokens(tiny_models) -> None:  # type: ignore[no-untyped-def]
+    from choral import BatchedExecutor
+
+    directory, _ = tiny_models["llama"]
+    with BatchedExecutor(str(directory), dtype="float32", block_size=4, kv_cache_tokens=64, max_model_len=32) as ex:
+        conv = ex.create()
+        conv.prompt([5, 6, 7])
+        ex.infer()
+        with pytest.raises(InvalidRequestError, match="truncate_prompt_tokens: a conversation"):
+            conv.sample(SamplingParams(truncate_prompt_tokens=2))
+        assert conv.sample(SamplingParams(temperature=0)) >= 0

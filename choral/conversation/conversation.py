@@ -222,6 +222,9 @@ class Conversation:
                 raise InvalidRequestError(
                     "Conversation.sample draws one token: structured output, n, best_of and beams run in "
                     "the Executor or LLM.generate")
+            if params.truncate_prompt_tokens is not None:
+                raise InvalidRequestError("truncate_prompt_tokens: a conversation's tokens are fed with prompt(); "
+                                          "it applies to the Executor and LLM.generate")
             engine = self._executor.engine
             engine.logits_processors.check(params.logits_processors)
             bad_words = check_token_ids(params, self._executor.vocab_size, engine.tokenizer)
