@@ -124,6 +124,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from choral.server.app import create_app
 
         engine = LLMEngine(EngineConfig.from_kwargs(**engine_options(args)))
+        if engine.tokenizer is not None:
+            engine.tokenizer.warm_up()  # chat templates need transformers: import it before the first request
         config = ExecutorConfig(strategy=BatchingStrategy(args.strategy), kv_policy=KvPolicy(args.kv_policy),
                                 max_queue_size=args.max_queue_size, enable_prefix_cache=not args.no_prefix_cache)
         executor = Executor(engine, config)
