@@ -44,7 +44,7 @@ class LLM:
         enforce_eager: accepted; choral always runs eagerly (no graph capture).
         trust_remote_code: accepted; choral never runs code from a model's files.
         tensor_parallel_size, pipeline_parallel_size: 1 (one device).
-        quantization: refused until choral has a quantized weight path to choose.
+        quantization: ``q8_0`` or ``q4_0`` (EngineConfig.quantization: quantize at load, run natively).
         device, kv_cache_tokens, kv_cache_memory_bytes, num_threads, attention_backend: choral's own
             :class:`~choral.config.EngineConfig` fields. An unknown keyword is an error.
 

@@ -98,6 +98,8 @@ def engine_config(model: str, dtype: Any, seed: int | None, vllm: VllmOptions, o
         raise ConfigError("gpu_memory_utilization: give it or kv_cache_tokens / kv_cache_memory_bytes, not both")
     if seed is not None:
         options = {**options, "seed": seed}
+    if vllm.quantization is not None:  # EngineConfig checks the method (it exists since it has the field)
+        options = {**options, "quantization": vllm.quantization}
     config = EngineConfig.from_kwargs(model=model, dtype=_dtype_name(dtype), **options)
     if vllm.load_format != "auto":
         wants_file = vllm.load_format == "gguf"
