@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).parent / "vllm_examples"
+pytestmark = pytest.mark.model  # each example loads the bundled model
 
 
 def _run(name: str, capsys) -> str:  # type: ignore[no-untyped-def]
