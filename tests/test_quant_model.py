@@ -19,9 +19,8 @@ from choral.quant import kernels as qk
 from choral.quant.linear import INT8_MAX_TOKENS, QuantEmbedding, QuantProjection
 
 # Its tests load the bundled model (the fast tier, pytest --fast, leaves these out).
-pytestmark = pytest.mark.model
-
-pytestmark = pytest.mark.skipif(not qk.kernel_available(), reason="no C compiler for the quant kernel")
+pytestmark = [pytest.mark.skipif(not qk.kernel_available(), reason="no C compiler for the quant kernel"),
+              pytest.mark.model]
 
 # Chunks of this many tokens keep every forward in the integer-dot regime, as decode steps are.
 SMALL_CHUNK = 32
