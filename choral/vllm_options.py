@@ -128,7 +128,8 @@ def build_engine(config: EngineConfig, vllm: VllmOptions) -> LLMEngine:
     from choral.engine.llm_engine import LLMEngine
     from choral.loader.load import load_model
 
-    loaded = load_model(config.model, config.dtype, config.device, config.max_model_len)
+    loaded = load_model(config.model, config.dtype, config.device, config.max_model_len,
+                        config.weights, config.quantization)
     if vllm.skip_tokenizer_init:
         loaded = dataclasses.replace(loaded, tokenizer=None)
     elif vllm.tokenizer is not None:

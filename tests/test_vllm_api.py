@@ -47,6 +47,25 @@ def test_vllm_options_are_honoured(tiny, tiny_models) -> None:  # type: ignore[n
     assert LLM(str(directory), dtype=torch.float32, kv_cache_tokens=128, max_model_len=32).config.dtype == "float32"
 
 
+def test_weights_and_quantization_reach_the_loader(tiny_models, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """LLM(weights=..., quantization=...) must reach load_model, not fall back to its defaults."""
+    import choral.loader.load as load
+
+    seen: dict[str, object] = {}
+    real = load.load_model
+
+    def recording(model, dtype, device, max_model_len, weights="auto", quantization=None):  # type: ignore[no-untyped-def]
+        seen.update(weights=weights, quantization=quantization)
+        return real(model, dtype, device, max_model_len, weights, quantization)
+
+    monkeypatch.setattr(load, "load_model", recording)
+    directory, _ = tiny_models["llama"]
+    LLM(str(directory), dtype="float32", kv_cache_tokens=128, max_model_len=32, weights="dequantize")
+    assert seen == {"weights": "dequantize", "quantization": None}
+    LLM(str(directory), dtype="float32", kv_cache_tokens=128, max_model_len=32, quantization="q8_0")
+    assert seen == {"weights": "auto", "quantization": "q8_0"}
+
+
 def test_gpu_memory_utilization_on_cpu_warns(tiny_models, caplog) -> None:  # type: ignore[no-untyped-def]
     directory, _ = tiny_models["llama"]
     with caplog.at_level(logging.WARNING):
