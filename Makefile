@@ -55,7 +55,7 @@ test: setup-dev
 	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
-# The fast tier: lint, types and the tests that load no model (tests/conftest.py; ~80 s of CPU).
+# The fast tier: lint, types and the tests that load no model (tests/conftest.py; ~90 s of CPU).
 test-fast: setup-dev
 	$(VENV)/bin/ruff check choral tests benchmarks examples
 	$(VENV)/bin/mypy

@@ -145,6 +145,15 @@ def test_hostile_values_in_every_field_never_5xx(base: str) -> None:
             assert r.status_code in (404, 414), (path, r.status_code)
 
 
+def test_bad_token_ids_with_echo_are_a_400(base: str) -> None:
+    """Found by schemathesis: echo decoded the prompt's ids before they were validated (a 500)."""
+    with httpx.Client(base_url=base, timeout=60) as client:
+        for prompt in ([-1], [10**12], [[3, -5]]):
+            r = client.post("/v1/completions", json={"prompt": prompt, "echo": True, "max_tokens": 2})
+            assert r.status_code == 400, (prompt, r.status_code, r.text[:200])
+            assert "out of range" in r.json()["error"]["message"]
+
+
 def test_schemathesis_over_the_openapi_schema_finds_no_5xx(base: str) -> None:
     import schemathesis
     from schemathesis.generation import GenerationMode

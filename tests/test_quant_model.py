@@ -49,7 +49,8 @@ def _prompt_scores(llm: LLM, ids: list[int]) -> list[tuple[float, int]]:
     for pos in range(1, len(ids)):
         entry = out.prompt_logprobs[pos]
         assert entry is not None
-        scores.append((entry[0], entry[1][0][0]))
+        greedy = max(entry, key=lambda token: entry[token].logprob)  # the top-1 token (and the actual one)
+        scores.append((entry[ids[pos]].logprob, greedy))
     return scores
 
 
@@ -146,7 +147,7 @@ def test_quantization_at_load_tracks_fp32(tiny_models, quantization: str) -> Non
         for pos in range(1, len(ids)):
             entry = out.prompt_logprobs[pos]
             assert entry is not None
-            assert abs(entry[0] - ref[pos - 1, ids[pos]].item()) < tol
+            assert abs(entry[ids[pos]].logprob - ref[pos - 1, ids[pos]].item()) < tol
     finally:
         llm.close()
 

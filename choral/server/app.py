@@ -222,10 +222,11 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
     def _prepare_completion(body: CompletionRequest) -> tuple[list[Request], list[str]]:
         """(worker pool) The completion's prompts tokenized and its requests built and validated."""
         prompts = _completion_prompts(body.prompt)
-        echoes = [_tokenizer().decode(ids, body.skip_special_tokens) if body.echo else "" for ids in prompts]
         # OpenAI's echo with logprobs covers the prompt's tokens too: the engine computes them.
         prompt_logprobs = body.logprobs if body.echo else None
+        # Built (and their token ids validated) before the echo decodes them: a bad id is a 400.
         requests = [_build(body, ids, body.max_tokens or 16, body.logprobs, prompt_logprobs) for ids in prompts]
+        echoes = [_tokenizer().decode(ids, body.skip_special_tokens) if body.echo else "" for ids in prompts]
         return requests, echoes
 
     def _prepare_chat(body: ChatCompletionRequest, plan: ToolPlan | None) -> tuple[Request, str]:
