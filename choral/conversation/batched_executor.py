@@ -5,8 +5,10 @@ The user drives the loop (as in LLamaSharp): ``create()`` conversations, ``promp
 then ``sample()`` each and prompt the chosen token. A batch carries at most
 ``max_num_batched_tokens`` tokens; what does not fit stays queued for the next ``infer()``.
 
-Thread safety: every executor and conversation method takes one re-entrant lock, so calls
-from several threads are *serialized* (a prompt issued during an ``infer()`` waits for it).
+Thread safety: every executor and conversation method takes the engine core's re-entrant lock,
+so calls from several threads are *serialized* (a prompt issued during an ``infer()`` waits for
+it), and so are the steps of an Executor on the same core (an ``LLM``'s ``generate``): one
+batch allocates, runs and records while the other waits.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ import torch
 from choral.config import DEFAULT_MODEL, EngineConfig
 from choral.conversation.context_shift import ContextShift
 from choral.conversation.conversation import Conversation
-from choral.conversation.kv_table import KvTable
 from choral.conversation.state import State, StateSpec, decode_state, model_fingerprint
 from choral.engine.llm_engine import LLMEngine
 from choral.engine.model_runner import Chunk
+from choral.engine.step import StepPlan
 from choral.errors import (
     ConfigError,
     ExecutorClosedError,
@@ -97,7 +99,7 @@ class BatchedExecutor:
 
     def __init__(self, model: Any = DEFAULT_MODEL, **options: Any):
         self._engine = _build_engine(model, options)
-        self._lock = threading.RLock()
+        self._lock = self._engine.core.lock  # shared with every other client of the core
         self._conversations: dict[int, Conversation] = {}
         self._queue: list[Conversation] = []  # conversations with pending tokens, in prompt order
         self._next_id = 0
@@ -133,10 +135,6 @@ class BatchedExecutor:
         return self._engine.config.max_num_batched_tokens
 
     @property
-    def _sampler(self) -> Any:
-        return self._engine.sampler
-
-    @property
     def is_closed(self) -> bool:
         return self._closed
 
@@ -166,7 +164,7 @@ class BatchedExecutor:
         """A new, empty conversation (optionally with automatic context shift)."""
         with self._lock:
             self._check_open()
-            return self._adopt(KvTable(self._engine.pool, self._engine.runner), context_shift)
+            return self._adopt(context_shift)
 
     def load(self, source: str | Path | State, context_shift: ContextShift | None = None, *,
              key: bytes | None = None) -> Conversation:
@@ -184,7 +182,7 @@ class BatchedExecutor:
                                vocab_size=spec.vocab_size, kv_dtype=self._engine.loaded.model.dtype,
                                max_tokens=self.max_context)
             saved = decode_state(state, self.fingerprint, expect, key=key)
-            conversation = self._adopt(KvTable(self._engine.pool, self._engine.runner), context_shift)
+            conversation = self._adopt(context_shift)
             try:
                 conversation._load(saved)
             except BaseException:
@@ -192,12 +190,12 @@ class BatchedExecutor:
                 raise
             return conversation
 
-    def _adopt(self, kv: KvTable, context_shift: ContextShift | None) -> Conversation:
+    def _adopt(self, context_shift: ContextShift | None) -> Conversation:
         if context_shift is not None and not isinstance(context_shift, ContextShift):
             raise InvalidRequestError(
                 f"context_shift: expected a ContextShift or None, got {type(context_shift).__name__}"
             )
-        conversation = Conversation(self, self._next_id, kv, context_shift)
+        conversation = Conversation(self, self._next_id, context_shift)
         self._next_id += 1
         self._conversations[conversation.id] = conversation
         return conversation
@@ -237,22 +235,22 @@ class BatchedExecutor:
                 budget -= count
             if not batch:
                 return DecodeResult.OK
+            kv = self._engine.core.kv
             released: Counter[int] = Counter()
-            need = sum(c._kv.blocks_to_write(s, s + n, released) for c, s, n in batch)
-            if not self._engine.pool.can_allocate(need):
+            need = sum(kv.slots_needed(c._seq, s, s + n, released) for c, s, n in batch)
+            if not kv.can_allocate(need):
                 return DecodeResult.NO_KV_SLOT
-            chunks = []
+            chunks, copies = [], []
             for conversation, start, count in batch:
-                conversation._kv.prepare_write(start, start + count)
-                chunks.append(Chunk(conversation._tokens[start : start + count], start, conversation._kv.blocks,
+                seq = conversation._seq
+                made = kv.allocate_slots(seq, start, start + count)
+                assert made is not None, "the batch's blocks were counted above"
+                copies.extend(made)
+                chunks.append(Chunk(seq.token_ids[start : start + count], start, list(seq.block_table),
                                     logits=conversation._logits_mode(start, count),
                                     hidden=conversation._embeddings.mode))
-            runner = self._engine.runner
-            if any(chunk.hidden != "none" for chunk in chunks):
-                results, hidden = runner.execute_with_hidden(chunks)
-            else:
-                results, hidden = runner.execute(chunks), [None] * len(chunks)
-            for (conversation, _, count), logits, states in zip(batch, results, hidden, strict=True):
+            output = self._engine.core.step(StepPlan(chunks, copies))
+            for (conversation, _, count), logits, states in zip(batch, output.logits, output.hidden, strict=True):
                 conversation._computed(count, logits, states)
                 if not conversation.requires_inference:
                     self._dequeue(conversation)
@@ -281,7 +279,7 @@ class BatchedExecutor:
             result = await asyncio.shield(future)
             if result is DecodeResult.NO_KV_SLOT:
                 raise KvCacheExhaustedError(
-                    f"KV cache exhausted: the batch needs more than the {self._engine.pool.num_free_blocks} "
+                    f"KV cache exhausted: the batch needs more than the {self._engine.core.usage().num_free_blocks} "
                     "free block(s); close a conversation and retry"
                 )
 
@@ -293,10 +291,7 @@ class BatchedExecutor:
     def check_invariants(self) -> None:
         """Assert the pool's ref counts equal the open conversations' block tables (tests)."""
         with self._lock:
-            owners: Counter[int] = Counter()
-            for conversation in self._conversations.values():
-                owners.update(conversation._kv.blocks)
-            self._engine.pool.check_invariants(dict(owners))
+            self._engine.core.kv.check_integrity(c._seq for c in self._conversations.values())
 
     def close(self) -> None:
         """Close every conversation (their blocks go back) and refuse further use. Idempotent."""

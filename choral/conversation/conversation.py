@@ -8,7 +8,10 @@ A conversation is in one of three states, derived from its tokens:
 - *requires sampling*: its last prompt was computed, so ``logits()`` / ``sample()`` work;
 - *idle*: nothing pending and no logits (new, or just edited): prompt it.
 
-Every method takes the executor's lock, so calls from several threads are serialized.
+Every method takes the engine core's lock (the executor's ``_lock`` is the core's), so calls
+from several threads, and an Executor sharing the core, are serialized. The tokens, the computed
+count and the block table are one :class:`~choral.kv.sequence_state.SequenceState`, edited only
+through the core's :class:`~choral.kv.kv_cache.KvCache`.
 """
 
 from __future__ import annotations
@@ -20,16 +23,18 @@ from typing import TYPE_CHECKING, overload
 import torch
 
 from choral.conversation.context_shift import ContextShift, plan_shift
-from choral.conversation.kv_table import KvTable
 from choral.conversation.prompt_embeddings import PromptEmbeddings
 from choral.conversation.state import SavedConversation, State, encode_state
 from choral.errors import (
     ConversationClosedError,
     InvalidRequestError,
+    KvCacheExhaustedError,
     RequiresInferenceError,
     RequiresPromptError,
     TokenIdOutOfRangeError,
 )
+from choral.kv.kv_cache import KvUsage
+from choral.kv.sequence_state import SequenceState
 from choral.sampling.logits_process import check_token_ids
 from choral.sampling.params import SamplingParams
 from choral.sampling.sampler import Row
@@ -47,17 +52,14 @@ def _is_int(value: object) -> bool:
 class Conversation:
     """A token stream with its own block table; create with ``BatchedExecutor.create()``."""
 
-    def __init__(self, executor: BatchedExecutor, conversation_id: int, kv: KvTable,
-                 context_shift: ContextShift | None = None):
+    def __init__(self, executor: BatchedExecutor, conversation_id: int, context_shift: ContextShift | None = None):
         self._executor = executor
         self._id = conversation_id
-        self._kv = kv
         self.context_shift = context_shift
-        self._tokens: list[int] = []
+        self._seq = SequenceState()  # tokens (pending ones included), computed count, block table
         # Per token: this conversation sampled it and was fed it back (output, for penalties).
         self._sampled: list[bool] = []
         self._last_sampled: int | None = None  # the token sample() last returned, until the next prompt or edit
-        self._num_computed = 0  # tokens whose K/V are in the cache
         self._logits: torch.Tensor | None = None  # [rows, V] of the last prompt, once computed
         self._all_logits = False
         self._logit_chunks: list[torch.Tensor] = []
@@ -78,15 +80,15 @@ class Conversation:
     @property
     def tokens(self) -> list[int]:
         """Every token of the conversation, pending ones included (a copy)."""
-        return list(self._tokens)
+        return list(self._seq.token_ids)
 
     @property
     def token_count(self) -> int:
-        return len(self._tokens)
+        return self._seq.num_tokens
 
     @property
     def num_pending_tokens(self) -> int:
-        return len(self._tokens) - self._num_computed
+        return self._seq.num_uncomputed_tokens
 
     @property
     def requires_inference(self) -> bool:
@@ -103,7 +105,7 @@ class Conversation:
     @property
     def block_table(self) -> list[int]:
         """The block ids holding this conversation's K/V (a copy; for tests and tools)."""
-        return list(self._kv.blocks)
+        return list(self._seq.block_table)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -132,7 +134,7 @@ class Conversation:
             new = self._to_token_ids(prompt, add_special_tokens)
             fed_back = new == [self._last_sampled]  # before a context shift forgets it
             self._make_room(len(new))
-            self._tokens.extend(new)
+            self._seq.token_ids.extend(new)
             self._sampled.extend([fed_back] * len(new))
             self._last_sampled = None
             self._logits = None
@@ -146,7 +148,7 @@ class Conversation:
             tokenizer = self._executor.tokenizer
             if tokenizer is None:
                 raise InvalidRequestError("this model has no tokenizer: prompt with token ids")
-            add = not self._tokens if add_special_tokens is None else add_special_tokens
+            add = not self._seq.token_ids if add_special_tokens is None else add_special_tokens
             ids = tokenizer.encode(prompt, add_special_tokens=add)
         elif _is_int(prompt):
             ids = [int(prompt)]  # type: ignore[arg-type]
@@ -165,7 +167,7 @@ class Conversation:
         return ids
 
     def _make_room(self, num_new: int) -> None:
-        discard = plan_shift(self.context_shift, len(self._tokens), num_new, self._executor.max_context)
+        discard = plan_shift(self.context_shift, self._seq.num_tokens, num_new, self._executor.max_context)
         if discard:
             keep = self.context_shift.keep if self.context_shift else 0
             self._shift(keep, keep + discard)
@@ -215,7 +217,7 @@ class Conversation:
             params = params or GREEDY
             if not isinstance(params, SamplingParams):
                 raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
-            n = len(self._tokens)
+            n = self._seq.num_tokens
             if num_output_tokens is not None and not (_is_int(num_output_tokens) and 0 <= num_output_tokens <= n):
                 raise InvalidRequestError(f"num_output_tokens: must be an int in [0, {n}], got {num_output_tokens!r}")
             if params.structured or params.n > 1 or params.num_samples > 1:
@@ -235,14 +237,15 @@ class Conversation:
                     self._generator.manual_seed(params.seed)
                     self._generator_seed = params.seed
                 generator = self._generator
+            tokens = self._seq.token_ids
             if num_output_tokens is not None:
-                output = self._tokens[n - num_output_tokens :]
+                output = tokens[n - num_output_tokens :]
             else:
-                output = [t for t, sampled in zip(self._tokens, self._sampled, strict=True) if sampled]
+                output = [t for t, sampled in zip(tokens, self._sampled, strict=True) if sampled]
             # num_prompt_tokens = all of them: min_tokens counts no output here (see above).
-            sample_row = Row(params, token_ids=list(self._tokens), num_prompt_tokens=n, generator=generator,
+            sample_row = Row(params, token_ids=list(tokens), num_prompt_tokens=n, generator=generator,
                              request_id=str(self.id), bad_words=bad_words, output_token_ids=output)
-            result = self._executor._sampler.sample(row[None, :], [sample_row])
+            result = self._executor.engine.core.sample(row[None, :], [sample_row])
             token = int(result.token_ids[0])
             self._last_sampled = token
             return token
@@ -252,11 +255,11 @@ class Conversation:
         """A new conversation with the same tokens, sharing every KV block (copy-on-write)."""
         with self._executor._lock:
             self._check_idle("fork")
-            child = self._executor._adopt(self._kv.fork(), self.context_shift)
-            child._tokens = list(self._tokens)
+            child = self._executor._adopt(self.context_shift)
+            self._executor.engine.core.kv.fork(self._seq, child._seq)
+            child._seq.token_ids = list(self._seq.token_ids)
             child._sampled = list(self._sampled)
             child._last_sampled = self._last_sampled  # the child holds the same logits
-            child._num_computed = self._num_computed
             child._all_logits = self._all_logits
             child._logits = self._logits.clone() if self._logits is not None else None
             child._embeddings = self._embeddings.copy()
@@ -270,14 +273,10 @@ class Conversation:
         """Forget the last ``num_tokens`` tokens (their blocks go back). Prompt again after."""
         with self._executor._lock:
             self._check_idle("rewind")
-            if not _is_int(num_tokens) or not 0 <= num_tokens <= len(self._tokens):
-                raise InvalidRequestError(f"rewind: {num_tokens!r} is outside [0, {len(self._tokens)}]")
-            new_len = len(self._tokens) - num_tokens
-            self._kv.truncate(new_len)
-            del self._tokens[new_len:]
-            del self._sampled[new_len:]
-            self._last_sampled = None
-            self._num_computed = new_len
+            n = self._seq.num_tokens
+            if not _is_int(num_tokens) or not 0 <= num_tokens <= n:
+                raise InvalidRequestError(f"rewind: {num_tokens!r} is outside [0, {n}]")
+            self._truncate(n - num_tokens)
             self._logits = None
             self._embeddings.start(False)
 
@@ -291,17 +290,17 @@ class Conversation:
         """
         with self._executor._lock:
             self._check_idle("remove tokens from")
-            n = len(self._tokens)
+            n = self._seq.num_tokens
             if not (_is_int(start) and _is_int(end) and 0 <= start < end <= n):
                 raise InvalidRequestError(f"remove: need 0 <= start < end <= {n}, got start={start!r}, end={end!r}")
             if not recompute:
                 self._shift(start, end)
                 return
-            self._kv.truncate(start)
-            self._tokens = self._tokens[:start] + self._tokens[end:]
-            self._sampled = self._sampled[:start] + self._sampled[end:]
-            self._last_sampled = None
-            self._num_computed = start
+            rest = self._seq.token_ids[end:]
+            rest_sampled = self._sampled[end:]
+            self._truncate(start)
+            self._seq.token_ids.extend(rest)
+            self._sampled.extend(rest_sampled)
             self._logits = None
             self._embeddings.start(False)
             self._all_logits = False
@@ -316,7 +315,7 @@ class Conversation:
         use ``remove(..., recompute=True)`` for an exact result. Prompt again after."""
         with self._executor._lock:
             self._check_idle("shift")
-            n = len(self._tokens)
+            n = self._seq.num_tokens
             if not (_is_int(keep) and _is_int(discard) and keep >= 0 and discard >= 1 and keep + discard <= n):
                 raise InvalidRequestError(
                     f"shift_left: need keep >= 0, discard >= 1 and keep + discard <= {n}, "
@@ -324,12 +323,31 @@ class Conversation:
                 )
             self._shift(keep, keep + discard)
 
-    def _shift(self, start: int, end: int) -> None:
-        self._kv.erase_and_shift(start, end, len(self._tokens))  # raises before any change
-        self._tokens = self._tokens[:start] + self._tokens[end:]
-        self._sampled = self._sampled[:start] + self._sampled[end:]
+    def _truncate(self, num_tokens: int) -> None:
+        """Keep the first ``num_tokens`` tokens (and their K/V); the rest and their blocks go."""
+        self._executor.engine.core.kv.truncate(self._seq, num_tokens)
+        del self._seq.token_ids[num_tokens:]
+        del self._sampled[num_tokens:]
         self._last_sampled = None
-        self._num_computed = len(self._tokens)
+        self._seq.num_computed_tokens = num_tokens
+
+    def _shift(self, start: int, end: int) -> None:
+        """Erase cache indices ``start .. end - 1`` and move the rest down, keys re-rotated to
+        their new positions (llama.cpp's seq_rm + seq_add). Raises KvCacheExhaustedError before
+        any change when a shared block in the way cannot be copied."""
+        core = self._executor.engine.core
+        n = self._seq.num_tokens
+        tail = n - end
+        copies = core.kv.allocate_slots(self._seq, start, start + tail)
+        if copies is None:
+            raise _exhausted(core.kv.slots_needed(self._seq, start, start + tail), core.kv.usage())
+        core.copy_blocks(copies)
+        core.move_tokens(self._seq.block_table, end, start, tail)
+        rest = self._seq.token_ids[end:]
+        rest_sampled = self._sampled[end:]
+        self._truncate(start + tail)
+        self._seq.token_ids[start:] = rest
+        self._sampled[start:] = rest_sampled
         self._logits = None
         self._embeddings.start(False)
 
@@ -346,8 +364,8 @@ class Conversation:
         unchanged: its checksum alone detects damage, not tampering."""
         with self._executor._lock:
             self._check_idle("save")
-            keys, values = self._kv.read(len(self._tokens))
-            saved = SavedConversation(list(self._tokens), keys, values, self._logits)
+            keys, values = self._executor.engine.core.read_tokens(self._seq.block_table, self._seq.num_tokens)
+            saved = SavedConversation(list(self._seq.token_ids), keys, values, self._logits)
             state = encode_state(saved, self._executor.fingerprint, key)
             if path is None:
                 return state
@@ -360,10 +378,9 @@ class Conversation:
             if self._closed:
                 return
             self._executor._forget(self)
-            self._kv.release()
-            self._tokens = []
+            self._executor.engine.core.kv.free(self._seq)
+            self._seq.token_ids = []
             self._sampled = []
-            self._num_computed = 0
             self._logits = None
             self._closed = True
 
@@ -376,20 +393,20 @@ class Conversation:
     def __repr__(self) -> str:
         state = ("closed" if self._closed else "requires_inference" if self.requires_inference
                  else "requires_sampling" if self.requires_sampling else "idle")
-        return f"Conversation(id={self._id}, tokens={len(self._tokens)}, {state})"
+        return f"Conversation(id={self._id}, tokens={self._seq.num_tokens}, {state})"
 
     # ---- called by the executor (under its lock) ---------------------------------------------
     def _pending_slice(self, budget: int) -> tuple[int, int]:
         """(start, count) of the next pending tokens to compute, at most ``budget``."""
-        return self._num_computed, min(self.num_pending_tokens, budget)
+        return self._seq.num_computed_tokens, min(self.num_pending_tokens, budget)
 
     def _logits_mode(self, start: int, count: int) -> str:
         if self._all_logits:
             return "all"
-        return "last" if start + count == len(self._tokens) else "none"
+        return "last" if start + count == self._seq.num_tokens else "none"
 
     def _computed(self, count: int, logits: torch.Tensor | None, hidden: torch.Tensor | None = None) -> None:
-        self._num_computed += count
+        self._seq.num_computed_tokens += count
         self._embeddings.add(hidden, prompt_done=not self.requires_inference)
         if logits is not None and self._all_logits:
             self._logit_chunks.append(logits)
@@ -404,16 +421,28 @@ class Conversation:
     def _discard_pending(self) -> None:
         """Drop tokens not yet computed (an aborted chat turn)."""
         if self.requires_inference:
-            del self._tokens[self._num_computed :]
-            del self._sampled[self._num_computed :]
+            del self._seq.token_ids[self._seq.num_computed_tokens :]
+            del self._sampled[self._seq.num_computed_tokens :]
             self._logit_chunks = []
             self._executor._dequeue(self)
 
     def _load(self, saved: SavedConversation) -> None:
-        self._kv.write(saved.keys, saved.values)
-        self._tokens = list(saved.tokens)
-        self._sampled = [False] * len(self._tokens)
+        n = len(saved.tokens)
+        if n:
+            core = self._executor.engine.core
+            copies = core.kv.allocate_slots(self._seq, 0, n)
+            if copies is None:
+                raise _exhausted(core.kv.slots_needed(self._seq, 0, n), core.kv.usage())
+            core.write_tokens(self._seq.block_table, 0, saved.keys, saved.values)
+        self._seq.token_ids = list(saved.tokens)
+        self._seq.num_computed_tokens = n
+        self._sampled = [False] * n
         self._last_sampled = None
-        self._num_computed = len(self._tokens)
         self._logits = saved.logits
         self._all_logits = saved.logits is not None and saved.logits.shape[0] > 1
+
+
+def _exhausted(need: int, usage: KvUsage) -> KvCacheExhaustedError:
+    return KvCacheExhaustedError(
+        f"KV cache exhausted: need {need} block(s), {usage.num_free_blocks} free of {usage.num_blocks}; "
+        "close a conversation and retry")

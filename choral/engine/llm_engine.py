@@ -1,8 +1,8 @@
-"""LLMEngine: a loaded model with its KV block pool, model runner and sampler.
+"""LLMEngine: a loaded model and the one EngineCore (runner, KV cache, sampler) that runs it.
 
-The engine holds the parts and runs nothing by itself: the Executor (choral/executor/) schedules
-requests over it (``LLM.generate`` and the server both run there), and BatchedExecutor
-(choral/conversation/) drives conversations over it.
+The engine runs nothing by itself: the Executor (choral/executor/) schedules requests over its
+core (``LLM.generate`` and the server both run there), and BatchedExecutor
+(choral/conversation/) drives conversations over the same core; the core's lock keeps them apart.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import logging
 import torch
 
 from choral.config import EngineConfig
+from choral.engine.engine_core import EngineCore
 from choral.engine.model_runner import ModelRunner, plan_kv_size
 from choral.errors import ConfigError, InvalidRequestError
 from choral.kv.block_pool import BlockPool
+from choral.kv.kv_cache import KvCache
 from choral.loader.load import LoadedModel, load_model
 from choral.loader.memory import check_fits
 from choral.sampling.processors import BatchedLogitsProcessorFn, LogitsProcessorFn, LogitsProcessorRegistry
@@ -26,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    """Owns the loaded model, the block pool, the model runner and the sampler."""
+    """Owns the loaded model and its :class:`EngineCore`."""
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.config = config
@@ -52,14 +54,28 @@ class LLMEngine:
             )
         check_fits({"KV cache": self.kv_size.num_bytes}, self.loaded.model.device,
                    "lower kv_cache_tokens (or kv_cache_memory_bytes) or max_model_len")
-        self.pool = BlockPool(self.kv_size.num_blocks, config.block_size)
-        self.runner = ModelRunner(self.loaded, self.kv_size, config.attention_backend)
+        runner = ModelRunner(self.loaded, self.kv_size, config.attention_backend)
         self.logits_processors = LogitsProcessorRegistry()
-        self.sampler = Sampler(self.runner.device, config.seed, self.eos_token_ids, self.logits_processors)
+        sampler = Sampler(runner.device, config.seed, self.eos_token_ids, self.logits_processors)
+        self.core = EngineCore(runner, KvCache(BlockPool(self.kv_size.num_blocks, config.block_size)), sampler)
         self._grammars: GrammarCompiler | None = None
         logger.info("choral: KV cache %d tokens (%d blocks of %d), %.1f MiB; %d CPU threads",
                     self.kv_size.num_tokens, self.kv_size.num_blocks, config.block_size,
                     self.kv_size.num_bytes / 2**20, torch.get_num_threads())
+
+    @property
+    def pool(self) -> BlockPool:
+        """The core's block pool, for single-threaded inspection (tests, tools)."""
+        return self.core.kv.pool
+
+    @property
+    def runner(self) -> ModelRunner:
+        """The core's model runner, for single-threaded tools and tests (see EngineCore.runner)."""
+        return self.core.runner
+
+    @property
+    def sampler(self) -> Sampler:
+        return self.core.sampler
 
     @property
     def tokenizer(self):  # type: ignore[no-untyped-def]

@@ -1,4 +1,5 @@
-"""A sequence: its tokens, how many are in the KV cache, and its block table."""
+"""A sequence of the executor: a SequenceState (tokens, computed count, block table) plus its
+prompt, sampling parameters and sampling state."""
 
 from __future__ import annotations
 
@@ -6,21 +7,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from choral.kv.block_pool import blocks_for_tokens
+from choral.kv.sequence_state import SequenceState
 from choral.sampling.params import SamplingParams
 from choral.sampling.structured import GrammarMatcher
 
 
 @dataclass(eq=False)  # identity: two sequences with equal tokens are still two sequences
-class Sequence:
+class Sequence(SequenceState):
     """One generation stream. Owns its tokens and block table; the pool owns the blocks."""
 
     seq_id: int
     prompt_token_ids: list[int]
     params: SamplingParams
-    token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
-    block_table: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] = field(default_factory=list)
@@ -35,10 +33,6 @@ class Sequence:
             self.token_ids = list(self.prompt_token_ids)
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
@@ -49,12 +43,3 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
-
-    @property
-    def num_uncomputed_tokens(self) -> int:
-        return self.num_tokens - self.num_computed_tokens
-
-    def blocks_needed(self, num_new_tokens: int, block_size: int) -> int:
-        """Blocks to add so ``num_new_tokens`` more fit after the computed ones."""
-        total = blocks_for_tokens(self.num_computed_tokens + num_new_tokens, block_size)
-        return max(0, total - len(self.block_table))

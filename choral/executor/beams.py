@@ -1,7 +1,7 @@
 """Beam search as KV forks: a request's running beams mapped onto sequences.
 
 The arithmetic is BeamSearch's (choral/sampling/beam_search.py). Here each running beam is a
-sequence: when two beams continue from one parent, the second forks it (``KvManager.fork``: the
+sequence: when two beams continue from one parent, the second forks it (``KvCache.fork``: the
 child lists the same blocks, the shared partly filled last block is copied on the next write);
 a sequence no beam continues is freed. A preempted beam request restarts from its prompt: the
 search is deterministic, so it finds the same beams, and preempting a single beam instead would

@@ -2,12 +2,14 @@
 
 Threads: any number of user threads call ``enqueue`` / ``await_responses`` / ``cancel`` /
 ``submit``; they only touch the incoming list, the cancel set and per-request response queues,
-under one condition variable. The loop thread alone owns the scheduler, the KV pool and the
-model runner, so a forward never runs under the lock.
+under the queue's condition variable, so a forward never runs under that lock. The loop thread
+owns the scheduler and drives the engine core (model runner, KV cache, sampler) while holding the
+core's lock, which other clients of the same core (a BatchedExecutor on the same LLM) take too.
 
 The request path: ``Intake.make_job`` (validation, intake.py) -> ``RequestQueue.put``
 (request_queue.py) -> the loop thread (loop.py): ``Scheduler.schedule`` (scheduler.py) ->
-``StepRunner.run``: forward, sampling, forks, beams (step_runner.py) -> ``Responder``
+``core.step`` (choral/engine/engine_core.py) -> ``StepRunner.update``: sampling, forks,
+beams (step_runner.py) -> ``Responder``
 (responses.py) -> the job's responses, or a Completion (completion.py) for ``submit``/``poll``.
 """
 
@@ -31,18 +33,12 @@ from choral.errors import (
 )
 from choral.executor.completion import Completion, build_completion
 from choral.executor.config import ExecutorConfig
-from choral.executor.intake import Intake
-from choral.executor.job import ExecSequence
-from choral.executor.kv_manager import KvManager
 from choral.executor.loop import Loop
 from choral.executor.request import Request, Response
 from choral.executor.request_queue import RequestQueue
-from choral.executor.responses import Responder
-from choral.executor.scheduler import Scheduler
 from choral.executor.stats import AggregateStats, IterationStats
-from choral.executor.step_runner import StepRunner
+from choral.executor.stepper import Stepper
 from choral.kernels.openmp import release_thread_pool
-from choral.sampling.params import SamplingParams
 
 
 class Executor:
@@ -62,17 +58,17 @@ class Executor:
             self.engine = model
         else:
             self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **engine_options))
-        pool = self.engine.pool
-        pool.record_events = self.config.record_kv_events
-        self.kv = KvManager(pool, self.config.enable_prefix_cache)
-        ecfg = self.engine.config
-        self.scheduler = Scheduler(self.config, self.kv, ecfg.max_num_seqs, ecfg.max_num_batched_tokens,
-                                   self.engine.max_model_len, time.monotonic)
-        self.intake = Intake(self.engine, self.config.kv_policy)
-        self.responder = Responder(self.scheduler, self.intake, AggregateStats())
-        self.step_runner = StepRunner(self.engine, self.kv, self.scheduler, self.intake, self.responder)
+        core = self.engine.core
+        with core.lock:
+            core.kv.pool.record_events = self.config.record_kv_events
+        self.kv = core.kv
+        self.stepper = Stepper(self.engine, self.config)
+        self.scheduler = self.stepper.scheduler
+        self.intake = self.stepper.intake
+        self.responder = self.stepper.responder
+        self.step_runner = self.stepper.step_runner
         self._queue = RequestQueue(self.config.max_queue_size)
-        self._loop = Loop(self._queue, self.config, self.kv, self.scheduler, self.step_runner, self.responder)
+        self._loop = Loop(self._queue, self.config, self.stepper)
         # The loop thread runs every forward from here on; the idle OpenMP pool this thread built
         # while loading would stop the loop's workers from spinning between kernels.
         release_thread_pool()
@@ -249,10 +245,7 @@ class Executor:
 
     def get_kv_cache_events(self) -> list[tuple[str, int, int]]:
         """(kind, block id, block hash) events since the last call; needs record_kv_events."""
-        with self._queue.cond:
-            events = list(self.kv.pool.stats.events)
-            self.kv.pool.stats.events.clear()
-            return events
+        return self.engine.core.take_kv_events()
 
     def pin_prefix(self, prompt: str | Sequence[int]) -> int:
         """Compute ``prompt``'s KV and keep its full blocks cached until ``unpin_prefix``.
@@ -308,23 +301,20 @@ class Executor:
     # ---- prefix pinning: pool bookkeeping, so it runs on the loop thread between steps ------
     def _pin(self, prompt: str | Sequence[int], pin: bool) -> int:
         _, token_ids = to_token_ids(prompt, self.engine.tokenizer)
-        # One extra token so every full block of the prompt is eligible for a match.
-        probe = ExecSequence(-1, token_ids, SamplingParams(), token_ids=[*token_ids, 0])
-        blocks = self.kv.match_prefix(probe)
-        pool = self.kv.pool
+        blocks = self.kv.cached_prefix_blocks(token_ids) if self.config.enable_prefix_cache else []
         if not pin:
-            pool.unpin(blocks)
+            self.kv.unpin(blocks)
             return len(blocks)
         # Pinned blocks leave the cache for good: every accepted request must still fit alone.
-        usable = pool.num_blocks - pool.num_pinned_blocks - sum(1 for b in blocks if not pool.blocks[b].pinned)
+        usable = self.kv.num_unpinned_blocks - self.kv.num_unpinned_among(blocks)
         with self._queue.cond:
             jobs = [j for j in self._queue.jobs.values() if not j.done]
         need = max((self.scheduler.blocks_to_run_alone(j) for j in jobs), default=0)
         if usable < need:
             raise KvCacheExhaustedError(
-                f"pin_prefix: pinning {len(blocks)} blocks would leave {usable} of {pool.num_blocks} for "
+                f"pin_prefix: pinning {len(blocks)} blocks would leave {usable} of {self.kv.num_blocks} for "
                 f"requests, and an accepted request may need {need}")
-        pool.pin(blocks)
+        self.kv.pin(blocks)
         return len(blocks)
 
 

@@ -116,17 +116,18 @@ class Intake:
         """Every accepted request must be able to run with the cache to itself (else it would
         wait forever): beams and GUARANTEED_NO_EVICT samples all at full length, other requests
         one sequence. Pinned prefix blocks are not the cache's to give."""
-        pool = self.engine.pool
+        kv = self.engine.core.kv  # reads two ints only: this runs on the caller's thread
         params = request.sampling
         final = min(num_prompt_tokens + request.effective_max_tokens, self.engine.max_model_len)
         need = blocks_to_run_alone(num_prompt_tokens, final, params.num_samples, params.beam_width > 1,
-                                   self.kv_policy, pool.block_size)
-        usable = pool.num_blocks - pool.num_pinned_blocks
+                                   self.kv_policy, kv.block_size)
+        pinned_blocks = kv.num_pinned_blocks
+        usable = kv.num_blocks - pinned_blocks
         if need > usable:
             what = "the request"
             if params.num_samples > 1:
                 what = f"{name}: {params.num_samples} {'beams' if params.beam_width > 1 else 'sequences'}"
-            pinned = f" ({pool.num_pinned_blocks} more are pinned)" if pool.num_pinned_blocks else ""
+            pinned = f" ({pinned_blocks} more are pinned)" if pinned_blocks else ""
             raise InvalidRequestError(f"{what} of up to {final} tokens may need {need} KV blocks at once; "
                                       f"the cache has {usable}{pinned}")
 
@@ -142,7 +143,7 @@ class Intake:
             seq.grammar = self.engine.grammar_compiler().matcher(params)  # each sample parses its own output
         if params.seed is not None and params.beam_width == 1:
             # Sample i of a seeded request draws from seed + i (vLLM's rule): distinct, reproducible.
-            seq.generator = torch.Generator(device=self.engine.runner.device)
+            seq.generator = torch.Generator(device=self.engine.core.device)
             seq.generator.manual_seed(params.seed + index)
         return seq
 

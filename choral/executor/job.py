@@ -23,7 +23,6 @@ class ExecSequence(Sequence):
     finisher: Finisher | None = None  # its output's text and stop checks
     finish: FinishReason = FinishReason.NOT_FINISHED
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    block_hashes: list[int] = field(default_factory=list)  # chained hashes of registered full blocks
     sent_tokens: int = 0  # output tokens already handed out in streamed responses
     sent_logprobs: int = 0
 

@@ -1,8 +1,11 @@
-"""The executor's loop thread: between steps it takes in new requests, cancels, expirations and
-commands; then it schedules a step, runs it and hands out the responses.
+"""The executor's loop thread: take commands -> schedule -> core.step -> update -> deliver.
 
-It alone touches the scheduler, the KV pool and the model runner, so a forward never runs under
-the queue's lock.
+Between steps it takes in new requests, cancels, expirations and commands (under the queue's
+lock, briefly); then, holding the engine core's lock, it applies them, schedules a step, runs it
+on the core and updates the sequences; then, with no lock held, it hands out the responses (user
+callbacks run there). It alone touches the scheduler; the KV cache and the model runner it
+reaches only through the core, under the core's lock, which a BatchedExecutor sharing the core
+takes too.
 """
 
 from __future__ import annotations
@@ -15,12 +18,10 @@ from collections import deque
 from choral.errors import ProcessorStopped
 from choral.executor.config import ExecutorConfig
 from choral.executor.job import ExecSequence, Job
-from choral.executor.kv_manager import KvManager
 from choral.executor.request_queue import RequestQueue
-from choral.executor.responses import Responder
-from choral.executor.scheduler import ScheduledStep, Scheduler
+from choral.executor.scheduler import ScheduledStep
 from choral.executor.stats import AggregateStats, IterationStats
-from choral.executor.step_runner import StepRunner
+from choral.executor.stepper import Stepper
 from choral.finish import FinishReason
 
 logger = logging.getLogger(__name__)
@@ -31,14 +32,14 @@ _IDLE_WAIT_S = 0.005  # re-check timers (DYNAMIC_TIMEOUT, deadlines) this often 
 class Loop:
     """The background thread of one Executor."""
 
-    def __init__(self, queue: RequestQueue, config: ExecutorConfig, kv: KvManager, scheduler: Scheduler,
-                 step_runner: StepRunner, responder: Responder):
+    def __init__(self, queue: RequestQueue, config: ExecutorConfig, stepper: Stepper):
         self.queue = queue
-        self.kv = kv
-        self.scheduler = scheduler
-        self.step_runner = step_runner
-        self.responder = responder
-        self.aggregate: AggregateStats = responder.aggregate
+        self.stepper = stepper
+        self.core = stepper.core
+        self.kv = stepper.kv
+        self.scheduler = stepper.scheduler
+        self.responder = stepper.responder
+        self.aggregate: AggregateStats = stepper.responder.aggregate
         self.iteration_stats: deque[IterationStats] = deque(maxlen=config.iteration_stats_max)
         self.unread_stats: deque[IterationStats] = deque(maxlen=config.iteration_stats_max)
         self._iteration = 0
@@ -58,32 +59,25 @@ class Loop:
                         self.scheduler.flush = True
                         if not q.drain:
                             cancels |= {j.request_id for j in incoming}
-                for job in incoming:
-                    self._accept(job)
-                for fn, future in commands:
-                    try:
-                        future.set_result(fn())
-                    except Exception as e:  # reported to the caller, the loop goes on
-                        future.set_exception(e)
-                self._end_jobs(cancels, FinishReason.CANCELLED)
-                self._expire()
+                with self.core.lock:
+                    for job in incoming:
+                        self._accept(job)
+                    for fn, future in commands:
+                        try:
+                            future.set_result(fn())
+                        except Exception as e:  # reported to the caller, the loop goes on
+                            future.set_exception(e)
+                    self._end_jobs(cancels, FinishReason.CANCELLED)
+                    self._expire()
                 self._deliver()
                 if q.stopping and not (self.scheduler.running or self.scheduler.waiting or q.incoming):
                     break
-                started = time.perf_counter()
-                step = self.scheduler.schedule()
-                if not step.items:
-                    if step.preempted:  # a sequence gave its blocks up and nothing could run
-                        self._record(step, time.perf_counter() - started)
+                with self.core.lock:
+                    ran = self._step()
+                self._deliver()
+                if not ran:
                     with q.cond:
                         q.cond.wait(_IDLE_WAIT_S)
-                    continue
-                self._mark_scheduled(step.admitted)
-                self.step_runner.run(step)
-                elapsed = time.perf_counter() - started
-                self.scheduler.after_step(elapsed)
-                self._record(step, elapsed)
-                self._deliver()
         except BaseException as e:  # a bug in the loop: fail every request loudly, never hang
             logger.exception("choral executor loop failed")
             self._give_back_blocks()
@@ -98,13 +92,21 @@ class Loop:
                 q.commands.clear()
                 q.cond.notify_all()
 
+    def _step(self) -> bool:
+        """The stepper's schedule -> core.step -> update, and its stats (the caller holds the
+        core's lock). False when nothing could run."""
+        started = time.perf_counter()
+        step = self.stepper.step(on_scheduled=self._mark_scheduled)
+        if step.items or step.preempted:  # a preemption with nothing run is still recorded
+            self._record(step, time.perf_counter() - started)
+        return bool(step.items)
+
     def _accept(self, job: Job) -> None:
         """Hand a new request to the scheduler, unless prefix pins made since its intake check
         leave it no room to ever run: then it fails now rather than waiting forever."""
         if job.ended:
             return  # cancelled or timed out while it waited in the incoming list: answered already
-        pool = self.kv.pool
-        need, usable = self.scheduler.blocks_to_run_alone(job), pool.num_blocks - pool.num_pinned_blocks
+        need, usable = self.scheduler.blocks_to_run_alone(job), self.kv.num_unpinned_blocks
         if need <= usable:
             self.scheduler.add(job.root)
             return
@@ -120,13 +122,14 @@ class Loop:
     def _give_back_blocks(self) -> None:
         """After a failure: free what the loop's sequences hold, so the engine (and its pool,
         which others may share) stays usable by a new executor."""
-        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
-            try:
-                self.kv.free(seq)
-            except Exception:  # the books may be what broke: keep going, the error is reported
-                logger.exception("choral executor: freeing sequence %d after the failure", seq.seq_id)
-        self.scheduler.running.clear()
-        self.scheduler.waiting.clear()
+        with self.core.lock:
+            for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+                try:
+                    self.kv.free(seq)
+                except Exception:  # the books may be what broke: keep going, the error is reported
+                    logger.exception("choral executor: freeing sequence %d after the failure", seq.seq_id)
+            self.scheduler.running.clear()
+            self.scheduler.waiting.clear()
 
     def _mark_scheduled(self, admitted: list[ExecSequence]) -> None:
         now = time.monotonic()
@@ -176,15 +179,15 @@ class Loop:
                     logger.exception("request %d: callback raised", job.request_id)
 
     def _record(self, step: ScheduledStep, elapsed: float) -> None:
-        pool = self.kv.pool
+        usage = self.kv.usage()
         self._iteration += 1
         self.aggregate.busy_time_s += elapsed
         stats = IterationStats(
             iteration=self._iteration, timestamp=time.time(), step_latency_s=elapsed,
             num_prefill_tokens=step.num_prefill_tokens, num_decode_tokens=step.num_decode_tokens,
             num_scheduled_sequences=len(step.items), num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting), kv_blocks_used=pool.num_used_blocks,
-            kv_blocks_free=pool.num_free_blocks, kv_blocks_cached=pool.num_cached_blocks,
+            num_waiting=len(self.scheduler.waiting), kv_blocks_used=usage.num_used_blocks,
+            kv_blocks_free=usage.num_free_blocks, kv_blocks_cached=usage.num_cached_blocks,
             prefix_hit_blocks=step.prefix_hit_blocks, num_preemptions=len(step.preempted),
             num_admitted=len(step.admitted), seq_cap=self.scheduler.seq_cap,
         )

@@ -7,7 +7,9 @@ within a level, waiting time adding ``priority_aging_per_s`` per second). Admiss
 whole uncached prompt at once, so a prompt's later chunks never wait for blocks; decodes take a
 block at each block boundary and, under MAX_UTILIZATION, preempt the lowest-priority, newest
 sequence when none is free. A beam-search request is preempted whole: every beam is freed and it
-restarts from its prompt. The scheduler only sees allocation results from the KvManager.
+restarts from its prompt. The scheduler only sees allocation results from the KvCache
+(``allocate_slots`` / ``admit`` return None / False when the blocks are not there): it never
+reads free counts or ref counts itself.
 
 Batch-at-a-time strategies (STATIC, FIXED_SIZE, DYNAMIC_TIMEOUT) keep the request ids of the
 batch that runs (``batch``): only its members are admitted (as budgets allow, and again after a
@@ -26,8 +28,8 @@ from dataclasses import dataclass, field
 from choral.executor.beams import beam_kv_blocks
 from choral.executor.config import BatchingStrategy, ExecutorConfig, KvPolicy
 from choral.executor.job import ExecSequence, Job
-from choral.executor.kv_manager import KvManager
 from choral.kv.block_pool import blocks_for_tokens
+from choral.kv.kv_cache import BlockCopy, KvCache
 
 _BATCHED = (BatchingStrategy.STATIC, BatchingStrategy.FIXED_SIZE, BatchingStrategy.DYNAMIC_TIMEOUT)
 
@@ -62,7 +64,7 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, config: ExecutorConfig, kv: KvManager, max_num_seqs: int, max_num_batched_tokens: int,
+    def __init__(self, config: ExecutorConfig, kv: KvCache, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, clock: Callable[[], float]):
         self.config = config
         self.kv = kv
@@ -174,16 +176,18 @@ class Scheduler:
                 break
             if seq not in self.running:
                 continue  # preempted by an earlier decode this step
-            while self.kv.pool.num_free_blocks < self.kv.blocks_to_grow(seq, 1):
+            copies = self._grow(seq)
+            while copies is None:
                 victim = self._victim(exclude=[s for s, _ in step.items])
                 if victim is None:
                     break
                 self._preempt(victim, step)
                 if seq not in self.running:  # preempted itself, or its beam request restarted
                     break
-            if seq not in self.running or self.kv.pool.num_free_blocks < self.kv.blocks_to_grow(seq, 1):
+                copies = self._grow(seq)
+            if copies is None or seq not in self.running:
                 continue
-            step.copies.extend(self.kv.grow(seq, 1))
+            step.copies.extend(copies)
             step.add(seq, 1)
         # 2. Next chunks of admitted prompts (their blocks were allocated on admission).
         for seq in [s for s in self.running if s.num_uncomputed_tokens > 1]:
@@ -203,6 +207,19 @@ class Scheduler:
                 break
         self._count_tokens(step)
         return step
+
+    def _grow(self, seq: ExecSequence) -> list[BlockCopy] | None:
+        """Room for a running sequence's next token (None: no free block)."""
+        return self.kv.allocate_slots(seq, seq.num_computed_tokens, seq.num_computed_tokens + 1)
+
+    def _match(self, seq: ExecSequence) -> list[int]:
+        """Prefix-cache hits for a waiting sequence (none when the cache is off, or when the
+        request's prompt logprobs need the logits of every prompt position)."""
+        if not self.config.enable_prefix_cache:
+            return []
+        if seq.params.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens:
+            return []
+        return self.kv.match_prefix(seq.token_ids)
 
     def _budget(self, step: ScheduledStep) -> int:
         """Tokens this step can still take (a preemption gives back what its victim had)."""
@@ -265,25 +282,27 @@ class Scheduler:
     def _try_admit(self, seq: ExecSequence, step: ScheduledStep, policy: KvPolicy) -> bool:
         if not self._fits_cap(seq):
             return False
-        hits = self.kv.match_prefix(seq)
+        hits = self._match(seq)
         uncached = seq.num_tokens - len(hits) * self.kv.block_size
-        need = self.kv.blocks_to_admit(seq, hits, uncached)
+        headroom = 0  # blocks the admission must leave free
         if policy is KvPolicy.GUARANTEED_NO_EVICT:
             job = seq.job
             assert job is not None
             admitted = blocks_for_tokens(seq.num_tokens, self.kv.block_size)
             if job.beam is not None:
-                need += self._beam_blocks(job) - admitted
+                headroom += self._beam_blocks(job) - admitted
             else:
-                need += blocks_for_tokens(self._final_len(job), self.kv.block_size) - admitted
+                headroom += blocks_for_tokens(self._final_len(job), self.kv.block_size) - admitted
                 if seq.index == 0 and not job.forked:
-                    need += self._sibling_blocks(job)
-            if self.kv.pool.num_free_blocks - self._reserved_blocks() < need:
-                return False
-        elif self.kv.pool.num_free_blocks < need:
+                    headroom += self._sibling_blocks(job)
+            headroom += self._reserved_blocks()
+        if not self.kv.admit(seq, hits, uncached, headroom, count_queries=self.config.enable_prefix_cache):
             return False
+        if seq.num_preemptions == 0:
+            # The prompt tokens the cache saved this request. A preempted sequence finds its own
+            # blocks again on readmission: those were computed by the request itself.
+            seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
         self.waiting.remove(seq)
-        self.kv.admit(seq, hits, uncached)
         step.prefix_hit_blocks += len(hits)
         self.running.append(seq)
         step.admitted.append(seq)
@@ -330,11 +349,10 @@ class Scheduler:
                 gone.update(id(b) for b in s.job.beam.live)
         if not self._fits_cap(seq, [s for s in self.running if id(s) not in gone]):
             return False
-        freed = {b for s in self.running if id(s) in gone for b in s.block_table
-                 if self.kv.pool.blocks[b].ref_count == 1}
-        hits = self.kv.match_prefix(seq)
-        need = self.kv.blocks_to_admit(seq, hits, seq.num_tokens - len(hits) * self.kv.block_size)
-        return self.kv.pool.num_free_blocks + len(freed) >= need
+        freed = self.kv.blocks_freed_by(s for s in self.running if id(s) in gone)
+        hits = self._match(seq)
+        need = self.kv.blocks_to_admit(hits, seq.num_tokens - len(hits) * self.kv.block_size)
+        return self.kv.can_allocate(max(0, need - freed))
 
     def _preempt_for(self, seq: ExecSequence, step: ScheduledStep) -> bool:
         """A waiting request of strictly higher priority may preempt lower running ones."""

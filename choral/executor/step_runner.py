@@ -1,5 +1,7 @@
-"""One scheduled step: the forward pass, then a token for every sequence whose tokens are all
-computed.
+"""One scheduled step on the engine core: ``plan`` turns the scheduler's output into a StepPlan
+(plain data), the core runs it, and ``update`` is the one place where sequences then advance:
+computed counts, prefix-cache registration, a token for every sequence whose tokens are all
+computed, forks, beams, finishes.
 
 Sampled requests draw through the batched sampler; the first time a request's prompt is done,
 its other samples (n, best_of) are forked off it and draw from the same logits. Beam-search
@@ -16,9 +18,9 @@ import torch
 
 from choral.engine.llm_engine import LLMEngine
 from choral.engine.model_runner import Chunk
+from choral.engine.step import StepOutput, StepPlan
 from choral.executor.intake import Intake
 from choral.executor.job import ExecSequence, Job
-from choral.executor.kv_manager import KvManager
 from choral.executor.responses import Responder
 from choral.executor.scheduler import ScheduledStep, Scheduler
 from choral.finish import FinishReason
@@ -29,19 +31,25 @@ logger = logging.getLogger(__name__)
 
 
 class StepRunner:
-    """Runs scheduled steps on the engine's model runner and sampler (the loop thread only)."""
+    """Runs scheduled steps on the engine core (the caller holds the core's lock)."""
 
-    def __init__(self, engine: LLMEngine, kv: KvManager, scheduler: Scheduler, intake: Intake,
-                 responder: Responder):
+    def __init__(self, engine: LLMEngine, scheduler: Scheduler, intake: Intake, responder: Responder,
+                 enable_prefix_cache: bool):
         self.engine = engine
-        self.kv = kv
+        self.core = engine.core
         self.scheduler = scheduler
         self.intake = intake
         self.responder = responder
+        self.enable_prefix_cache = enable_prefix_cache
 
     def run(self, step: ScheduledStep) -> None:
-        runner = self.engine.runner
-        runner.copy_blocks(step.copies)
+        """plan -> core.step -> update."""
+        plan = self.plan(step)
+        self.update(step, plan, self.core.step(plan))
+
+    @staticmethod
+    def plan(step: ScheduledStep) -> StepPlan:
+        """The forward this step runs: each sequence's next tokens, and which logits to return."""
         chunks = []
         for seq, n in step.items:
             start = seq.num_computed_tokens
@@ -49,15 +57,19 @@ class StepRunner:
             wants_prompt_lp = (seq.index == 0 and seq.params.prompt_logprobs is not None
                                and len(seq.prompt_logprobs) < seq.num_prompt_tokens)
             mode = "all" if wants_prompt_lp else ("last" if completes else "none")
-            chunks.append(Chunk(seq.token_ids[start : start + n], start, seq.block_table, logits=mode))
-        results = runner.execute(chunks)
+            chunks.append(Chunk(seq.token_ids[start : start + n], start, list(seq.block_table), logits=mode))
+        return StepPlan(chunks, list(step.copies))
+
+    def update(self, step: ScheduledStep, plan: StepPlan, output: StepOutput) -> None:
+        """Advance every sequence of the step by what the core computed and sampled."""
         rows: list[torch.Tensor] = []
         to_sample: list[ExecSequence] = []
         beams: dict[int, tuple[Job, dict[int, torch.Tensor]]] = {}  # request id -> (job, {seq_id: logits [V]})
-        for (seq, n), chunk, logits in zip(step.items, chunks, results, strict=True):
+        for (seq, n), chunk, logits in zip(step.items, plan.chunks, output.logits, strict=True):
             start = seq.num_computed_tokens
             seq.num_computed_tokens += n
-            self.kv.register_full_blocks(seq)
+            if self.enable_prefix_cache:
+                self.core.kv.register_full_blocks(seq)
             if logits is not None and chunk.logits == "all":
                 record_prompt_logprobs(seq, start, logits)
             if seq.num_computed_tokens < seq.num_tokens:
@@ -89,7 +101,8 @@ class StepRunner:
     # ---- forks -----------------------------------------------------------------------------
     def _fork(self, job: Job, parent: ExecSequence, index: int) -> ExecSequence:
         child = self.intake.new_sequence(job, index, parent.token_ids)
-        self.kv.fork(parent, child)
+        self.core.kv.fork(parent, child)
+        child.num_cached_tokens = parent.num_cached_tokens
         self.scheduler.running.append(child)
         return child
 
@@ -106,7 +119,7 @@ class StepRunner:
     # ---- sampling ----------------------------------------------------------------------------
     def _draw(self, seqs: list[ExecSequence], rows: list[torch.Tensor]) -> SampleResult:
         ranked = [s.job is not None and s.job.ranked for s in seqs]  # best_of ranks by cumulative logprob
-        return self.engine.sampler.sample(torch.stack(rows), seqs, ranked)
+        return self.core.sample(torch.stack(rows), seqs, ranked)
 
     def _sample(self, seqs: list[ExecSequence], rows: list[torch.Tensor]) -> None:
         try:
@@ -164,7 +177,7 @@ class StepRunner:
             return
         if job.timing.first_token is None:
             job.timing.first_token = time.monotonic()
-        processed = self.engine.sampler.process(torch.stack([logits_by_seq[s.seq_id] for s in live]), live)
+        processed = self.core.process(torch.stack([logits_by_seq[s.seq_id] for s in live]), live)
         logprobs = dict(zip([s.seq_id for s in live], processed.log_softmax(-1), strict=True))  # {seq_id: [V]}
         _, dropped = group.advance(logprobs, lambda parent: self._fork_beam(job, parent))
         for seq in dropped:

@@ -113,7 +113,7 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
         return JSONResponse({"status": "ok" if ok else "error"}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
-    async def get_metrics() -> HttpResponse:
+    def get_metrics() -> HttpResponse:  # a worker thread: render() waits for the core's lock
         return HttpResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

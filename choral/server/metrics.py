@@ -24,20 +24,24 @@ _TOKEN_GAP_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
 class _LiveCollector(Collector):
-    """Gauges and counters read from the executor at scrape time."""
+    """Gauges and counters read from the executor at scrape time, under the engine core's lock
+    (prometheus calls ``collect`` from the scrape's thread: the server runs it in a worker)."""
 
     def __init__(self, executor: Executor, model_name: str):
         self.executor, self.model = executor, model_name
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         ex, m = self.executor, [self.model]
-        pool = ex.kv.pool
-        running = len(ex.scheduler.running)
-        waiting = len(ex.scheduler.waiting) + ex.num_queued_not_scheduled
-        usage = pool.num_used_blocks / pool.num_blocks
+        core = ex.engine.core
+        with core.lock:  # the loop thread changes these only while it holds the lock (a moment: between steps)
+            running = len(ex.scheduler.running)
+            waiting = len(ex.scheduler.waiting) + ex.num_queued_not_scheduled
+            kv = core.kv.usage()
+        block_size = ex.engine.config.block_size
+        usage = kv.num_used_blocks / kv.num_blocks
         # The pool counts whole blocks; vLLM counts tokens: a block is block_size tokens.
-        queries = pool.stats.prefix_queries * pool.block_size
-        hits = pool.stats.prefix_hits * pool.block_size
+        queries = kv.prefix_queries * block_size
+        hits = kv.prefix_hits * block_size
         preemptions = ex.aggregate.total_preemptions
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -60,11 +64,11 @@ class _LiveCollector(Collector):
         yield gauge("choral_num_requests_running", "Sequences holding KV", running)
         yield gauge("choral_num_requests_waiting", "Sequences queued", waiting)
         yield gauge("choral_kv_cache_usage_perc", "Fraction of KV blocks in use", usage)
-        yield gauge("choral_kv_cache_used_blocks", "KV blocks in use", pool.num_used_blocks)
+        yield gauge("choral_kv_cache_used_blocks", "KV blocks in use", kv.num_used_blocks)
         yield counter("choral_prefix_cache_queries", "Full prompt blocks looked up in the prefix cache",
-                      pool.stats.prefix_queries)
+                      kv.prefix_queries)
         yield counter("choral_prefix_cache_hits", "Full prompt blocks found in the prefix cache",
-                      pool.stats.prefix_hits)
+                      kv.prefix_hits)
         yield counter("choral_num_preemptions", "Sequences preempted", preemptions)
 
 
