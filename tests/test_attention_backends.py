@@ -78,11 +78,11 @@ def check_kernel(dtype: torch.dtype, block_size: int, head_dim: int, window: int
     layout = AttentionLayout(starts, lens, ctx, tables, block_size)
     q = torch.randn(cursor, heads, head_dim, generator=g).to(dtype)
     ref_backend = TorchPagedAttention()
-    ref_backend.prepare(layout, torch.device("cpu"))
-    ref = ref_backend.attend(q, k_cache, v_cache, window, head_dim**-0.5).float()
+    batch = ref_backend.prepare(layout, torch.device("cpu"))
+    ref = batch.attend(q, k_cache, v_cache, window, head_dim**-0.5).float()
     compiled = PagedAttention.load()
     assert compiled is not None
     kernel = CpuKernelAttention(compiled, 2)
-    kernel.prepare(layout, torch.device("cpu"))
-    got = kernel.attend(q, k_cache, v_cache, window, head_dim**-0.5).float()
+    got = kernel.prepare(layout, torch.device("cpu")).attend(q, k_cache, v_cache, window, head_dim**-0.5)
+    got = got.float()
     assert (got - ref).abs().max().item() <= TOL[dtype]

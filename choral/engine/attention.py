@@ -1,7 +1,9 @@
 """Attention over the paged KV cache: the seam between bookkeeping and kernels.
 
 A forward step describes its batch as an :class:`AttentionLayout` (plain Python). A backend turns
-that into tensors once per step (``prepare``) and then runs each layer (``attend``).
+that into the step's own attention batch once per step (``prepare`` returns it: the tensors live
+on the batch, never on the backend, so two steps can never see each other's layout), and the
+batch runs each layer (``attend``).
 
 Two backends:
 - :class:`TorchPagedAttention`: pure torch, any device. Gathers each sequence's blocks into a
@@ -99,8 +101,8 @@ def gather_values(v_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return vb.transpose(-3, -2)
 
 
-class AttentionBackend(Protocol):
-    def prepare(self, layout: AttentionLayout, device: torch.device) -> None: ...
+class AttentionBatch(Protocol):
+    """One step's attention: built by ``AttentionBackend.prepare``, used by every layer."""
 
     def attend(
         self,
@@ -113,6 +115,10 @@ class AttentionBackend(Protocol):
         ...
 
 
+class AttentionBackend(Protocol):
+    def prepare(self, layout: AttentionLayout, device: torch.device) -> AttentionBatch: ...
+
+
 def _padded_tables(tables: list[list[int]]) -> list[list[int]]:
     width = max((len(t) for t in tables), default=1) or 1
     return [t + [0] * (width - len(t)) for t in tables]
@@ -121,7 +127,15 @@ def _padded_tables(tables: list[list[int]]) -> list[list[int]]:
 class TorchPagedAttention:
     """Reference backend: gather blocks, mask, ``scaled_dot_product_attention``."""
 
-    def prepare(self, layout: AttentionLayout, device: torch.device) -> None:
+    def prepare(self, layout: AttentionLayout, device: torch.device) -> TorchAttentionBatch:
+        return TorchAttentionBatch(layout, device)
+
+
+class TorchAttentionBatch:
+    """One step of :class:`TorchPagedAttention`: the decode rows' padded block tables and the
+    prompt chunks' blocks, as tensors, and the masks per window (built on first use)."""
+
+    def __init__(self, layout: AttentionLayout, device: torch.device):
         self.layout = layout
         self.device = device
         bs = layout.block_size
@@ -192,6 +206,9 @@ class CpuKernelAttention:
         self.kernel = kernel
         self.num_threads = num_threads
 
+    def prepare(self, layout: AttentionLayout, device: torch.device) -> CpuKernelBatch:
+        return CpuKernelBatch(self.kernel, self.num_threads, layout)
+
     @classmethod
     def supports(cls, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int,
                  block_size: int) -> bool:
@@ -200,7 +217,14 @@ class CpuKernelAttention:
         kernel = PagedAttention.load()
         return kernel is not None and kernel.supports(num_heads, num_kv_heads, head_dim, block_size)
 
-    def prepare(self, layout: AttentionLayout, device: torch.device) -> None:
+
+class CpuKernelBatch:
+    """One step of :class:`CpuKernelAttention`: per query token its sequence's row in the block
+    tables and its causal limit, as int32 tensors the kernel reads."""
+
+    def __init__(self, kernel: PagedAttention, num_threads: int, layout: AttentionLayout):
+        self.kernel = kernel
+        self.num_threads = num_threads
         # Per query token: its sequence's row in the block tables, and how many cached tokens it
         # sees (causal: its own position + 1). The runner packs sequences in order, so q goes to
         # the kernel as is; any other layout is gathered into that order and scattered back.

@@ -132,12 +132,12 @@ class ModelRunner:
                 hidden_rows.extend(range(first, offset + n))
         dev = self.device
         layout = AttentionLayout(starts, lens, ctx, tables, bs)
-        self.attention.prepare(layout, dev)
+        attention = self.attention.prepare(layout, dev)  # this step's own: the backend keeps none
         args = (torch.tensor(input_ids, dtype=torch.long, device=dev),
                 torch.tensor(positions, dtype=torch.long, device=dev),
                 (torch.tensor(blocks, dtype=torch.long, device=dev),
                  torch.tensor(offsets, dtype=torch.long, device=dev)),
-                self.attention, self.k_caches, self.v_caches)
+                attention, self.k_caches, self.v_caches)
         rows = torch.tensor(logits_rows, dtype=torch.long, device=dev)
         states: torch.Tensor | None = None
         if not hidden_rows:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from choral.engine.attention import AttentionBackend, write_kv
+from choral.engine.attention import AttentionBatch, write_kv
 from choral.errors import ModelLoadError
 from choral.kernels.rms_norm import RmsNorm
 from choral.kernels.rope_kv import RopeKv
@@ -243,7 +243,7 @@ class DecoderModel:
         input_ids: torch.Tensor,  # [T] int64
         positions: torch.Tensor,  # [T] int64, rope positions
         kv_index: tuple[torch.Tensor, torch.Tensor],  # ([T] block id, [T] offset) of each token's K/V
-        attention: AttentionBackend,  # already prepared for this batch
+        attention: AttentionBatch,  # already prepared for this batch
         k_caches: list[torch.Tensor],  # per layer [num_blocks, KVH, D, block_size]
         v_caches: list[torch.Tensor],  # per layer [num_blocks, block_size, KVH, D]
         logits_indices: torch.Tensor,  # [L] rows of the batch whose logits are wanted
