@@ -266,7 +266,7 @@ class DecoderModel:
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         kv_index: tuple[torch.Tensor, torch.Tensor],
-        attention: AttentionBackend,
+        attention: AttentionBatch,  # already prepared for this batch
         k_caches: list[torch.Tensor],
         v_caches: list[torch.Tensor],
     ) -> torch.Tensor:  # [T, hidden], the residual stream after the last layer (before the final norm)
