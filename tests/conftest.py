@@ -72,7 +72,7 @@ TINY = dict(
 
 def tiny_config(arch: str):  # type: ignore[no-untyped-def]
     """A transformers config for one of our architectures, small enough for CPU tests."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     if arch == "llama":
         return LlamaConfig(**TINY, rope_theta=10000.0)
@@ -93,14 +93,30 @@ def tiny_config(arch: str):  # type: ignore[no-untyped-def]
         return Qwen2Config(**TINY)
     if arch == "qwen3":
         return Qwen3Config(**TINY, head_dim=32)
+    if arch == "gemma3":  # local/global layers with their own rope bases, linear scaling on global
+        return Gemma3TextConfig(
+            **{**TINY, "num_hidden_layers": 3}, head_dim=32, sliding_window=12, sliding_window_pattern=2,
+            rope_theta=5000.0, rope_local_base_freq=300.0, rope_scaling={"rope_type": "linear", "factor": 2.0},
+            query_pre_attn_scalar=24, pad_token_id=0)
+    if arch == "gemma3-hd256":  # Gemma 3 270M's attention shape: head_dim 256, 4 query heads, 1 KV head
+        return Gemma3TextConfig(
+            **{**TINY, "num_hidden_layers": 3, "num_key_value_heads": 1}, head_dim=256, sliding_window=21,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"], pad_token_id=0)
     raise ValueError(arch)
 
 
 def hf_class(arch: str):  # type: ignore[no-untyped-def]
-    from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+    from transformers import (
+        Gemma3ForCausalLM,
+        LlamaForCausalLM,
+        MistralForCausalLM,
+        Qwen2ForCausalLM,
+        Qwen3ForCausalLM,
+    )
 
     return {"llama": LlamaForCausalLM, "llama3": LlamaForCausalLM, "mistral": MistralForCausalLM,
-            "mistral-hd64": MistralForCausalLM, "qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}[arch]
+            "mistral-hd64": MistralForCausalLM, "qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM,
+            "gemma3": Gemma3ForCausalLM, "gemma3-hd256": Gemma3ForCausalLM}[arch]
 
 
 def make_tiny_model(arch: str, directory: Path):  # type: ignore[no-untyped-def]
@@ -120,7 +136,7 @@ def make_tiny_model(arch: str, directory: Path):  # type: ignore[no-untyped-def]
 def tiny_models(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """arch -> (directory, HF model). Built once per session."""
     built = {}
-    for arch in ("llama", "llama3", "mistral", "mistral-hd64", "qwen2", "qwen3"):
+    for arch in ("llama", "llama3", "mistral", "mistral-hd64", "qwen2", "qwen3", "gemma3", "gemma3-hd256"):
         d = tmp_path_factory.mktemp(f"tiny-{arch}")
         built[arch] = (d, make_tiny_model(arch, d))
     return built

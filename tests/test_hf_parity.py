@@ -15,7 +15,7 @@ from choral.engine.llm_engine import LLMEngine
 from choral.engine.model_runner import Chunk
 from choral.kernels.paged_attention import PagedAttention
 
-ARCHS = ["llama", "llama3", "mistral", "mistral-hd64", "qwen2", "qwen3"]
+ARCHS = ["llama", "llama3", "mistral", "mistral-hd64", "qwen2", "qwen3", "gemma3", "gemma3-hd256"]
 TOL = 1e-4
 
 
@@ -59,7 +59,7 @@ def test_mixed_batch_matches_transformers(tiny_models, arch: str, backend: str) 
     if backend == "kernel" and PagedAttention.load() is None:
         pytest.skip("no C compiler: the kernel backend is unavailable")
     directory, hf = tiny_models[arch]
-    engine = make_engine(directory, backend, block_size=16 if arch.endswith("hd64") else 4)
+    engine = make_engine(directory, backend, block_size=16 if arch.endswith(("hd64", "hd256")) else 4)
     expected = CpuKernelAttention if backend == "kernel" else TorchPagedAttention
     assert isinstance(engine.runner.attention, expected)
     g = torch.Generator().manual_seed(7)

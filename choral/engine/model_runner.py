@@ -193,10 +193,11 @@ class ModelRunner:
         """
         if count <= 0:
             return
-        cos, sin = self.model.rotary.shift(dst_start - src_start)  # [1, 1, D] fp32
         src_blocks, src_offsets = self._slots(block_table, src_start, count)
         dst_blocks, dst_offsets = self._slots(block_table, dst_start, count)
-        for k_cache, v_cache in zip(self.k_caches, self.v_caches, strict=True):
+        for layer, (k_cache, v_cache) in enumerate(zip(self.k_caches, self.v_caches, strict=True)):
+            # Each layer's own rope table: Gemma 3's local layers rotate with another base.
+            cos, sin = self.model.layer_rotary(layer).shift(dst_start - src_start)  # [1, 1, D] fp32
             k_view = k_cache.permute(0, 3, 1, 2)  # [NB, BS, KVH, D]
             k = k_view[src_blocks, src_offsets].float()  # [count, KVH, D] (a copy)
             v = v_cache[src_blocks, src_offsets]

@@ -93,6 +93,8 @@ class GGUFModelFile:
             array = self.dequantize(name)
             if permute_heads is not None:
                 array = _unpermute(array, permute_heads)
+            if self.architecture.gguf_norms_hold_unit_offset and name.endswith("norm.weight"):
+                array = array - 1.0  # back to HF's convention (the forward scales by 1 + weight)
             # Dequantized arrays are fresh; F32 tensors are views of the read-only mapping: copy.
             owned = array if array.flags.writeable and array.flags.c_contiguous else np.array(array, copy=True)
             yield hf_name, torch.from_numpy(owned)
@@ -108,8 +110,10 @@ class GGUFModelFile:
         if name in _GLOBAL:
             return _GLOBAL[name]
         parts = name.split(".", 2)
-        if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER:
-            return f"model.layers.{parts[1]}.{_LAYER[parts[2]]}"
+        if len(parts) == 3 and parts[0] == "blk":
+            layer_name = self.architecture.gguf_layer_names.get(parts[2]) or _LAYER.get(parts[2])
+            if layer_name is not None:
+                return f"model.layers.{parts[1]}.{layer_name}"
         raise ModelLoadError(f"{self.path}: unexpected tensor {name!r}")
 
     @property

@@ -44,7 +44,13 @@ def check_hf_types(config: Mapping[str, Any], source: str = "config.json") -> No
 def rope_from_hf(config: Mapping[str, Any]) -> RopeSpec:
     # transformers >= 5 writes rope_parameters (theta inside); older files use rope_scaling.
     params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    return rope_from_params(params, float(config.get("rope_theta", 10000.0)),
+                            int(config.get("max_position_embeddings", 8192)))
+
+
+def rope_from_params(params: Mapping[str, Any], default_theta: float, max_positions: int) -> RopeSpec:
+    """One HF rope parameter dict (``rope_type``, ``rope_theta``, ``factor``...) -> RopeSpec."""
+    theta = float(params.get("rope_theta", default_theta))
     kind = params.get("rope_type", params.get("type", "default")) or "default"
     if kind not in _ROPE_KINDS:
         raise ModelLoadError(
@@ -56,9 +62,7 @@ def rope_from_hf(config: Mapping[str, Any]) -> RopeSpec:
         factor=float(params.get("factor", 1.0)),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(
-            params.get("original_max_position_embeddings", config.get("max_position_embeddings", 8192))
-        ),
+        original_max_position_embeddings=int(params.get("original_max_position_embeddings", max_positions)),
     )
 
 

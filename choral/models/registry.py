@@ -9,7 +9,7 @@ one file in ``choral/models/`` that calls :func:`register` and is imported by
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from choral.errors import UnsupportedArchitectureError
@@ -28,6 +28,14 @@ class Architecture:
     spec_from_gguf: Callable[[Mapping[str, Any]], ModelSpec]
     # llama.cpp permutes Q/K rows of llama-style models for its rope kernel; we undo it.
     gguf_qk_permuted: bool = False
+    # GGUF per-layer tensor names whose HF name differs from the Llama table's (gguf_file.py).
+    gguf_layer_names: Mapping[str, str] = field(default_factory=dict)
+    # llama.cpp stores Gemma's norm weights with the 1 of ``1 + weight`` added; HF does not.
+    gguf_norms_hold_unit_offset: bool = False
+    # Tokens that end a turn besides the tokenizer's EOS, looked up by text in the vocabulary.
+    stop_tokens: tuple[str, ...] = ()
+    # The chat template for GGUF files that carry none (Jinja, as in tokenizer_config.json).
+    default_chat_template: str | None = None
 
 
 _REGISTRY: dict[str, Architecture] = {}

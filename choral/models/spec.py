@@ -43,6 +43,9 @@ class RopeSpec:
                 _positive_float("rope.freq_factors", value)
 
 
+HIDDEN_ACTS = ("silu", "gelu_tanh", "gelu")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything the forward needs to know about a model's shape and options."""
@@ -64,6 +67,20 @@ class ModelSpec:
     o_bias: bool = False
     # One entry per layer: the sliding window in tokens, or None for full attention.
     layer_windows: tuple[int | None, ...] = field(default=())
+    # Rope of the sliding-window layers when it differs from ``rope`` (Gemma 3's local base).
+    local_rope: RopeSpec | None = None
+    # The MLP's activation on the gate: "silu" (SwiGLU), "gelu_tanh" or "gelu" (GeGLU).
+    hidden_act: str = "silu"
+    # Gemma's RMSNorm scales by (1 + weight): checkpoints store weight, the forward folds the 1 in.
+    norm_unit_offset: bool = False
+    # Gemma 2/3 "sandwich" norms: the attention and MLP outputs are normed before the residual add.
+    sandwich_norms: bool = False
+    # Embeddings multiplied by this (Gemma: sqrt(hidden_size), rounded to the activation dtype).
+    embed_scale: float | None = None
+    # q.k is scaled by query_pre_attn_scalar ** -0.5 (Gemma) instead of head_dim ** -0.5.
+    query_pre_attn_scalar: float | None = None
+    # logits -> cap * tanh(logits / cap) when set (Gemma 2's final_logit_softcapping).
+    final_logit_softcap: float | None = None
 
     def __post_init__(self) -> None:
         """Every field checked; ModelLoadError names the first one out of range."""
@@ -90,6 +107,19 @@ class ModelSpec:
         for window in self.layer_windows:
             if window is not None:
                 _int_in("sliding_window", window, 2**31 - 1)
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ModelLoadError(f"hidden_act: {self.hidden_act!r} is not one of {', '.join(HIDDEN_ACTS)}")
+
+    @property
+    def attention_scale(self) -> float:
+        """The softmax scale of q.k."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def layer_rope(self, layer: int) -> RopeSpec:
+        """The rope of ``layer``: ``local_rope`` on sliding-window layers when set, else ``rope``."""
+        if self.local_rope is not None and self.layer_windows[layer] is not None:
+            return self.local_rope
+        return self.rope
 
     @property
     def q_size(self) -> int:
@@ -114,7 +144,7 @@ class ModelSpec:
 
     def fingerprint(self) -> dict[str, Any]:
         """A JSON-able description used to tell models apart (saved states, caches)."""
-        return {
+        out: dict[str, Any] = {
             "architecture": self.architecture,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -126,6 +156,19 @@ class ModelSpec:
             "rope_theta": self.rope.theta,
             "rope_kind": self.rope.kind,
         }
+        # Options beyond the Llama family's, only where set: fingerprints of models without them
+        # stay what they were, so their saved states still load.
+        extras: dict[str, Any] = {
+            "local_rope_theta": self.local_rope.theta if self.local_rope else None,
+            "hidden_act": self.hidden_act if self.hidden_act != "silu" else None,
+            "norm_unit_offset": self.norm_unit_offset or None,
+            "sandwich_norms": self.sandwich_norms or None,
+            "embed_scale": self.embed_scale,
+            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "final_logit_softcap": self.final_logit_softcap,
+        }
+        out.update({k: v for k, v in extras.items() if v is not None})
+        return out
 
 
 def _int_in(name: str, value: Any, high: int) -> int:

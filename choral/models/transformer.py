@@ -5,6 +5,10 @@ tokens mixed). q/k/v and gate/up are fused into one matmul each, which halves th
 weight reads and kernel launches per layer. Weights are plain tensors, or with ``native=True``
 GGUF's quantized tensors kept packed (``choral/quant``: integer-dot projections, an embedding
 that dequantizes only the rows a step needs, and the tied lm_head on the same bytes).
+
+Gemma 3's differences are options of the same forward, read from the ModelSpec: a second rope
+table for its sliding-window layers, norms of the attention and MLP outputs ("sandwich" norms),
+GeGLU, scaled embeddings, its query scale and (1 + weight) norms (folded into the weights at load).
 """
 
 from __future__ import annotations
@@ -42,9 +46,11 @@ class LayerWeights:
     q_norm: torch.Tensor | None  # [head_dim]
     k_norm: torch.Tensor | None
     o: AnyProjection  # q_size -> hidden
-    post_norm: torch.Tensor  # [hidden]
+    post_norm: torch.Tensor  # [hidden], the norm before the MLP
     gate_up: AnyProjection  # hidden -> 2 * intermediate
     down: AnyProjection  # intermediate -> hidden
+    attn_out_norm: torch.Tensor | None = None  # [hidden] sandwich norms (Gemma): the attention's
+    mlp_out_norm: torch.Tensor | None = None  # and the MLP's outputs, before the residual add
 
 
 class DecoderModel:
@@ -62,7 +68,14 @@ class DecoderModel:
         self.device = device
         self.native = native
         self.rotary = RotaryTable(spec.rope, spec.head_dim, max_positions, device)
-        self.scale = spec.head_dim**-0.5
+        # Sliding-window layers may rotate with their own base (Gemma 3's rope_local_base_freq).
+        self.local_rotary = (RotaryTable(spec.local_rope, spec.head_dim, max_positions, device)
+                             if spec.local_rope is not None else None)
+        self._layer_uses_local = [self.local_rotary is not None and w is not None for w in spec.layer_windows]
+        self.scale = spec.attention_scale
+        # HF multiplies by the scale cast to the weights' dtype (sqrt(640) in bf16 is 25.25, not 25.30).
+        self.embed_scale = (torch.tensor(spec.embed_scale, dtype=dtype, device=device)
+                            if spec.embed_scale is not None else None)
         self.embed: torch.Tensor | QuantEmbedding
         self.final_norm: torch.Tensor
         self.lm_head: AnyProjection
@@ -74,7 +87,7 @@ class DecoderModel:
         cpu = device.type == "cpu"
         self._norm_kernel = RmsNorm.load(dtype) if cpu else None
         self._rope_kv_kernel = RopeKv.load(dtype) if cpu and RopeKv.supports(spec.head_dim) else None
-        self._act_kernel = SiluMul.load(dtype) if cpu else None
+        self._act_kernel = SiluMul.load(dtype) if cpu and spec.hidden_act == "silu" else None
 
     # ---- loading -------------------------------------------------------------------------
     def load_weights(self, tensors: Iterable[tuple[str, Weight]]) -> None:
@@ -87,6 +100,8 @@ class DecoderModel:
                     raise ModelLoadError(f"weights: {name} is packed but the model dequantizes its weights")
                 named[name] = tensor
             else:
+                if spec.norm_unit_offset and name.endswith("norm.weight"):
+                    tensor = tensor.float() + 1.0  # Gemma's x_normed * (1 + w), in fp32 before the cast
                 named[name] = tensor.to(device=self.device, dtype=self.dtype)
 
         def take_any(name: str, shape: tuple[int, ...]) -> Weight:
@@ -128,15 +143,21 @@ class DecoderModel:
                 take_any(p + "mlp.up_proj.weight", (inter, h)),
             ]
             o_weight = take_any(p + "self_attn.o_proj.weight", (h, q))
+            sandwich = spec.sandwich_norms
+            # HF's names: Llama's "post_attention_layernorm" is the norm before the MLP; Gemma's
+            # is the norm of the attention output, and "pre_feedforward_layernorm" the former.
+            mlp_norm_name = "pre_feedforward_layernorm" if sandwich else "post_attention_layernorm"
             self.layers.append(LayerWeights(
                 input_norm=take(p + "input_layernorm.weight", (h,)),
                 qkv=self._projection(qkv, bias),
                 q_norm=maybe(p + "self_attn.q_norm.weight", (d,), spec.qk_norm),
                 k_norm=maybe(p + "self_attn.k_norm.weight", (d,), spec.qk_norm),
                 o=self._projection([o_weight], maybe(p + "self_attn.o_proj.bias", (h,), spec.o_bias)),
-                post_norm=take(p + "post_attention_layernorm.weight", (h,)),
+                post_norm=take(p + mlp_norm_name + ".weight", (h,)),
                 gate_up=self._projection(gate_up, None),
                 down=self._projection([take_any(p + "mlp.down_proj.weight", (h, inter))], None),
+                attn_out_norm=maybe(p + "post_attention_layernorm.weight", (h,), sandwich),
+                mlp_out_norm=maybe(p + "post_feedforward_layernorm.weight", (h,), sandwich),
             ))
         if spec.tie_word_embeddings or "lm_head.weight" not in named:
             named.pop("lm_head.weight", None)
@@ -170,10 +191,13 @@ class DecoderModel:
         return Projection(weights[0] if len(weights) == 1 else torch.cat(weights), bias, self.projection_layout)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[T] token ids -> [T, hidden] in the model's dtype."""
+        """[T] token ids -> [T, hidden] in the model's dtype (times Gemma's embedding scale, as
+        HF's scaled word embedding)."""
         if isinstance(self.embed, QuantEmbedding):
-            return self.embed.lookup(input_ids)
-        return self.embed.index_select(0, input_ids)
+            rows = self.embed.lookup(input_ids)
+        else:
+            rows = self.embed.index_select(0, input_ids)
+        return rows * self.embed_scale if self.embed_scale is not None else rows
 
     @property
     def num_parameters(self) -> int:
@@ -222,6 +246,10 @@ class DecoderModel:
                 counts[name] = counts.get(name, 0) + 1
         return counts
 
+    def layer_rotary(self, layer: int) -> RotaryTable:
+        """The rope table ``layer`` rotates its keys with (context shifts re-rotate through it)."""
+        return self.local_rotary if self._layer_uses_local[layer] and self.local_rotary is not None else self.rotary
+
     # ---- forward -------------------------------------------------------------------------
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self._norm_kernel is not None and x.ndim == 2:
@@ -231,11 +259,15 @@ class DecoderModel:
         return F.rms_norm(x, weight.shape, weight, self.spec.rms_norm_eps)
 
     def _act(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """[T, 2 * inter] (gate, then up) -> silu(gate) * up, [T, inter]."""
+        """[T, 2 * inter] (gate, then up) -> act(gate) * up, [T, inter]."""
         if self._act_kernel is not None:
             return self._act_kernel(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        act = self.spec.hidden_act
+        if act == "silu":
+            return F.silu(gate) * up
+        # GeGLU: HF's gelu_pytorch_tanh is torch's tanh approximation.
+        return F.gelu(gate, approximate="tanh" if act == "gelu_tanh" else "none") * up
 
     @torch.inference_mode()
     def forward(
@@ -253,7 +285,11 @@ class DecoderModel:
 
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """[L, vocab] fp32 next-token logits of ``rows`` of ``hidden`` ([T, hidden])."""
-        return self.lm_head(self.final_hidden(hidden, rows)).float()
+        logits = self.lm_head(self.final_hidden(hidden, rows)).float()  # [L, vocab]
+        cap = self.spec.final_logit_softcap
+        if cap is not None:  # Gemma 2's final_logit_softcapping: cap * tanh(logits / cap)
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def final_hidden(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """[L, hidden] the final norm's output at ``rows``: what the lm_head reads, and the
@@ -273,9 +309,11 @@ class DecoderModel:
         spec = self.spec
         num_tokens = input_ids.shape[0]
         hd, nh, nkv = spec.head_dim, spec.num_heads, spec.num_kv_heads
-        cos, sin = self.rotary.lookup(positions, self.dtype)  # [T, 1, D]
+        cos_sin = self.rotary.lookup(positions, self.dtype)  # [T, 1, D] each
+        local_cos_sin = self.local_rotary.lookup(positions, self.dtype) if self.local_rotary else cos_sin
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
         for i, w in enumerate(self.layers):
+            cos, sin = local_cos_sin if self._layer_uses_local[i] else cos_sin
             x = self._norm(hidden, w.input_norm)
             qkv = w.qkv(x)  # [T, q + 2kv]
             # q and k sit side by side in qkv: view them as H + KVH heads and rotate them in one go.
@@ -293,9 +331,15 @@ class DecoderModel:
                 q = qk[:, :nh]
                 write_kv(k_cache, v_cache, kv_index[0], kv_index[1], qk[:, nh:], v)
             attn = attention.attend(q, k_cache, v_cache, spec.layer_windows[i], self.scale)
-            hidden = hidden + w.o(attn.view(num_tokens, nh * hd))
+            out = w.o(attn.view(num_tokens, nh * hd))  # [T, hidden]
+            if w.attn_out_norm is not None:
+                out = self._norm(out, w.attn_out_norm)
+            hidden = hidden + out
             x = self._norm(hidden, w.post_norm)
-            hidden = hidden + w.down(self._act(w.gate_up(x)))  # gate_up: [T, 2 * inter]
+            out = w.down(self._act(w.gate_up(x)))  # gate_up: [T, 2 * inter]
+            if w.mlp_out_norm is not None:
+                out = self._norm(out, w.mlp_out_norm)
+            hidden = hidden + out
         return hidden
 
 
