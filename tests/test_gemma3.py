@@ -204,3 +204,79 @@ def test_context_shift_rotates_keys_with_the_layers_own_rope(layer_type: str, tm
         fresh.prompt([*tokens[:3], *tokens[14:], 50])
         executor.infer()
         assert (c.logits() - fresh.logits()).abs().max() <= 1e-3
+
+
+# ---- GGUF ---------------------------------------------------------------------------------------
+_GGUF_LAYER = {  # HF name -> llama.cpp's gemma3 name
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def _write_gemma3_gguf(hf, path: Path) -> None:  # type: ignore[no-untyped-def]
+    """What llama.cpp's converter writes for Gemma 3: its tensor names, norms with the 1 added,
+    the local rope base and the layer pattern as their own keys."""
+    import gguf
+    import numpy as np
+
+    cfg = hf.config
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_sliding_window(cfg.sliding_window)
+    w.add_uint32("gemma3.attention.sliding_window_pattern", 2)
+    w.add_rope_freq_base(cfg.rope_parameters["full_attention"]["rope_theta"])
+    w.add_float32("gemma3.rope.freq_base_swa", cfg.rope_parameters["sliding_attention"]["rope_theta"])
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    w.add_rope_scaling_factor(cfg.rope_parameters["full_attention"]["factor"])
+    state = hf.state_dict()
+    pairs = [("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight")]
+    for i in range(cfg.num_hidden_layers):
+        pairs += [(f"model.layers.{i}.{h}", f"blk.{i}.{g}") for h, g in _GGUF_LAYER.items()]
+    for hf_name, g_name in pairs:
+        data = state[hf_name].float().numpy()
+        if g_name.endswith("norm.weight"):
+            data = data + 1.0
+        w.add_tensor(g_name, np.ascontiguousarray(data, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+
+
+def test_gguf_written_like_llama_cpp_matches_transformers(tmp_path: Path) -> None:
+    torch.manual_seed(9)
+    config = tiny_config("gemma3")
+    config.query_pre_attn_scalar = config.head_dim  # llama.cpp's scale below 62 layers
+    hf = hf_class("gemma3")(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path / "tiny-gemma3.gguf"
+    _write_gemma3_gguf(hf, path)
+    engine = make_engine(path, "torch")
+    spec = engine.loaded.spec
+    assert spec.layer_windows == (12, None, 12) and spec.local_rope is not None
+    assert (spec.local_rope.theta, spec.rope.theta, spec.rope.kind, spec.rope.factor) == (300.0, 5000.0, "linear", 2.0)
+    tokens = [(i * 5) % 120 + 3 for i in range(40)]
+    (got,) = run_schedule(engine, [tokens], [[(0, 25)], [(0, 15)]])
+    ref = hf_logits(hf, tokens)
+    assert max((row - ref[pos]).abs().max().item() for pos, row in got.items()) <= TOL

@@ -118,7 +118,9 @@ def load_model(model: str, dtype: str, device: str, max_model_len: int | None, w
     else:
         has_vocab = True
     with step("loading the tokenizer"):
-        tokenizer = Tokenizer.from_model_path(path, source.eos_token_ids, digest) if has_vocab else None
+        arch = source.architecture
+        tokenizer = Tokenizer.from_model_path(path, source.eos_token_ids, digest, arch.stop_tokens,
+                                              arch.default_chat_template) if has_vocab else None
     eos = tokenizer.eos_token_ids if tokenizer else tuple(source.eos_token_ids)
     if native:
         _return_freed_memory()

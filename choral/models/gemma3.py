@@ -51,9 +51,9 @@ CHAT_TEMPLATE = (
     "{{ raise_exception('Gemma conversations alternate user/assistant turns, starting with the user') }}"
     "{%- endif -%}"
     "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' }}"
-    "{{ (prefix if loop.first else '') + (m['content'] | trim) }}<end_of_turn>\n"
+    "{{ (prefix if loop.first else '') + (m['content'] | trim) + '<end_of_turn>\\n' }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<start_of_turn>model\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
 )
 
 GGUF_LAYER_NAMES = {
