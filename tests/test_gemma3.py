@@ -17,7 +17,7 @@ import torch
 from choral import LLM, BatchedExecutor, SamplingParams
 from choral.errors import ModelLoadError
 from choral.executor import Executor, Request
-from choral.kernels.build import load_paged_attention
+from choral.kernels.paged_attention import PagedAttention
 from choral.models.gemma3 import GEMMA3
 from tests.conftest import hf_class, tiny_config
 from tests.test_hf_parity import hf_logits, make_engine, run_schedule
@@ -85,7 +85,7 @@ def test_unsupported_configs_are_refused(tiny_models, change: dict, message: str
 def test_sequences_several_windows_long_in_chunks_and_mixed_batches(tiny_models, arch: str, backend: str) -> None:  # type: ignore[no-untyped-def]
     """Three sequences 3-8 windows long: prompt chunks of uneven sizes next to decodes of the
     others, every row's logits against transformers' full forward."""
-    if backend == "kernel" and load_paged_attention() is None:
+    if backend == "kernel" and PagedAttention.load() is None:
         pytest.skip("no C compiler: the kernel backend is unavailable")
     directory, hf = tiny_models[arch]
     engine = make_engine(directory, backend, block_size=_block_size(arch))
