@@ -22,6 +22,9 @@ from choral.models.gemma3 import GEMMA3
 from tests.conftest import hf_class, tiny_config
 from tests.test_hf_parity import hf_logits, make_engine, run_schedule
 
+# Every test builds a tiny transformers model to compare with: the full tier (pytest --fast leaves them out).
+pytestmark = pytest.mark.model
+
 TOL = 1e-4
 
 

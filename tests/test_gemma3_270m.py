@@ -19,6 +19,9 @@ from choral import LLM, SamplingParams
 from choral.engine.model_runner import Chunk
 from choral.loader.resolve import resolve_model_path
 
+# Loads the bundled Gemma 3 270M (and transformers on the same file): the full tier.
+pytestmark = pytest.mark.model
+
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
 TEXT = ("The history of the Roman Empire spans many centuries. It began when Augustus became the first "
         "emperor in 27 BC, and in the West it ended in 476 AD. ") * 6
