@@ -72,7 +72,7 @@ import json, sys, time
 from choral.loader.resolve import resolve_model_path
 path = resolve_model_path(sys.argv[1])
 t0 = time.perf_counter()
-from choral.loader.gguf_reader import GGUFReader
+from choral.gguf_reader import GGUFReader
 reader = GGUFReader(path)
 t1 = time.perf_counter()
 from choral.tokenizer import Tokenizer, _gguf_tokenizer_dir

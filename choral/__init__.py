@@ -16,7 +16,6 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
         DecodeResult,
         State,
     )
-    from choral.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
     from choral.errors import (
         ChoralError,
         ConfigError,
@@ -40,6 +39,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     )
     from choral.finish import FinishReason
     from choral.llm import LLM
+    from choral.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
     from choral.sampling.guided import GuidedDecodingParams, StructuredOutputsParams
     from choral.sampling.params import SamplingParams
 
@@ -50,10 +50,10 @@ _LAZY = {
     "SamplingParams": "choral.sampling.params",
     "FinishReason": "choral.finish",
     "EngineConfig": "choral.config",
-    "CompletionOutput": "choral.engine.outputs",
-    "RequestOutput": "choral.engine.outputs",
-    "RequestMetrics": "choral.engine.outputs",
-    "Logprob": "choral.engine.outputs",
+    "CompletionOutput": "choral.outputs",
+    "RequestOutput": "choral.outputs",
+    "RequestMetrics": "choral.outputs",
+    "Logprob": "choral.outputs",
     "GuidedDecodingParams": "choral.sampling.guided",
     "StructuredOutputsParams": "choral.sampling.guided",
     **dict.fromkeys(("BatchedExecutor", "CancelToken", "ChatSession", "ContextShift", "Conversation",

@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from choral.config import DEFAULT_MODEL
-from choral.engine.outputs import RequestOutput, request_output
 from choral.engine.prompts import is_single_prompt, is_token_list, to_token_ids
 from choral.errors import ConfigError, InvalidRequestError
 from choral.executor.config import ExecutorConfig
 from choral.executor.executor import Executor
 from choral.executor.request import Request, Response
+from choral.outputs import RequestOutput, request_output
 from choral.sampling.params import SamplingParams
 from choral.tokenizer import Tokenizer
 from choral.vllm_options import VllmOptions, build_engine, engine_config

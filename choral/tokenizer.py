@@ -281,7 +281,7 @@ def _gguf_tokenizer_dir(path: Path, gguf_digest: str | None) -> Path:
     from choral.progress import step
 
     if gguf_digest is None:
-        from choral.loader.gguf_reader import GGUFReader
+        from choral.gguf_reader import GGUFReader
 
         gguf_digest = GGUFReader(path).kv_digest
     key = hashlib.sha256(f"{gguf_digest}:{version('transformers')}".encode()).hexdigest()[:16]

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from choral.engine.attention import (
+from choral.kernels.paged_attention import PagedAttention
+from choral.models.attention import (
     AttentionLayout,
     CpuKernelAttention,
     TorchPagedAttention,
     kv_cache_shapes,
     write_kv,
 )
-from choral.kernels.paged_attention import PagedAttention
 
 pytestmark = pytest.mark.skipif(PagedAttention.load() is None, reason="no C compiler")
 

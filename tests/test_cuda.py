@@ -18,11 +18,11 @@ import torch
 
 from choral import BatchedExecutor, SamplingParams
 from choral.config import EngineConfig
-from choral.engine.attention import TorchPagedAttention
 from choral.engine.llm_engine import LLMEngine
 from choral.engine.model_runner import Chunk
 from choral.errors import ConfigError
 from choral.executor import Executor, ExecutorConfig, FinishReason, Request
+from choral.models.attention import TorchPagedAttention
 from tests.test_conversations import greedy, run
 from tests.test_hf_parity import ARCHS, hf_logits, run_schedule
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from choral.engine.attention import write_kv
 from choral.kernels.rms_norm import RmsNorm
 from choral.kernels.rope_kv import RopeKv
 from choral.kernels.silu_mul import SiluMul
+from choral.models.attention import write_kv
 from choral.models.rope import apply_rotary
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from choral.errors import ModelLoadError, UnsupportedTensorTypeError
+from choral.gguf_reader import GGUFReader, StringArray
 from choral.loader.dequant import dequantize
-from choral.loader.gguf_reader import GGUFReader, StringArray
 
 
 def _same(mine: object, theirs: object) -> bool:

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from choral.config import EngineConfig
-from choral.engine.attention import CpuKernelAttention, TorchPagedAttention
 from choral.engine.llm_engine import LLMEngine
 from choral.engine.model_runner import Chunk
 from choral.kernels.paged_attention import PagedAttention
+from choral.models.attention import CpuKernelAttention, TorchPagedAttention
 
 ARCHS = ["llama", "llama3", "mistral", "mistral-hd64", "qwen2", "qwen3", "gemma3", "gemma3-hd256"]
 TOL = 1e-4

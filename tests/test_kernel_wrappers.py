@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from choral.engine.attention import kv_cache_shapes
 from choral.errors import ChoralError, KernelArgumentError
 from choral.kernels.paged_attention import PagedAttention
 from choral.kernels.rms_norm import RmsNorm
 from choral.kernels.rope_kv import RopeKv
 from choral.kernels.silu_mul import SiluMul
 from choral.kernels.small_gemm import SmallGemm
+from choral.models.attention import kv_cache_shapes
 
 F32, BF16 = torch.float32, torch.bfloat16
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from choral import BatchedExecutor, SamplingParams
-from choral.engine.outputs import request_output
 from choral.errors import InvalidRequestError
 from choral.executor import Completion, Executor, FinishReason, Request, SequenceOutput, Timing
 from choral.finish import Finisher, IncrementalDetokenizer, StopConditions
 from choral.loader.resolve import resolve_model_path
+from choral.outputs import request_output
 from choral.sampling.params import MAX_SEED
 from choral.tokenizer import Tokenizer
 from tests.conftest import hf_class, tiny_config

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from choral.engine.attention import AttentionLayout, kv_cache_shapes, make_backend, write_kv
 from choral.errors import ConfigError
 from choral.kv.block_pool import KvCacheSize
 from choral.loader.load import LoadedModel
+from choral.models.attention import AttentionLayout, kv_cache_shapes, make_backend, write_kv
 from choral.models.rope import apply_rotary
 
 logger = logging.getLogger(__name__)

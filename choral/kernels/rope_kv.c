@@ -11,7 +11,7 @@
  *   out[i + h] = x[i + h] * cos[i + h] + x[i] * sin[i + h]
  * In bf16 each product and the sum are rounded to bf16, as the torch ops (x * cos +
  * rotate_half(x) * sin) round them, so both paths give the same bits.
- * Cache layouts (choral/engine/attention.py): k_cache [NB, KVH, D, BS] (keys transposed inside a
+ * Cache layouts (choral/models/attention.py): k_cache [NB, KVH, D, BS] (keys transposed inside a
  * block), v_cache [NB, BS, KVH, D].
  */
 #include <stdint.h>

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from choral.errors import UnsupportedTensorTypeError
-from choral.loader.gguf_reader import GGML_TYPES, GGUFTensorInfo
+from choral.gguf_reader import GGML_TYPES, GGUFTensorInfo
 
 _NIBBLE_SHIFTS = np.arange(32, dtype=np.uint32)
 

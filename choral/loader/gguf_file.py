@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from choral.errors import ModelLoadError
+from choral.gguf_reader import GGUFReader
 from choral.loader.dequant import dequantize
-from choral.loader.gguf_reader import GGUFReader
 from choral.models.registry import Architecture, for_gguf
 from choral.models.spec import ModelSpec, spec_or_error
 from choral.quant.repack import GGUF_TYPES, PackedRows, repack

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from choral.engine.attention import AttentionBatch, write_kv
 from choral.errors import ModelLoadError
 from choral.kernels.rms_norm import RmsNorm
 from choral.kernels.rope_kv import RopeKv
 from choral.kernels.silu_mul import SiluMul
+from choral.models.attention import AttentionBatch, write_kv
 from choral.models.linear import Projection, choose_layout
 from choral.models.rope import RotaryTable, apply_rotary
 from choral.models.spec import ModelSpec
