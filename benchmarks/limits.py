@@ -112,7 +112,7 @@ def model_cost(engine: LLMEngine) -> ModelCost:
     spec = engine.loaded.spec
     layer_params = sum(w.qkv.num_parameters + w.o.num_parameters + w.gate_up.num_parameters
                        + w.down.num_parameters for w in model.layers)
-    elem = model.embed.element_size()
+    elem = model.final_norm.element_size()  # the KV cache holds the model dtype (packed weights or not)
     return ModelCost(
         layer_params=layer_params,
         lm_head_params=model.lm_head.num_parameters,
