@@ -227,6 +227,10 @@ class Conversation:
             if params.truncate_prompt_tokens is not None:
                 raise InvalidRequestError("truncate_prompt_tokens: a conversation's tokens are fed with prompt(); "
                                           "it applies to the Executor and LLM.generate")
+            if params.speculative is not None and params.speculative.enabled:
+                raise InvalidRequestError("speculative: Conversation.sample draws one token; speculative "
+                                          "decoding runs in the Executor, LLM.generate and the server "
+                                          "(conversations do not speculate yet)")
             engine = self._executor.engine
             engine.logits_processors.check(params.logits_processors)
             bad_words = check_token_ids(params, self._executor.vocab_size, engine.tokenizer)

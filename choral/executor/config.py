@@ -5,7 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from choral.errors import ConfigError
+from choral.errors import ConfigError, InvalidRequestError
+from choral.speculative.config import SpeculativeConfig
 
 
 class BatchingStrategy(enum.Enum):
@@ -61,6 +62,8 @@ class ExecutorConfig:
     enable_prefix_cache: bool = True
     iteration_stats_max: int = 1000
     record_kv_events: bool = False
+    # Speculative decoding for requests that do not set SamplingParams.speculative (None: off).
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.strategy, BatchingStrategy):
@@ -75,5 +78,10 @@ class ExecutorConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or value <= 0:
                 raise ConfigError(f"{name}: must be a positive number, got {value!r}")
+        if self.speculative is not None:
+            try:
+                object.__setattr__(self, "speculative", SpeculativeConfig.coerce(self.speculative))
+            except InvalidRequestError as e:
+                raise ConfigError(str(e)) from None
         if not isinstance(self.priority_aging_per_s, int | float) or self.priority_aging_per_s < 0:
             raise ConfigError(f"priority_aging_per_s: must be >= 0, got {self.priority_aging_per_s!r}")

@@ -22,14 +22,17 @@ from choral.executor.request import Request, Timing
 from choral.executor.scheduler import blocks_to_run_alone
 from choral.finish import Finisher, FinishReason, StopConditions
 from choral.sampling.logits_process import check_token_ids
+from choral.speculative.speculator import Speculator, make_state
 
 
 class Intake:
     """Validates requests and makes the sequences of their jobs (the executor's only sequence factory)."""
 
-    def __init__(self, engine: LLMEngine, kv_policy: KvPolicy = KvPolicy.MAX_UTILIZATION):
+    def __init__(self, engine: LLMEngine, kv_policy: KvPolicy = KvPolicy.MAX_UTILIZATION,
+                 speculator: Speculator | None = None):
         self.engine = engine
         self.kv_policy = kv_policy
+        self.speculator = speculator or Speculator()
         self._seq_ids = itertools.count()
 
     def make_job(self, request: Request, collect: bool) -> Job:
@@ -145,6 +148,9 @@ class Intake:
             # Sample i of a seeded request draws from seed + i (vLLM's rule): distinct, reproducible.
             seq.generator = torch.Generator(device=self.engine.core.device)
             seq.generator.manual_seed(params.seed + index)
+        spec = self.speculator.config_for(params.speculative, beam=params.beam_width > 1)
+        if spec is not None:
+            seq.spec = make_state(spec)  # each sample proposes from its own output
         return seq
 
     def output_sequence(self, job: Job, index: int, output_token_ids: list[int], finish: FinishReason,

@@ -12,6 +12,7 @@ from choral.finish import Finisher, FinishReason, StopConditions
 
 if TYPE_CHECKING:
     from choral.executor.beams import BeamGroup
+    from choral.speculative.speculator import SpecState
 
 
 @dataclass(eq=False)
@@ -25,6 +26,7 @@ class ExecSequence(Sequence):
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     sent_tokens: int = 0  # output tokens already handed out in streamed responses
     sent_logprobs: int = 0
+    spec: SpecState | None = None  # speculative decoding: proposer, adaptive length, counts
 
 
 @dataclass(eq=False)

@@ -30,6 +30,7 @@ from choral.executor.config import BatchingStrategy, ExecutorConfig, KvPolicy
 from choral.executor.job import ExecSequence, Job
 from choral.kv.block_pool import blocks_for_tokens
 from choral.kv.kv_cache import BlockCopy, KvCache
+from choral.speculative.speculator import Speculator
 
 _BATCHED = (BatchingStrategy.STATIC, BatchingStrategy.FIXED_SIZE, BatchingStrategy.DYNAMIC_TIMEOUT)
 
@@ -57,6 +58,14 @@ class ScheduledStep:
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
     prefix_hit_blocks: int = 0
+    # Speculating decodes: seq_id -> the proposed tokens verified after the sequence's last
+    # token (its item then counts 1 + len(proposal) tokens).
+    drafts: dict[int, list[int]] = field(default_factory=dict)
+    num_accepted_tokens: int = 0  # of the drafts' tokens, accepted (filled in by the step's update)
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return sum(len(d) for d in self.drafts.values())
 
     def add(self, seq: ExecSequence, num_tokens: int) -> None:
         self.items.append((seq, num_tokens))
@@ -65,8 +74,9 @@ class ScheduledStep:
 
 class Scheduler:
     def __init__(self, config: ExecutorConfig, kv: KvCache, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, clock: Callable[[], float]):
+                 max_model_len: int, clock: Callable[[], float], speculator: Speculator | None = None):
         self.config = config
+        self.speculator = speculator or Speculator()
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -170,12 +180,16 @@ class Scheduler:
         # 0. A waiting request of strictly higher priority takes the place of lower running ones.
         if self.config.strategy not in _BATCHED and policy is KvPolicy.MAX_UTILIZATION:
             self._preempt_for_priority(step)
-        # 1. Decodes (one token each), highest priority first.
-        for seq in self._order([s for s in self.running if s.num_uncomputed_tokens == 1]):
+        # 1. Decodes (one token each, plus a proposal to verify when speculating), highest
+        # priority first.
+        decodes = self._order([s for s in self.running if s.num_uncomputed_tokens == 1])
+        for i, seq in enumerate(decodes):
             if self._budget(step) == 0:
                 break
             if seq not in self.running:
                 continue  # preempted by an earlier decode this step
+            if self._speculate(seq, step, len(decodes) - i - 1):
+                continue
             copies = self._grow(seq)
             while copies is None:
                 victim = self._victim(exclude=[s for s, _ in step.items])
@@ -208,6 +222,29 @@ class Scheduler:
         self._count_tokens(step)
         return step
 
+    def _speculate(self, seq: ExecSequence, step: ScheduledStep, decodes_after: int) -> bool:
+        """Schedule ``seq``'s decode with a proposal to verify, if it has one and its slots are
+        free without preempting anyone (else it decodes plainly). The proposal never takes the
+        budget of the decodes after it, nor more tokens than the request may still generate."""
+        if seq.spec is None:
+            return False
+        job = seq.job
+        assert job is not None
+        limit = min(self._budget(step) - 1 - decodes_after,
+                    job.request.effective_max_tokens - seq.num_output_tokens - 1,
+                    self.max_model_len - seq.num_tokens - 1)
+        draft = self.speculator.propose(seq, seq.spec, limit)
+        if not draft:
+            return False
+        start = seq.num_computed_tokens
+        copies = self.kv.allocate_slots(seq, start, start + 1 + len(draft))
+        if copies is None:
+            return False
+        step.copies.extend(copies)
+        step.drafts[seq.seq_id] = draft
+        step.add(seq, 1 + len(draft))
+        return True
+
     def _grow(self, seq: ExecSequence) -> list[BlockCopy] | None:
         """Room for a running sequence's next token (None: no free block)."""
         return self.kv.allocate_slots(seq, seq.num_computed_tokens, seq.num_computed_tokens + 1)
@@ -230,7 +267,8 @@ class Scheduler:
         # A decode token is a sequence's newest token (sampled, never computed) fed alone; prompt
         # chunks and the rest of a recompute after a preemption are prefill, even one token long.
         for seq, n in step.items:
-            if n == 1 and seq.num_computed_tokens == seq.num_tokens - 1 >= seq.num_prompt_tokens:
+            if ((n == 1 or seq.seq_id in step.drafts)
+                    and seq.num_computed_tokens == seq.num_tokens - 1 >= seq.num_prompt_tokens):
                 step.num_decode_tokens += 1
             else:
                 step.num_prefill_tokens += n
@@ -396,6 +434,7 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
         step.items = [(s, n) for s, n in step.items if s is not seq]
+        step.drafts.pop(seq.seq_id, None)
         step.num_tokens = sum(n for _, n in step.items)
         freed = set(seq.block_table)
         step.copies = [(src, dst) for src, dst in step.copies if dst not in freed]

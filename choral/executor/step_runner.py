@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -26,6 +27,7 @@ from choral.executor.scheduler import ScheduledStep, Scheduler
 from choral.finish import FinishReason
 from choral.sampling.sampler import SampleResult
 from choral.sampling.token_logprobs import TokenLogprobs
+from choral.speculative.speculator import Speculator
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +36,10 @@ class StepRunner:
     """Runs scheduled steps on the engine core (the caller holds the core's lock)."""
 
     def __init__(self, engine: LLMEngine, scheduler: Scheduler, intake: Intake, responder: Responder,
-                 enable_prefix_cache: bool):
+                 enable_prefix_cache: bool, speculator: Speculator | None = None):
         self.engine = engine
+        self.speculator = speculator or Speculator()
+        self._verifying: set[int] = set()  # seq ids whose tokens stream once their verdict is in
         self.core = engine.core
         self.scheduler = scheduler
         self.intake = intake
@@ -53,6 +57,12 @@ class StepRunner:
         chunks = []
         for seq, n in step.items:
             start = seq.num_computed_tokens
+            draft = step.drafts.get(seq.seq_id)
+            if draft:
+                # [last token, *proposal], logits on every row: row i is the next-token logits
+                # after proposal[:i], so one forward checks the whole proposal.
+                chunks.append(Chunk([seq.token_ids[start], *draft], start, list(seq.block_table), logits="all"))
+                continue
             completes = start + n == seq.num_tokens
             wants_prompt_lp = (seq.index == 0 and seq.params.prompt_logprobs is not None
                                and len(seq.prompt_logprobs) < seq.num_prompt_tokens)
@@ -65,7 +75,17 @@ class StepRunner:
         rows: list[torch.Tensor] = []
         to_sample: list[ExecSequence] = []
         beams: dict[int, tuple[Job, dict[int, torch.Tensor]]] = {}  # request id -> (job, {seq_id: logits [V]})
+        verifying: list[Verification] = []
         for (seq, n), chunk, logits in zip(step.items, plan.chunks, output.logits, strict=True):
+            draft = step.drafts.get(seq.seq_id)
+            if draft:
+                # Only the last token is surely computed; the proposal's K/V wait for the verdict.
+                seq.num_computed_tokens += 1
+                assert logits is not None
+                verifying.append(Verification(seq, draft, logits, seq.num_tokens))
+                to_sample.append(seq)
+                rows.append(logits[0])
+                continue
             start = seq.num_computed_tokens
             seq.num_computed_tokens += n
             if self.enable_prefix_cache:
@@ -91,8 +111,57 @@ class StepRunner:
                 self._beam_step(job, logits_by_seq)
             except Exception as e:  # the request's own doing (a logits processor): it alone fails
                 self._fail(job, e)
+        self._verifying = {v.seq.seq_id for v in verifying}
         if to_sample:
             self._sample(to_sample, rows)
+        if verifying:
+            step.num_accepted_tokens = self._verify(verifying)
+
+    def _verify(self, verifying: list[Verification]) -> int:
+        """Finish the speculating sequences, whose row 0 was drawn with the batch. Returns the
+        proposed tokens accepted.
+
+        Depth by depth, batched over the sequences still going: the token drawn from row i is
+        the sequence's next token exactly as plain decoding draws it (same logits up to float
+        rounding, same processors, penalties, grammar and generator: one draw per token), so
+        greedy output is the same token for token and sampled output has the target's
+        distribution. For a proposal that is one fixed token this *is* rejection sampling:
+        proposal[i] is accepted with probability p(proposal[i]), and on rejection the drawn
+        token follows p without it, renormalised. While the drawn token equals proposal[i],
+        row i + 1 is valid (its K/V saw exactly these tokens); the first mismatch, an end, or the
+        bonus token after a wholly accepted proposal stops the sequence."""
+        live = verifying
+        for depth in range(max(len(v.draft) for v in verifying) + 1):
+            going = []
+            for v in live:
+                drew = v.seq.num_tokens == v.base + depth + 1  # a failed request draws nothing
+                if drew and depth < len(v.draft) and v.seq.token_ids[-1] == v.draft[depth]:
+                    v.accepted += 1
+                    if v.seq.finish is FinishReason.NOT_FINISHED:
+                        going.append(v)
+            if not going:
+                break
+            self._sample([v.seq for v in going], [v.logits[depth + 1] for v in going])
+            live = going
+        total = 0
+        for v in verifying:
+            seq = v.seq
+            assert seq.spec is not None
+            self.speculator.record(seq.spec, len(v.draft), v.accepted)
+            total += v.accepted
+            if seq.finish is not FinishReason.NOT_FINISHED:
+                continue  # ended: its blocks are already freed
+            # The accepted tokens' K/V stay; the rejected ones go (blocks left empty are freed).
+            keep = v.base + v.accepted
+            self.core.kv.truncate(seq, keep)
+            seq.num_computed_tokens = keep
+            if self.enable_prefix_cache:
+                self.core.kv.register_full_blocks(seq)
+            assert seq.job is not None
+            if seq.job.request.streaming:
+                self.responder.stream(seq)
+        self._verifying = set()
+        return total
 
     def _fail(self, job: Job, error: Exception) -> None:
         logger.warning("request %d failed: %r", job.request_id, error)
@@ -159,7 +228,7 @@ class StepRunner:
             reason = seq.finisher.add(token)
             if reason is not FinishReason.NOT_FINISHED:
                 self.responder.finish_sequence(seq, reason)
-            elif job.request.streaming:
+            elif job.request.streaming and seq.seq_id not in self._verifying:
                 self.responder.stream(seq)
 
     # ---- beam search -------------------------------------------------------------------------
@@ -184,6 +253,18 @@ class StepRunner:
             self.scheduler.remove(seq)
         if group.search.done:
             self.responder.finish_beams(job)
+
+
+@dataclass(eq=False)
+class Verification:
+    """A speculating sequence in this step's update: its proposal, the chunk's logits
+    ([1 + len(draft), V]) and ``base``, its token count before this step's tokens."""
+
+    seq: ExecSequence
+    draft: list[int]
+    logits: torch.Tensor
+    base: int
+    accepted: int = 0
 
 
 def record_prompt_logprobs(seq: ExecSequence, start: int, logits: torch.Tensor) -> None:

@@ -21,6 +21,7 @@ from choral.executor.responses import Responder
 from choral.executor.scheduler import ScheduledStep, Scheduler
 from choral.executor.stats import AggregateStats
 from choral.executor.step_runner import StepRunner
+from choral.speculative.speculator import Speculator
 
 
 class Stepper:
@@ -31,12 +32,13 @@ class Stepper:
         self.core = engine.core
         self.kv = self.core.kv
         ecfg = engine.config
+        self.speculator = Speculator(config.speculative)
         self.scheduler = Scheduler(config, self.kv, ecfg.max_num_seqs, ecfg.max_num_batched_tokens,
-                                   engine.max_model_len, clock)
-        self.intake = Intake(engine, config.kv_policy)
+                                   engine.max_model_len, clock, self.speculator)
+        self.intake = Intake(engine, config.kv_policy, self.speculator)
         self.responder = Responder(self.scheduler, self.intake, AggregateStats())
         self.step_runner = StepRunner(engine, self.scheduler, self.intake, self.responder,
-                                      config.enable_prefix_cache)
+                                      config.enable_prefix_cache, self.speculator)
         self._ids = itertools.count()
 
     def add(self, request: Request) -> Job:

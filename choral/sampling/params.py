@@ -13,6 +13,7 @@ from typing import Any
 
 from choral.errors import InvalidRequestError
 from choral.sampling.guided import StructuredOutputsParams, as_structured, to_constraint
+from choral.speculative.config import SpeculativeConfig
 
 MAX_LOGPROBS = 20
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes seeds in [0, 2**64)
@@ -63,6 +64,10 @@ class SamplingParams:
         include_stop_str_in_output: keep the matched stop string at the end of the text.
         allowed_token_ids: only these token ids may be generated (None = all).
         truncate_prompt_tokens: keep only the last k prompt tokens (None = the whole prompt).
+        speculative: speculative decoding for this request (a SpeculativeConfig or a dict such
+            as ``{"method": "ngram", "k": 4}``; ``{"method": "off"}`` turns an engine default
+            off; None = the engine's default). The output is the same as without it (greedy:
+            token for token; sampled: the same distribution, seeded: the same tokens).
     """
 
     temperature: float = 1.0
@@ -99,6 +104,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     allowed_token_ids: tuple[int, ...] | None = None
     truncate_prompt_tokens: int | None = None
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         # Values are normalized as they are checked: lists (any iterable) are frozen into tuples,
@@ -141,6 +147,11 @@ class SamplingParams:
             if not isinstance(name, str) or not name:
                 raise InvalidRequestError(f"logits_processors: names must be non-empty str, got {show(name)}")
         self._check_structured()
+        if self.speculative is not None:
+            s("speculative", SpeculativeConfig.coerce(self.speculative))
+            if self.speculative.enabled and self.beam_width > 1:
+                raise InvalidRequestError("speculative: beam search (beam_width > 1) does not combine with "
+                                          "speculative decoding; use {'method': 'off'} or beam_width 1")
 
     def _check_vllm_options(self) -> None:
         """vLLM's names: structured_outputs / guided_decoding become json_schema / regex / grammar."""

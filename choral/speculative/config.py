@@ -1,0 +1,82 @@
+"""SpeculativeConfig: which proposer a request speculates with, and how far (frozen, validated).
+
+A request asks with ``SamplingParams(speculative={"method": "ngram", "k": 4})`` (a dict or a
+SpeculativeConfig); an executor's default is ``ExecutorConfig(speculative=...)`` (``choral serve
+--speculative ngram --spec-k 4``) and applies to requests that say nothing. ``{"method": "off"}``
+turns a default off for one request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from choral.errors import InvalidRequestError
+
+METHODS = ("ngram", "off")
+MAX_K = 16  # proposals per step: beyond this the rejected tail of a chunk costs more than it saves
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """How a sequence speculates.
+
+    Attributes:
+        method: "ngram" (prompt lookup: continue the latest earlier occurrence of the
+            sequence's last n tokens) or "off". "draft" (a draft model) is not built yet and
+            is refused.
+        k: the most tokens proposed per step (1..16).
+        ngram_min / ngram_max: the n-gram lengths matched, longest first (1 <= min <= max <= 16).
+        adaptive: shrink k per sequence while its proposals are rejected (down to off for a
+            while), so speculation never costs much on text that does not repeat.
+    """
+
+    method: str = "ngram"
+    k: int = 4
+    ngram_min: int = 2
+    ngram_max: int = 4
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method == "draft":
+            raise InvalidRequestError(
+                "speculative: method 'draft' (a draft model) is not built in choral yet; use 'ngram' "
+                "(prompt lookup) or 'off'")
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            raise InvalidRequestError(f"speculative.method: must be one of {', '.join(METHODS)}, got {self.method!r}")
+        _check_int("k", self.k, 1, MAX_K)
+        _check_int("ngram_min", self.ngram_min, 1, 16)
+        _check_int("ngram_max", self.ngram_max, 1, 16)
+        if self.ngram_min > self.ngram_max:
+            raise InvalidRequestError(
+                f"speculative.ngram_min: {self.ngram_min} is larger than ngram_max {self.ngram_max}")
+        if not isinstance(self.adaptive, bool):
+            raise InvalidRequestError(f"speculative.adaptive: must be a bool, got {self.adaptive!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "off"
+
+    @classmethod
+    def coerce(cls, value: Any) -> SpeculativeConfig:
+        """A SpeculativeConfig, a dict of its fields, or a method name ("ngram", "off")."""
+        if isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            return cls(method=value)
+        if not isinstance(value, Mapping):
+            raise InvalidRequestError(
+                f"speculative: must be a dict like {{'method': 'ngram', 'k': 4}}, got {type(value).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k) for k in value if k not in known)
+        if unknown:
+            raise InvalidRequestError(f"speculative: unknown option(s) {', '.join(unknown)}; "
+                                      f"known: {', '.join(sorted(known))}")
+        return cls(**dict(value))
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidRequestError(f"speculative.{name}: must be an int in [{low}, {high}], got {value!r}")

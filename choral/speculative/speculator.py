@@ -1,0 +1,74 @@
+"""Speculator: which sequences speculate, their proposals, and the verdicts' bookkeeping.
+
+Each sequence that speculates owns a :class:`SpecState` (its proposer, adaptive length and
+counters), created from the request's ``SamplingParams.speculative`` or the executor's default.
+The scheduler asks :meth:`Speculator.propose` for a decode sequence's proposal when it budgets
+the step; the step runner reports how much of it the target accepted with :meth:`record`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from choral.speculative.adaptive import AdaptiveLength
+from choral.speculative.config import SpeculativeConfig
+from choral.speculative.ngram import NgramProposer
+from choral.speculative.proposer import Proposer
+
+if TYPE_CHECKING:
+    from choral.engine.sequence import Sequence
+
+
+@dataclass
+class SpecState:
+    """One sequence's speculation: its proposer, proposal length and counts."""
+
+    config: SpeculativeConfig
+    proposer: Proposer
+    length: AdaptiveLength
+    num_proposed: int = 0  # proposed tokens the target verified
+    num_accepted: int = 0  # of which it accepted
+    num_steps: int = 0  # verification steps (each also yields one token of the target's own)
+
+
+def make_state(config: SpeculativeConfig) -> SpecState:
+    """A fresh SpecState for a sequence speculating with ``config`` (which is enabled)."""
+    assert config.method == "ngram", config.method  # the config refuses every other method
+    return SpecState(config, NgramProposer(config.ngram_min, config.ngram_max),
+                     AdaptiveLength(config.k, config.adaptive))
+
+
+class Speculator:
+    """Resolves each request's speculation and turns sequences' tails into proposals."""
+
+    def __init__(self, default: SpeculativeConfig | None = None):
+        self.default = default
+        self.num_proposed = 0  # totals since start (``/metrics``)
+        self.num_accepted = 0
+
+    def config_for(self, requested: SpeculativeConfig | None, beam: bool) -> SpeculativeConfig | None:
+        """The config a request speculates with: its own, else the default (never beams, whose
+        steps advance every beam together)."""
+        config = requested if requested is not None else self.default
+        if config is None or not config.enabled or beam:
+            return None
+        return config
+
+    def propose(self, seq: Sequence, state: SpecState | None, limit: int) -> list[int]:
+        """Up to ``limit`` tokens to verify after ``seq``'s last token ([] : a plain decode)."""
+        if state is None or limit <= 0:
+            return []
+        k = min(limit, state.length.limit())
+        if k <= 0:
+            return []
+        return state.proposer.propose(seq.token_ids, k)
+
+    def record(self, state: SpecState, proposed: int, accepted: int) -> None:
+        """The target accepted ``accepted`` of the ``proposed`` tokens (and drew one of its own)."""
+        state.num_proposed += proposed
+        state.num_accepted += accepted
+        state.num_steps += 1
+        state.length.record(proposed, accepted)
+        self.num_proposed += proposed
+        self.num_accepted += accepted
