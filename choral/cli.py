@@ -122,12 +122,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from choral.engine.llm_engine import LLMEngine
         from choral.executor import BatchingStrategy, Executor, ExecutorConfig, KvPolicy
         from choral.server.app import create_app
+        from choral.speculative import SpeculativeConfig
 
+        speculative = None  # checked before the model loads
+        if args.speculative != "off":
+            speculative = SpeculativeConfig(method=args.speculative, k=args.spec_k)
         engine = LLMEngine(EngineConfig.from_kwargs(**engine_options(args)))
         if engine.tokenizer is not None:
             engine.tokenizer.warm_up()  # chat templates need transformers: import it before the first request
         config = ExecutorConfig(strategy=BatchingStrategy(args.strategy), kv_policy=KvPolicy(args.kv_policy),
-                                max_queue_size=args.max_queue_size, enable_prefix_cache=not args.no_prefix_cache)
+                                max_queue_size=args.max_queue_size, enable_prefix_cache=not args.no_prefix_cache,
+                                speculative=speculative)
         executor = Executor(engine, config)
         app = create_app(executor, name, api_key=args.api_key, limits=limits, strict=args.strict,
                          tool_call_parser=args.tool_call_parser, pooling=args.pooling)
@@ -387,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-policy", default="max_utilization", choices=["max_utilization", "guaranteed_no_evict"],
                        help="KV admission policy (default: max_utilization)")
     serve.add_argument("--no-prefix-cache", action="store_true", help="disable the automatic prefix cache")
+    serve.add_argument("--speculative", default="off", choices=["off", "ngram", "draft"],
+                       help="speculative decoding for requests that do not choose: ngram = prompt lookup "
+                            "(draft models are not built yet and are refused) (default: off)")
+    serve.add_argument("--spec-k", type=int, default=4, help="most tokens proposed per step (default: 4)")
     serve.add_argument("--graceful-timeout", type=int, default=10,
                        help="seconds in-flight requests may finish after SIGTERM (default: 10)")
     serve.add_argument("--log-level", default="warning", help="uvicorn log level (default: warning)")

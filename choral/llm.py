@@ -20,6 +20,7 @@ from choral.executor.executor import Executor
 from choral.executor.request import Request, Response
 from choral.outputs import RequestOutput, request_output
 from choral.sampling.params import SamplingParams
+from choral.speculative.config import SpeculativeConfig
 from choral.tokenizer import Tokenizer
 from choral.vllm_options import VllmOptions, build_engine, engine_config
 
@@ -58,7 +59,8 @@ class LLM:
                  seed: int | None = None, gpu_memory_utilization: float | None = None, enforce_eager: bool = False,
                  enable_prefix_caching: bool = False, kv_cache_dtype: str = "auto", revision: str | None = None,
                  tokenizer_revision: str | None = None, download_dir: str | None = None, load_format: str = "auto",
-                 enable_chunked_prefill: bool | None = None, **options: Any):
+                 enable_chunked_prefill: bool | None = None,
+                 speculative_config: SpeculativeConfig | dict[str, Any] | None = None, **options: Any):
         vllm = VllmOptions(tokenizer=tokenizer, tokenizer_mode=tokenizer_mode, skip_tokenizer_init=skip_tokenizer_init,
                            trust_remote_code=trust_remote_code, tensor_parallel_size=tensor_parallel_size,
                            pipeline_parallel_size=pipeline_parallel_size, quantization=quantization,
@@ -66,11 +68,17 @@ class LLM:
                            kv_cache_dtype=kv_cache_dtype, revision=revision, tokenizer_revision=tokenizer_revision,
                            download_dir=download_dir, load_format=load_format,
                            enable_chunked_prefill=enable_chunked_prefill)
+        speculative = None  # checked before the model loads
+        if speculative_config is not None:
+            try:
+                speculative = SpeculativeConfig.coerce(speculative_config)
+            except InvalidRequestError as e:
+                raise ConfigError(f"speculative_config: {e}") from None
         self.config = engine_config(model, dtype, seed, vllm, options)
         self.engine = build_engine(self.config, vllm)
         # generate() queues every prompt at once, and validates them all before queueing any.
         self._executor_config = ExecutorConfig(enable_prefix_cache=bool(enable_prefix_caching),
-                                               max_queue_size=sys.maxsize)
+                                               max_queue_size=sys.maxsize, speculative=speculative)
         self._executor: Executor | None = None
 
     def get_tokenizer(self) -> Any:

@@ -42,6 +42,9 @@ class RequestMetrics:
     finished_time: float | None = None
     time_in_queue: float | None = None
     num_preemptions: int = 0  # times the request's sequences were preempted (and recomputed)
+    # Speculative decoding over the returned sequences: proposed tokens verified, and accepted.
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 @dataclass
@@ -115,7 +118,9 @@ def _metrics(completion: Completion) -> RequestMetrics:
     return RequestMetrics(arrival_time=timing.arrival + offset, first_scheduled_time=wall(timing.first_scheduled),
                           first_token_time=wall(timing.first_token), last_token_time=wall(timing.finished),
                           finished_time=wall(timing.finished), time_in_queue=timing.queue_time,
-                          num_preemptions=completion.num_preemptions)
+                          num_preemptions=completion.num_preemptions,
+                          num_draft_tokens=completion.num_proposed_tokens,
+                          num_accepted_tokens=completion.num_accepted_tokens)
 
 
 class _Speller:

@@ -21,6 +21,9 @@ class SequenceOutput:
     # Sum of the generated tokens' logprobs (with logprobs or best_of > n), or a beam's score.
     cumulative_logprob: float | None = None
     stop_reason: int | str | None = None  # the end id, stop id or stop string that ended it
+    # Speculative decoding: proposed tokens verified for this sequence, and accepted.
+    num_proposed_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,15 @@ class Completion:
     num_cached_tokens: int
     prompt_logprobs: list[Logprob | None] | None = None  # when sampling.prompt_logprobs asks
     num_preemptions: int = 0  # times the request's sequences were preempted (and recomputed)
+
+    @property
+    def num_proposed_tokens(self) -> int:
+        """Speculative decoding: proposed tokens verified, over the returned sequences."""
+        return sum(o.num_proposed_tokens for o in self.outputs)
+
+    @property
+    def num_accepted_tokens(self) -> int:
+        return sum(o.num_accepted_tokens for o in self.outputs)
 
     @property
     def text(self) -> str:
@@ -71,8 +83,10 @@ def build_completion(job: Job) -> Completion:
         logprobs = list(seq.output_logprobs) if params.logprobs is not None else None
         ranked = job.ranked or job.beam is not None
         cumulative = seq.cumulative_logprob if params.logprobs is not None or ranked else None
+        spec = seq.spec
         outputs.append(SequenceOutput(index, list(tokens), text, seq.finish, logprobs, cumulative,
-                                      seq.finisher.stop_reason))
+                                      seq.finisher.stop_reason, spec.num_proposed if spec else 0,
+                                      spec.num_accepted if spec else 0))
     root = job.root
     return Completion(job.request_id, job.request.client_id, job.prompt_token_ids, outputs, job.timing,
                       root.num_cached_tokens,

@@ -190,6 +190,7 @@ class Loop:
             kv_blocks_free=usage.num_free_blocks, kv_blocks_cached=usage.num_cached_blocks,
             prefix_hit_blocks=step.prefix_hit_blocks, num_preemptions=len(step.preempted),
             num_admitted=len(step.admitted), seq_cap=self.scheduler.seq_cap,
+            num_draft_tokens=step.num_draft_tokens, num_accepted_tokens=step.num_accepted_tokens,
         )
         with self.queue.cond:
             self.iteration_stats.append(stats)

@@ -121,6 +121,9 @@ class Result:
     timing: Timing
     # Sum of the generated tokens' logprobs (with logprobs or best_of > n), or a beam's score.
     cumulative_logprob: float | None = None
+    # Speculative decoding, for this sequence so far: proposed tokens verified, and accepted.
+    num_proposed_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 @dataclass

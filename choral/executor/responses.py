@@ -135,6 +135,8 @@ class Responder:
             text=text, finish_reason=seq.finish, logprobs=list(logprobs) if logprobs is not None else None,
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens, cumulative_logprob=cumulative,
+            num_proposed_tokens=seq.spec.num_proposed if seq.spec is not None else 0,
+            num_accepted_tokens=seq.spec.num_accepted if seq.spec is not None else 0,
             timing=dataclasses.replace(job.timing),  # as of this response: later ones fill in more
         )
         if all_final:
@@ -155,6 +157,8 @@ class Responder:
         agg.total_cached_prompt_tokens += job.root.num_cached_tokens
         agg.total_output_tokens += sum(s.num_output_tokens for s in job.returned)
         agg.total_preemptions += sum(s.num_preemptions for s in job.sequences)
+        agg.total_draft_tokens += sum(s.spec.num_proposed for s in job.sequences if s.spec is not None)
+        agg.total_accepted_tokens += sum(s.spec.num_accepted for s in job.sequences if s.spec is not None)
         t = job.timing
         agg.sum_latency_s += t.latency or 0.0
         agg.sum_queue_time_s += t.queue_time or 0.0

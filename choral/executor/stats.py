@@ -24,6 +24,13 @@ class IterationStats:
     num_preemptions: int  # sequences preempted this step
     num_admitted: int
     seq_cap: int  # the scheduler's sequence cap (moves under ADAPTIVE)
+    num_draft_tokens: int = 0  # speculative decoding: proposed tokens verified this step
+    num_accepted_tokens: int = 0  # of which the target accepted
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted / proposed tokens this step (None when nothing was proposed)."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
 
 
 @dataclass
@@ -44,6 +51,13 @@ class AggregateStats:
     sum_ttft_s: float = 0.0
     num_with_first_token: int = 0
     busy_time_s: float = 0.0  # time spent in steps
+    total_draft_tokens: int = 0  # speculative decoding: proposed tokens verified (finished requests)
+    total_accepted_tokens: int = 0  # of which accepted
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted / proposed tokens over finished requests (None when nothing was proposed)."""
+        return self.total_accepted_tokens / self.total_draft_tokens if self.total_draft_tokens else None
 
     @property
     def mean_latency_s(self) -> float:

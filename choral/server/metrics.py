@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from choral.executor import Executor, Response
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+_RECENT_STEPS = 100  # steps the acceptance-rate gauge looks back over
 _TOKEN_GAP_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
@@ -37,12 +38,16 @@ class _LiveCollector(Collector):
             running = len(ex.scheduler.running)
             waiting = len(ex.scheduler.waiting) + ex.num_queued_not_scheduled
             kv = core.kv.usage()
+            drafted, accepted = ex.stepper.speculator.num_proposed, ex.stepper.speculator.num_accepted
         block_size = ex.engine.config.block_size
         usage = kv.num_used_blocks / kv.num_blocks
         # The pool counts whole blocks; vLLM counts tokens: a block is block_size tokens.
         queries = kv.prefix_queries * block_size
         hits = kv.prefix_hits * block_size
         preemptions = ex.aggregate.total_preemptions
+        recent = ex.iteration_stats[-_RECENT_STEPS:]
+        recent_drafted = sum(s.num_draft_tokens for s in recent)
+        recent_rate = sum(s.num_accepted_tokens for s in recent) / recent_drafted if recent_drafted else 0.0
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             family = GaugeMetricFamily(name, doc, labels=["model_name"])
@@ -70,6 +75,13 @@ class _LiveCollector(Collector):
         yield counter("choral_prefix_cache_hits", "Full prompt blocks found in the prefix cache",
                       kv.prefix_hits)
         yield counter("choral_num_preemptions", "Sequences preempted", preemptions)
+        yield counter("vllm:spec_decode_num_draft_tokens", "Speculative tokens proposed and verified", drafted)
+        yield counter("vllm:spec_decode_num_accepted_tokens", "Speculative tokens accepted", accepted)
+        yield counter("choral_spec_decode_draft_tokens", "Speculative tokens proposed and verified", drafted)
+        yield counter("choral_spec_decode_accepted_tokens", "Speculative tokens accepted", accepted)
+        yield gauge("choral_spec_decode_acceptance_rate",
+                    f"Accepted / proposed speculative tokens over the last {_RECENT_STEPS} steps (0: none proposed)",
+                    recent_rate)
 
 
 class ServerMetrics:

@@ -55,6 +55,9 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     priority: float = 0.0
     skip_special_tokens: bool = True
+    # Speculative decoding for this request: {"method": "ngram", "k": 4} or {"method": "off"}
+    # (None: the server's --speculative default).
+    speculative: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Common):
@@ -138,6 +141,7 @@ def sampling_params(body: _Common, max_tokens: int, logprobs: int | None,
     options.update(_optional("presence_penalty", body.presence_penalty, 0.0))
     options.update(_optional("frequency_penalty", body.frequency_penalty, 0.0))
     options.update(_optional("repetition_penalty", body.repetition_penalty, 1.0))
+    options.update(_optional("speculative", body.speculative, None))
     if body.logit_bias:
         try:
             bias = {int(k): float(v) for k, v in body.logit_bias.items()}

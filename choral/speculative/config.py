@@ -69,12 +69,24 @@ class SpeculativeConfig:
         if not isinstance(value, Mapping):
             raise InvalidRequestError(
                 f"speculative: must be a dict like {{'method': 'ngram', 'k': 4}}, got {type(value).__name__}")
+        if "model" in value:
+            raise InvalidRequestError("speculative: a draft model ('model') is not built in choral yet; "
+                                      "use {'method': 'ngram'}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(str(k) for k in value if k not in known)
-        if unknown:
-            raise InvalidRequestError(f"speculative: unknown option(s) {', '.join(unknown)}; "
-                                      f"known: {', '.join(sorted(known))}")
-        return cls(**dict(value))
+        options: dict[str, Any] = {}
+        for key, item in value.items():
+            name = _VLLM_NAMES.get(key, key)
+            if name not in known:
+                raise InvalidRequestError(f"speculative: unknown option {str(key)!r}; known: "
+                                          f"{', '.join(sorted(known | set(_VLLM_NAMES)))}")
+            if name in options:
+                raise InvalidRequestError(f"speculative: {name} given twice (as {key!r} and its other name)")
+            options[name] = item
+        return cls(**options)
+
+
+# vLLM's speculative_config keys, accepted as the same settings.
+_VLLM_NAMES = {"num_speculative_tokens": "k", "prompt_lookup_min": "ngram_min", "prompt_lookup_max": "ngram_max"}
 
 
 def _check_int(name: str, value: Any, low: int, high: int) -> None:

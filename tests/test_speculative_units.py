@@ -1,0 +1,120 @@
+"""Speculative decoding's plain-Python parts, exact: the config's validation, the n-gram
+proposer against a brute-force reference, the adaptive proposal length step by step."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from choral import SamplingParams
+from choral.errors import ConfigError, InvalidRequestError
+from choral.executor import ExecutorConfig
+from choral.speculative import SpeculativeConfig
+from choral.speculative.adaptive import AdaptiveLength
+from choral.speculative.ngram import MAX_CANDIDATES, NgramProposer
+
+
+def test_config_accepts_ours_and_vllms_names() -> None:
+    assert SamplingParams(speculative={"method": "ngram", "k": 3}).speculative == SpeculativeConfig(k=3)
+    assert SpeculativeConfig.coerce({"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 6,
+                                     "prompt_lookup_min": 3}) == SpeculativeConfig(k=5, ngram_min=3, ngram_max=6)
+    assert SpeculativeConfig.coerce("off").enabled is False
+    assert ExecutorConfig(speculative={"k": 2}).speculative == SpeculativeConfig(k=2)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ({"method": "draft"}, "'draft' (a draft model) is not built"),
+    ({"method": "ngram", "model": "x.gguf"}, "draft model ('model') is not built"),
+    ({"method": "medusa"}, "speculative.method: must be one of ngram, off"),
+    ({"k": 0}, "speculative.k: must be an int in [1, 16]"),
+    ({"k": 17}, "speculative.k"),
+    ({"k": True}, "speculative.k"),
+    ({"k": 2.0}, "speculative.k"),
+    ({"ngram_min": 3, "ngram_max": 2}, "ngram_min: 3 is larger than ngram_max 2"),
+    ({"kk": 2}, "unknown option 'kk'"),
+    ({"k": 2, "num_speculative_tokens": 3}, "k given twice"),
+    ({"adaptive": 1}, "speculative.adaptive: must be a bool"),
+    (4, "must be a dict"),
+])
+def test_config_refuses_with_the_field_named(value: object, message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        SamplingParams(speculative=value)  # type: ignore[arg-type]
+
+
+def test_beams_and_bad_defaults_refused() -> None:
+    with pytest.raises(InvalidRequestError, match="beam search"):
+        SamplingParams(temperature=0, beam_width=2, speculative={"method": "ngram"})
+    SamplingParams(temperature=0, beam_width=2, speculative={"method": "off"})  # off combines with anything
+    with pytest.raises(ConfigError, match="not built"):
+        ExecutorConfig(speculative={"method": "draft"})
+
+
+def test_ngram_prefers_the_longest_then_the_latest_match() -> None:
+    p = NgramProposer(1, 3)
+    #            0  1  2  3  4  5  6  7  8  9 10
+    tokens = [1, 2, 3, 9, 5, 2, 3, 7, 8, 2, 3]
+    # Tail (2, 3): matches end at 2 (1,2,3: only 2 long vs tail 8,2,3) and 6 (5,2,3: 2 long). Equal
+    # lengths: the latest (6) wins, proposing what followed it.
+    assert p.propose(tokens, 3) == [7, 8, 2]
+    tokens2 = [4, 2, 3, 1, 8, 2, 3, 6, 4, 2, 3]
+    assert NgramProposer(1, 3).propose(tokens2, 2) == [1, 8]  # 4,2,3 (3 long) beats the later 8,2,3
+    assert NgramProposer(1, 3).propose([1, 2, 3, 4], 4) == []  # the tail never occurred before
+    assert NgramProposer(2, 3).propose([5, 1, 6, 1], 4) == []  # only a 1-gram matches: below ngram_min
+    assert NgramProposer(1, 4).propose([7, 7], 4) == [7]  # the proposal stops at the sequence's end
+    assert NgramProposer(1, 4).propose([7, 8, 7], 0) == []
+
+
+def reference(tokens: list[int], k: int, n_min: int, n_max: int) -> list[int]:
+    """Brute force: the MAX_CANDIDATES latest earlier ends of the tail's n_min-gram, longest
+    match (up to n_max) then latest."""
+    best, best_len = -1, 0
+    length = len(tokens)
+    tail = tokens[length - n_min :]
+    ends = [e for e in range(n_min - 1, length - 1) if tokens[e - n_min + 1 : e + 1] == tail][-MAX_CANDIDATES:]
+    for end in reversed(ends):
+        m = 0
+        while m < n_max and end - m >= 0 and tokens[end - m] == tokens[length - 1 - m]:
+            m += 1
+        if m >= n_min and m > best_len:
+            best, best_len = end, m
+    return [] if best < 0 else tokens[best + 1 : best + 1 + k]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=120), st.integers(1, 3), st.integers(0, 2),
+       st.integers(1, 5), st.randoms())
+def test_ngram_index_matches_brute_force_as_the_sequence_grows(tokens: list[int], n_min: int, extra: int,
+                                                              k: int, rnd: random.Random) -> None:
+    n_max = n_min + extra
+    proposer = NgramProposer(n_min, n_max)
+    cut = 1
+    while cut <= len(tokens):  # grow in uneven steps: the index extends incrementally
+        seq = tokens[:cut]
+        assert proposer.propose(seq, k) == reference(seq, k, n_min, n_max)
+        cut += rnd.randint(1, 4)
+
+
+def test_adaptive_length_backs_off_and_recovers() -> None:
+    a = AdaptiveLength(k=4, adaptive=True)
+    assert a.limit() == 4
+    a.record(4, 4)
+    assert a.limit() == 4  # doubled, capped at k
+    a.record(4, 1)
+    assert a.limit() == 2  # what was accepted plus one
+    a.record(2, 0)
+    assert a.limit() == 1  # halved
+    a.record(1, 0)  # off: a back-off of 2 decode steps, then a probe of one token
+    assert [a.limit() for _ in range(3)] == [0, 0, 1]
+    a.record(1, 0)  # a failed probe: the back-off doubles
+    assert [a.limit() for _ in range(5)] == [0, 0, 0, 0, 1]
+    a.record(1, 1)
+    assert a.limit() == 2
+    for _ in range(10):  # the back-off never exceeds 64 steps
+        a.record(a.limit() or 1, 0)
+    fixed = AdaptiveLength(k=3, adaptive=False)
+    fixed.record(3, 0)
+    assert fixed.limit() == 3
