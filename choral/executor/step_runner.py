@@ -39,7 +39,7 @@ class StepRunner:
                  enable_prefix_cache: bool, speculator: Speculator | None = None):
         self.engine = engine
         self.speculator = speculator or Speculator()
-        self._verifying: set[int] = set()  # seq ids whose tokens stream once their verdict is in
+        self._verifying: dict[int, Verification] = {}  # seq id -> its proposal, while this step verifies it
         self.core = engine.core
         self.scheduler = scheduler
         self.intake = intake
@@ -82,6 +82,8 @@ class StepRunner:
                 # Only the last token is surely computed; the proposal's K/V wait for the verdict.
                 seq.num_computed_tokens += 1
                 assert logits is not None
+                assert seq.spec is not None
+                seq.spec.num_proposed += len(draft)
                 verifying.append(Verification(seq, draft, logits, seq.num_tokens))
                 to_sample.append(seq)
                 rows.append(logits[0])
@@ -111,7 +113,7 @@ class StepRunner:
                 self._beam_step(job, logits_by_seq)
             except Exception as e:  # the request's own doing (a logits processor): it alone fails
                 self._fail(job, e)
-        self._verifying = {v.seq.seq_id for v in verifying}
+        self._verifying = {v.seq.seq_id: v for v in verifying}
         if to_sample:
             self._sample(to_sample, rows)
         if verifying:
@@ -132,13 +134,8 @@ class StepRunner:
         bonus token after a wholly accepted proposal stops the sequence."""
         live = verifying
         for depth in range(max(len(v.draft) for v in verifying) + 1):
-            going = []
-            for v in live:
-                drew = v.seq.num_tokens == v.base + depth + 1  # a failed request draws nothing
-                if drew and depth < len(v.draft) and v.seq.token_ids[-1] == v.draft[depth]:
-                    v.accepted += 1
-                    if v.seq.finish is FinishReason.NOT_FINISHED:
-                        going.append(v)
+            # Going on: the token drawn at this depth was proposal[depth] (see Verification.take).
+            going = [v for v in live if v.accepted == depth + 1 and v.seq.finish is FinishReason.NOT_FINISHED]
             if not going:
                 break
             self._sample([v.seq for v in going], [v.logits[depth + 1] for v in going])
@@ -160,7 +157,7 @@ class StepRunner:
             assert seq.job is not None
             if seq.job.request.streaming:
                 self.responder.stream(seq)
-        self._verifying = set()
+        self._verifying = {}
         return total
 
     def _fail(self, job: Job, error: Exception) -> None:
@@ -221,6 +218,9 @@ class StepRunner:
             if job.timing.first_token is None:
                 job.timing.first_token = now
             seq.token_ids.append(token)
+            verification = self._verifying.get(seq.seq_id)
+            if verification is not None:  # before the stop checks: a final Result counts it
+                verification.take(token)
             if lp is not None:
                 seq.cumulative_logprob += lp[0]
                 if seq.params.logprobs is not None:
@@ -265,6 +265,14 @@ class Verification:
     logits: torch.Tensor
     base: int
     accepted: int = 0
+
+    def take(self, token: int) -> None:
+        """The sequence just appended ``token``: count it if it is the next proposed token."""
+        depth = self.seq.num_tokens - self.base - 1
+        if depth == self.accepted < len(self.draft) and token == self.draft[depth]:
+            self.accepted += 1
+            assert self.seq.spec is not None
+            self.seq.spec.num_accepted += 1
 
 
 def record_prompt_logprobs(seq: ExecSequence, start: int, logits: torch.Tensor) -> None:

@@ -27,8 +27,8 @@ class SpecState:
     config: SpeculativeConfig
     proposer: Proposer
     length: AdaptiveLength
-    num_proposed: int = 0  # proposed tokens the target verified
-    num_accepted: int = 0  # of which it accepted
+    num_proposed: int = 0  # proposed tokens sent to the target for verification
+    num_accepted: int = 0  # of which it accepted (counted as each is drawn, before a stop check)
     num_steps: int = 0  # verification steps (each also yields one token of the target's own)
 
 
@@ -65,9 +65,8 @@ class Speculator:
         return state.proposer.propose(seq.token_ids, k)
 
     def record(self, state: SpecState, proposed: int, accepted: int) -> None:
-        """The target accepted ``accepted`` of the ``proposed`` tokens (and drew one of its own)."""
-        state.num_proposed += proposed
-        state.num_accepted += accepted
+        """A verification step is over: the target accepted ``accepted`` of the ``proposed``
+        tokens (the sequence's own counts were kept as they were drawn); adapt the length."""
         state.num_steps += 1
         state.length.record(proposed, accepted)
         self.num_proposed += proposed

@@ -1,0 +1,211 @@
+"""Speculative decoding in the executor, on a tiny random model: the same tokens as plain decoding
+(greedy, and seeded sampling) in mixed batches with chunked prefill, preemption, prefix-cache hits,
+n > 1 and stop ids; the target's distribution (chi-square against probabilities computed from the
+model); no block leaked by random requests with cancels; one final response per request."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import torch
+
+from choral import SamplingParams
+from choral.config import EngineConfig
+from choral.engine.llm_engine import LLMEngine
+from choral.executor import Executor, ExecutorConfig, Request, Response
+from choral.executor.job import Job
+from choral.executor.stepper import Stepper
+from choral.finish import FinishReason
+from choral.speculative import SpeculativeConfig
+
+NGRAM = SpeculativeConfig(k=4, ngram_min=1, ngram_max=3)
+OFF = SpeculativeConfig(method="off")
+ENGINE = dict(model="tiny", dtype="float32", block_size=4, max_model_len=96)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_models: Any) -> Any:
+    directory, _ = tiny_models["llama"]
+    return LLMEngine(EngineConfig(**{**ENGINE, "model": str(directory)}, kv_cache_tokens=512)).loaded
+
+
+def stepper(loaded: Any, config: ExecutorConfig | None = None, **options: Any) -> Stepper:
+    opts: dict[str, Any] = dict(ENGINE, kv_cache_tokens=512)
+    opts.update(options)
+    return Stepper(LLMEngine(EngineConfig(**opts), loaded=loaded), config or ExecutorConfig())
+
+
+def drain(s: Stepper, limit: int = 5000) -> int:
+    """Step until idle; returns the sequences preempted on the way."""
+    preempted = 0
+    for _ in range(limit):
+        if not s.has_work:
+            s.check_integrity()
+            assert s.kv.usage().num_used_blocks == 0
+            return preempted
+        preempted += len(s.step().preempted)
+    raise AssertionError("still running")
+
+
+def outputs(jobs: list[Job]) -> list[list[list[int]]]:
+    return [[q.output_token_ids for q in j.returned] for j in jobs]
+
+
+def prompts(seed: int, count: int) -> list[list[int]]:
+    """Prompts that repeat themselves (so n-grams match), of mixed lengths, some shared whole
+    (prefix-cache hits) or in part."""
+    rnd = random.Random(seed)
+    out = []
+    for _ in range(count):
+        motif = [rnd.randrange(3, 120) for _ in range(rnd.randint(2, 6))]
+        out.append((motif * 8)[: rnd.randint(5, 40)])
+    return out + out[:2]
+
+
+def test_greedy_same_tokens_with_chunked_prefill_preemption_and_prefix_hits(loaded: Any) -> None:
+    ps = prompts(0, 8)
+    results = []
+    for spec in (OFF, NGRAM):
+        # 160 cache tokens for 10 requests of up to 40 + 40: decodes preempt; a 12-token budget
+        # chunks the prompts and cuts proposals short.
+        s = stepper(loaded, kv_cache_tokens=160, max_num_batched_tokens=12)
+        jobs = [s.add(Request(p, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                                                stop_token_ids=[7 + i], speculative=spec)))
+                for i, p in enumerate(ps)]
+        preempted = drain(s)
+        results.append((outputs(jobs), preempted, s.speculator.num_proposed, s.speculator.num_accepted,
+                        s.kv.usage().prefix_hits))
+    (plain, _, plain_proposed, _, _), (spec_out, preempted, proposed, accepted, hits) = results
+    assert spec_out == plain
+    assert plain_proposed == 0 and preempted > 0 and hits > 0
+    assert proposed > 0 and accepted > 0
+
+
+@pytest.mark.parametrize("engine_default", [False, True])
+def test_seeded_sampling_same_tokens_with_every_knob(loaded: Any, engine_default: bool) -> None:
+    """One draw per generated token from the sequence's own generator: a seeded request gives
+    the same tokens with or without speculation (n > 1 samples included)."""
+    params = dict(temperature=0.3, top_k=40, top_p=0.95, min_p=0.01, presence_penalty=0.1, frequency_penalty=0.05,
+                  repetition_penalty=1.05, logit_bias={5: 2.0, 9: -1.0}, max_tokens=30, ignore_eos=True, n=3,
+                  logprobs=2)
+    ps = prompts(1, 4)
+    got = []
+    for spec in (OFF, NGRAM):
+        if engine_default:
+            s = stepper(loaded, ExecutorConfig(speculative=spec))
+            sampling = [SamplingParams(seed=100 + i, **params) for i in range(len(ps))]  # type: ignore[arg-type]
+        else:
+            s = stepper(loaded)
+            sampling = [SamplingParams(seed=100 + i, speculative=spec, **params)  # type: ignore[arg-type]
+                        for i in range(len(ps))]
+        jobs = [s.add(Request(p, sp)) for p, sp in zip(ps, sampling, strict=True)]
+        drain(s)
+        logprobs = [[q.output_logprobs for q in j.returned] for j in jobs]
+        got.append((outputs(jobs), logprobs, s.speculator.num_accepted))
+    assert got[1][0] == got[0][0]
+    for a, b in zip(got[0][1], got[1][1], strict=True):  # logprobs from the verified rows: equal to rounding
+        for la, lb in zip(a, b, strict=True):
+            assert [x[0] for x in la] == pytest.approx([x[0] for x in lb], abs=1e-4)
+    assert got[1][2] > 0
+
+
+def chi_square_p(observed: list[int], expected: list[float]) -> tuple[float, float]:
+    stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected, strict=True))
+    dof = len(observed) - 1
+    return stat, float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                               torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def test_sampled_tokens_follow_the_target_distribution(loaded: Any, tiny_models: Any) -> None:
+    """(t1, t2, t3) drawn with speculation vs their exact probabilities from the HF model, over
+    three allowed tokens (27 cells). The prompt repeats those tokens, so every t2 and t3 is
+    drawn while verifying a proposal (t2 at depth 0, t3 at depth 1 once t2 was accepted).
+    The engine's sampler seed is fixed, so the run is deterministic: chi-square 34.4 on 26 degrees
+    of freedom, p = 0.125 (7,616 of 20,480 proposed tokens accepted); the test asks p > 0.001."""
+    allowed = [11, 40, 77]
+    prompt = [5, 11, 40, 77, 40, 11, 77, 11, 11, 40]
+    s = stepper(loaded, max_num_seqs=256, max_num_batched_tokens=2048, kv_cache_tokens=8192)
+    params = SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True, n=64, allowed_token_ids=allowed,
+                            speculative=SpeculativeConfig(k=2, ngram_min=1, ngram_max=1, adaptive=False))
+    jobs = [s.add(Request(prompt, params)) for _ in range(320)]  # 20,480 draws of (t1, t2, t3)
+    drain(s, limit=100_000)
+    counts: dict[tuple[int, ...], int] = {}
+    for job in jobs:
+        for q in job.returned:
+            counts[tuple(q.output_token_ids)] = counts.get(tuple(q.output_token_ids), 0) + 1
+    assert s.speculator.num_accepted > 5000  # t3 was verified at depth 1 in most draws
+    _, hf = tiny_models["llama"]
+    cells = [(a, b, c) for a in allowed for b in allowed for c in allowed]
+    with torch.no_grad():
+        batch = torch.tensor([prompt + [a, b] for a, b, _ in cells])
+        logits = hf(batch).logits[:, -3:, allowed].double()  # [27, 3, 3]: rows predicting t1, t2, t3
+    logp = logits.log_softmax(-1)
+    index = {t: i for i, t in enumerate(allowed)}
+    total = sum(counts.values())
+    expected = [total * float(torch.exp(sum(logp[r, j, index[t]] for j, t in enumerate(cell))))
+                for r, cell in enumerate(cells)]
+    stat, p = chi_square_p([counts.get(c, 0) for c in cells], expected)
+    assert p > 1e-3, f"chi-square {stat:.1f} on 26 degrees of freedom: p = {p:.2g}"
+
+
+def test_random_requests_with_cancels_leak_no_block(loaded: Any) -> None:
+    rnd = random.Random(7)
+    s = stepper(loaded, kv_cache_tokens=256, max_num_batched_tokens=64, max_num_seqs=16)
+    pending = prompts(2, 40)
+    live: list[Job] = []
+    added = 0
+    while added < 1000 or s.has_work:
+        while added < 1000 and len(live) < 24:
+            p = pending[added % len(pending)]
+            spec = SpeculativeConfig(k=rnd.randint(1, 6), ngram_min=1, ngram_max=rnd.randint(1, 4),
+                                     adaptive=rnd.random() < 0.5)
+            temperature = rnd.choice([0.0, 0.8])
+            sampling = SamplingParams(temperature=temperature, max_tokens=rnd.randint(1, 24),
+                                      n=1 if temperature == 0 else rnd.choice([1, 2]), ignore_eos=True,
+                                      speculative=spec)
+            live.append(s.add(Request(p, sampling)))
+            added += 1
+        if rnd.random() < 0.15:
+            victim = rnd.choice(live)
+            with s.core.lock:
+                if not victim.ended:
+                    s.responder.end_job(victim, FinishReason.CANCELLED)
+        s.step()
+        live = [j for j in live if not j.ended]
+        if rnd.random() < 0.05:
+            s.check_integrity()
+    drain(s)
+    assert s.speculator.num_accepted > 0
+
+
+def test_executor_streams_one_final_response_each_with_stats(loaded: Any) -> None:
+    engine = LLMEngine(EngineConfig(**ENGINE, kv_cache_tokens=512), loaded=loaded)
+    ps = prompts(3, 6)
+    with Executor(engine, ExecutorConfig()) as plain:
+        expected = [plain.submit(Request(p, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))).token_ids
+                    for p in ps]
+    engine = LLMEngine(EngineConfig(**ENGINE, kv_cache_tokens=512), loaded=loaded)
+    with Executor(engine, ExecutorConfig(speculative=NGRAM)) as ex:
+        responses: dict[int, list[Response]] = {}
+        ids = [ex.enqueue(Request(p, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), streaming=True))
+               for p in ps]
+        finals = 0
+        while finals < len(ids):
+            for r in ex.await_responses(timeout=30):
+                responses.setdefault(r.request_id, []).append(r)
+                finals += r.result is not None and r.result.is_final
+        stats = ex.iteration_stats
+        aggregate = ex.aggregate
+    for rid, want in zip(ids, expected, strict=True):
+        got = responses[rid]
+        assert [r.result is not None and r.result.is_final for r in got].count(True) == 1 and got[-1].result
+        assert [t for r in got if r.result for t in r.result.output_token_ids] == want
+        last = got[-1].result
+        assert 0 <= last.num_accepted_tokens <= last.num_proposed_tokens
+    drafted = sum(s.num_draft_tokens for s in stats)
+    accepted = sum(s.num_accepted_tokens for s in stats)
+    assert drafted > 0 and accepted > 0
+    assert aggregate.total_draft_tokens == drafted and aggregate.total_accepted_tokens == accepted
+    assert sum(responses[i][-1].result.num_proposed_tokens for i in ids) == drafted  # type: ignore[union-attr]
