@@ -118,3 +118,43 @@ def test_adaptive_length_backs_off_and_recovers() -> None:
     fixed = AdaptiveLength(k=3, adaptive=False)
     fixed.record(3, 0)
     assert fixed.limit() == 3
+
+
+def test_step_cost_interpolates_measured_buckets_and_forgets_stale_ones() -> None:
+    from choral.speculative.cost import STALE_STEPS, StepCost
+
+    cost = StepCost()
+    assert cost.estimate(4) is None  # nothing measured: explore
+    cost.observe(1, 0.010)
+    cost.observe(16, 0.050)
+    assert cost.estimate(1) == pytest.approx(0.010)
+    assert cost.estimate(6) == pytest.approx(0.010 + 0.040 * 5 / 15)
+    assert cost.estimate(17) is None  # beyond the largest measured
+    for _ in range(STALE_STEPS + 1):
+        cost.observe(1, 0.010)
+    assert cost.estimate(16) is None  # the 16-token bucket went stale
+
+
+def test_plan_verifies_only_what_pays_for_its_tokens() -> None:
+    from choral.speculative.speculator import Speculator, make_state
+
+    class Seq:
+        def __init__(self, seq_id: int, tokens: list[int]) -> None:
+            self.seq_id, self.token_ids = seq_id, tokens
+
+    sp = Speculator()
+    seqs = [Seq(i, [1, 2, 3, 1, 2, 3, 1, 2]) for i in range(2)]
+    states = [make_state(SpeculativeConfig(k=3, ngram_min=1)) for _ in seqs]
+    cands = [(s, st, 10) for s, st in zip(seqs, states, strict=True)]
+    assert sp.plan(cands, 2, 100) == {0: [3, 1, 2], 1: [3, 1, 2]}  # no cost known: explore
+    assert sp.plan(cands, 2, 4) == {0: [3, 1, 2], 1: [3]}  # the budget cuts the second
+    # Flat cost (memory-bound): every proposal pays. Linear cost at 1 s per token: none does.
+    sp.cost.observe(2, 1.0)
+    sp.cost.observe(8, 1.0)
+    assert sp.plan(cands, 2, 100) == {0: [3, 1, 2], 1: [3, 1, 2]}
+    linear = Speculator()
+    linear.cost.observe(2, 2.0)
+    linear.cost.observe(8, 8.0)
+    assert linear.plan(cands, 2, 100) == {}
+    fixed = [(s, make_state(SpeculativeConfig(k=3, ngram_min=1, adaptive=False)), 10) for s in seqs]
+    assert linear.plan(fixed, 2, 100) == {0: [3, 1, 2], 1: [3, 1, 2]}  # adaptive off: always verified

@@ -183,12 +183,15 @@ class Scheduler:
         # 1. Decodes (one token each, plus a proposal to verify when speculating), highest
         # priority first.
         decodes = self._order([s for s in self.running if s.num_uncomputed_tokens == 1])
-        for i, seq in enumerate(decodes):
+        drafts = self.speculator.plan([(s, s.spec, self._draft_limit(s)) for s in decodes if s.spec is not None],
+                                      len(decodes), self._budget(step) - len(decodes))
+        for seq in decodes:
             if self._budget(step) == 0:
                 break
             if seq not in self.running:
                 continue  # preempted by an earlier decode this step
-            if self._speculate(seq, step, len(decodes) - i - 1):
+            draft = drafts.get(seq.seq_id)
+            if draft and self._speculate(seq, step, draft):
                 continue
             copies = self._grow(seq)
             while copies is None:
@@ -222,20 +225,17 @@ class Scheduler:
         self._count_tokens(step)
         return step
 
-    def _speculate(self, seq: ExecSequence, step: ScheduledStep, decodes_after: int) -> bool:
-        """Schedule ``seq``'s decode with a proposal to verify, if it has one and its slots are
-        free without preempting anyone (else it decodes plainly). The proposal never takes the
-        budget of the decodes after it, nor more tokens than the request may still generate."""
-        if seq.spec is None:
-            return False
+    def _draft_limit(self, seq: ExecSequence) -> int:
+        """The most tokens a decode may propose: never more than the request may still generate
+        (the last token is the target's own) nor past the context."""
         job = seq.job
         assert job is not None
-        limit = min(self._budget(step) - 1 - decodes_after,
-                    job.request.effective_max_tokens - seq.num_output_tokens - 1,
-                    self.max_model_len - seq.num_tokens - 1)
-        draft = self.speculator.propose(seq, seq.spec, limit)
-        if not draft:
-            return False
+        return min(job.request.effective_max_tokens - seq.num_output_tokens - 1,
+                   self.max_model_len - seq.num_tokens - 1)
+
+    def _speculate(self, seq: ExecSequence, step: ScheduledStep, draft: list[int]) -> bool:
+        """Schedule ``seq``'s decode with ``draft`` to verify, if its slots are free without
+        preempting anyone (else it decodes plainly)."""
         start = seq.num_computed_tokens
         copies = self.kv.allocate_slots(seq, start, start + 1 + len(draft))
         if copies is None:

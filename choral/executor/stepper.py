@@ -61,7 +61,9 @@ class Stepper:
                 if on_scheduled is not None:
                     on_scheduled(step.admitted)
                 self.step_runner.run(step)
-                self.scheduler.after_step(time.perf_counter() - started)
+                elapsed = time.perf_counter() - started
+                self.scheduler.after_step(elapsed)
+                self.speculator.cost.observe(step.num_tokens, elapsed)
             return step
 
     @property

@@ -30,7 +30,10 @@ class SpeculativeConfig:
         k: the most tokens proposed per step (1..16).
         ngram_min / ngram_max: the n-gram lengths matched, longest first (1 <= min <= max <= 16).
         adaptive: shrink k per sequence while its proposals are rejected (down to off for a
-            while), so speculation never costs much on text that does not repeat.
+            while), and verify a proposal only when the measured cost of the step's extra
+            tokens is expected to pay off, so speculation never costs much on text that does not
+            repeat or on hardware where extra tokens are not nearly free. False: always verify
+            up to k tokens (tests, measurements).
     """
 
     method: str = "ngram"

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from choral.speculative.adaptive import AdaptiveLength
 from choral.speculative.config import SpeculativeConfig
+from choral.speculative.cost import StepCost
 from choral.speculative.ngram import NgramProposer
 from choral.speculative.proposer import Proposer
 
@@ -30,6 +31,7 @@ class SpecState:
     num_proposed: int = 0  # proposed tokens sent to the target for verification
     num_accepted: int = 0  # of which it accepted (counted as each is drawn, before a stop check)
     num_steps: int = 0  # verification steps (each also yields one token of the target's own)
+    acceptance: float = 0.5  # recent share of proposed tokens accepted (exponential average)
 
 
 def make_state(config: SpeculativeConfig) -> SpecState:
@@ -39,13 +41,24 @@ def make_state(config: SpeculativeConfig) -> SpecState:
                      AdaptiveLength(config.k, config.adaptive))
 
 
+ACCEPTANCE_EMA = 0.3  # weight of the newest verification in a sequence's acceptance average
+
+
+def expected_accepted(rate: float, length: int) -> float:
+    """Tokens expected to be accepted of a proposal of ``length`` when each is accepted with
+    probability ``rate`` given the ones before it: rate + rate**2 + ... + rate**length."""
+    return sum(rate**i for i in range(1, length + 1))
+
+
 class Speculator:
     """Resolves each request's speculation and turns sequences' tails into proposals."""
 
     def __init__(self, default: SpeculativeConfig | None = None):
         self.default = default
-        self.num_proposed = 0  # totals since start (``/metrics``)
+        self.num_proposed = 0  # totals since start (``/metrics``, benchmarks)
         self.num_accepted = 0
+        self.num_verifications = 0  # sequence-steps that verified a proposal
+        self.cost = StepCost()  # measured step latency by size (the executor's steps)
 
     def config_for(self, requested: SpeculativeConfig | None, beam: bool) -> SpeculativeConfig | None:
         """The config a request speculates with: its own, else the default (never beams, whose
@@ -54,6 +67,31 @@ class Speculator:
         if config is None or not config.enabled or beam:
             return None
         return config
+
+    def plan(self, candidates: list[tuple[Sequence, SpecState, int]], num_decodes: int,
+             budget: int) -> dict[int, list[int]]:
+        """This step's proposals: ``candidates`` are the speculating decodes with the most tokens
+        each may propose, ``num_decodes`` the step's decodes, ``budget`` the tokens proposals may
+        take in all. Returns seq_id -> proposal, the most promising first; with ``adaptive``
+        only those whose expected accepted tokens pay for their share of the step (StepCost)."""
+        proposals = [(seq, state, draft) for seq, state, limit in candidates
+                     if (draft := self.propose(seq, state, min(limit, budget)))]
+        chosen: dict[int, list[int]] = {}
+        tokens, gained = num_decodes, 0.0
+        for seq, state, draft in sorted(proposals, key=lambda p: -p[1].acceptance):
+            draft = draft[:budget]
+            if not draft:
+                break
+            expected = expected_accepted(state.acceptance, len(draft))
+            now, after = self.cost.estimate(tokens), self.cost.estimate(tokens + len(draft))
+            if state.config.adaptive and now is not None and after is not None and (num_decodes + gained + expected) / after <= (
+                    num_decodes + gained) / now:
+                continue  # verifying it would lower the step's output tokens per second
+            chosen[seq.seq_id] = draft
+            tokens += len(draft)
+            gained += expected
+            budget -= len(draft)
+        return chosen
 
     def propose(self, seq: Sequence, state: SpecState | None, limit: int) -> list[int]:
         """Up to ``limit`` tokens to verify after ``seq``'s last token ([] : a plain decode)."""
@@ -68,6 +106,9 @@ class Speculator:
         """A verification step is over: the target accepted ``accepted`` of the ``proposed``
         tokens (the sequence's own counts were kept as they were drawn); adapt the length."""
         state.num_steps += 1
+        if proposed:
+            state.acceptance += ACCEPTANCE_EMA * (accepted / proposed - state.acceptance)
         state.length.record(proposed, accepted)
         self.num_proposed += proposed
         self.num_accepted += accepted
+        self.num_verifications += 1

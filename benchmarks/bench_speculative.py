@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Speculative decoding (n-gram prompt lookup) against plain decoding, in the same run.
+
+Two workloads on the bundled SmolLM2-135M-Instruct, greedy, chat-templated prompts:
+
+- editing: "correct / repeat this passage" prompts whose answers largely repeat a passage of the
+  prompt: n-gram proposals are accepted in runs (target: >= 2x output tok/s at batch 1, >= 1.3x
+  at batch 16);
+- fresh: open questions, whose answers repeat little: adaptive proposal lengths must keep
+  speculation from costing more than a few percent (target: >= 0.95x).
+
+Each (workload, batch) runs plain and n-gram back to back, ``--repeats`` times, alternating the
+order; the table shows the median output tok/s of each, the ratio (with its spread over repeats),
+the acceptance rate, the mean accepted length per verification, and whether the greedy outputs
+were identical. Batch 1 runs the requests one after another; batch 16 submits 16 at once.
+
+    python benchmarks/bench_speculative.py [--threads 2] [--repeats 3] [--max-tokens 160]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from common import add_model_args, apply_threads, device_name, log  # noqa: E402
+
+from choral import SamplingParams  # noqa: E402
+from choral.config import EngineConfig  # noqa: E402
+from choral.engine.llm_engine import LLMEngine  # noqa: E402
+from choral.executor import Executor, ExecutorConfig, Request  # noqa: E402
+from choral.speculative import SpeculativeConfig  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+
+PASSAGES = [
+    "The lighthouse stood on a narrow spit of rock at the edge of the bay. Every evening the keeper "
+    "climbed the one hundred and twelve steps to light the lamp, and every morning he climbed them "
+    "again to put it out. Ships passing in the night saw the beam sweep across the water and knew "
+    "that the rocks were near.",
+    "Photosynthesis is the process by which green plants use sunlight to turn water and carbon "
+    "dioxide into sugar and oxygen. It takes place mainly in the leaves, inside small structures "
+    "called chloroplasts, which contain the green pigment chlorophyll. The sugar feeds the plant "
+    "and the oxygen is released into the air.",
+    "To make a simple bread, mix flour, water, salt and yeast in a large bowl until a soft dough "
+    "forms. Knead the dough for ten minutes, then leave it covered in a warm place for one hour "
+    "until it doubles in size. Shape it into a loaf and bake it in a hot oven for about thirty "
+    "minutes.",
+    "The city council met on Tuesday to discuss the new park. Residents asked for more trees, a "
+    "playground for young children and a quiet area with benches. The council agreed to publish a "
+    "plan next month and to hold a public meeting before any work begins.",
+]
+TASKS = [
+    "Repeat the following passage exactly, word for word:\n\n{}",
+    "Copy this text back to me without changing anything:\n\n{}",
+    "Rewrite the following passage, keeping every sentence as it is:\n\n{}",
+    "Here is a paragraph. Write it out again in full:\n\n{}",
+]
+QUESTIONS = [
+    "Why is the sky blue?", "Write a short story about a dragon who is afraid of fire.",
+    "What are three tips for learning a new language?", "Explain how a bicycle works.",
+    "What would happen if the moon disappeared?", "Describe your ideal weekend.",
+    "How do bees make honey?", "Give me some ideas for a birthday party.",
+    "What is the difference between weather and climate?", "Write a poem about the ocean.",
+    "How can I sleep better at night?", "Explain what a computer virus is.",
+    "What makes a good friend?", "Describe a walk through a forest in autumn.",
+    "Why do cats purr?", "What should I pack for a camping trip?",
+]
+
+
+def workload(name: str) -> list[str]:
+    if name == "editing":
+        return [TASKS[i // len(PASSAGES)].format(PASSAGES[i % len(PASSAGES)]) for i in range(16)]
+    return list(QUESTIONS)
+
+
+@dataclass
+class Run:
+    tok_s: float
+    outputs: list[list[int]]
+    proposed: int
+    accepted: int
+    verifications: int
+
+
+def run(engine: LLMEngine, prompts: list[str], batch: int, spec: SpeculativeConfig | None, max_tokens: int) -> Run:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    with Executor(engine, ExecutorConfig(speculative=spec)) as ex:
+        started = time.perf_counter()
+        outputs: list[list[int]] = []
+        for i in range(0, len(prompts), batch):
+            ids = ex.submit_many([Request([{"role": "user", "content": p}], params) for p in prompts[i : i + batch]])
+            for rid in ids:
+                done = ex.poll(rid, timeout=None)
+                assert done is not None
+                outputs.append(done.token_ids)
+        elapsed = time.perf_counter() - started
+        sp = ex.stepper.speculator
+        return Run(sum(map(len, outputs)) / elapsed, outputs, sp.num_proposed, sp.num_accepted, sp.num_verifications)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser, MODEL)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--weights", default="auto,dequantize",
+                        help="comma-separated EngineConfig.weights to run (default: auto,dequantize: the "
+                             "GGUF's native quantized kernels, then the same weights as fp32)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--k", type=int, default=4, help="most tokens proposed per step (default 4)")
+    parser.add_argument("--batch-1-prompts", type=int, default=4, help="requests run one by one at batch 1")
+    parser.add_argument("--workloads", default="editing,fresh")
+    parser.add_argument("--batches", default="1,16")
+    args = parser.parse_args()
+    if args.threads is None:
+        args.threads = 2
+    apply_threads(parser, args)
+    spec = SpeculativeConfig(k=args.k)
+    for weights in args.weights.split(","):
+        engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device, seed=0,
+                                        weights=weights))
+        bench(engine, weights, spec, args)
+
+
+def bench(engine: LLMEngine, weights: str, spec: SpeculativeConfig, args: argparse.Namespace) -> None:
+    load = os.getloadavg()
+    print(f"\n## Speculative decoding: {args.model}, weights={weights} ({engine.loaded.model.dtype}), "
+          f"{device_name(args.device)}, {args.threads} threads, greedy, max_tokens {args.max_tokens}, n-gram "
+          f"k={spec.k} n={spec.ngram_min}..{spec.ngram_max}, adaptive; load average at start {load[0]:.2f}\n")
+    print("| workload | batch | plain tok/s | n-gram tok/s | ratio (min..max) | acceptance | mean accepted "
+          "length | identical outputs | target |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in args.workloads.split(","):
+        prompts_all = workload(name)
+        for batch in (int(b) for b in args.batches.split(",")):
+            prompts = prompts_all[: args.batch_1_prompts] if batch == 1 else prompts_all[:batch]
+            run(engine, prompts[:1], batch, spec, 8)  # warm-up (kernels, caches)
+            plain: list[Run] = []
+            ngram: list[Run] = []
+            for r in range(args.repeats):
+                order = [(None, plain), (spec, ngram)]
+                for cfg, into in (order if r % 2 == 0 else order[::-1]):
+                    into.append(run(engine, prompts, batch, cfg, args.max_tokens))
+                log(f"{name} batch {batch} repeat {r + 1}: plain {plain[-1].tok_s:.1f} tok/s, "
+                    f"n-gram {ngram[-1].tok_s:.1f} tok/s")
+            ratios = [n.tok_s / p.tok_s for p, n in zip(plain, ngram, strict=True)]
+            proposed = sum(n.proposed for n in ngram)
+            accepted = sum(n.accepted for n in ngram)
+            verifications = sum(n.verifications for n in ngram)
+            same = all(n.outputs == plain[0].outputs for n in ngram)
+            target = (2.0 if batch == 1 else 1.3) if name == "editing" else 0.95
+            ratio = statistics.median(ratios)
+            print(f"| {name} | {batch} | {statistics.median(p.tok_s for p in plain):.1f} | "
+                  f"{statistics.median(n.tok_s for n in ngram):.1f} | "
+                  f"{ratio:.2f}x ({min(ratios):.2f}..{max(ratios):.2f}) | "
+                  f"{accepted / proposed if proposed else 0:.2f} | "
+                  f"{accepted / verifications if verifications else 0:.2f} | {'yes' if same else 'NO'} | "
+                  f">= {target}x {'PASS' if ratio >= target else 'FAIL'} |", flush=True)
+    load = os.getloadavg()
+    print(f"\nload average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
