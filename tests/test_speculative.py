@@ -209,3 +209,29 @@ def test_executor_streams_one_final_response_each_with_stats(loaded: Any) -> Non
     assert drafted > 0 and accepted > 0
     assert aggregate.total_draft_tokens == drafted and aggregate.total_accepted_tokens == accepted
     assert sum(responses[i][-1].result.num_proposed_tokens for i in ids) == drafted  # type: ignore[union-attr]
+
+
+PASSAGE = ("The lighthouse stood on a narrow spit of rock at the edge of the bay. Every evening the keeper "
+           "climbed the steps to light the lamp, and every morning he climbed them again to put it out.")
+
+
+def test_bundled_model_editing_prompt_same_text_with_stop_strings(smollm_fp32: Any) -> None:
+    """The bundled model, dequantized fp32 (batch invariant): an editing prompt whose answer
+    repeats the passage, greedy, with stop strings and n > 1 seeded samples next to it; the
+    same text with speculation on and off, and most proposals accepted."""
+    llm = smollm_fp32
+    messages = [{"role": "user", "content": f"Repeat the following passage exactly:\n\n{PASSAGE}"}]
+    runs = []
+    for spec in (OFF, SpeculativeConfig(k=4)):
+        greedy = SamplingParams(temperature=0, max_tokens=60, stop=["morning"], speculative=spec)
+        sampled = SamplingParams(temperature=0.5, seed=3, n=2, max_tokens=40, speculative=spec)
+        outs = llm.generate([messages, messages], [greedy, sampled], use_tqdm=False)
+        runs.append(outs)
+    (plain_g, plain_s), (spec_g, spec_s) = runs
+    assert spec_g.outputs[0].text == plain_g.outputs[0].text
+    assert spec_g.outputs[0].finish_reason == plain_g.outputs[0].finish_reason == "stop"
+    assert [o.token_ids for o in spec_s.outputs] == [o.token_ids for o in plain_s.outputs]
+    metrics = spec_g.metrics
+    assert metrics is not None and metrics.num_draft_tokens > 0
+    assert metrics.num_accepted_tokens >= metrics.num_draft_tokens // 2
+    assert plain_g.metrics is not None and plain_g.metrics.num_draft_tokens == 0

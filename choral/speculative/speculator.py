@@ -31,7 +31,10 @@ class SpecState:
     num_proposed: int = 0  # proposed tokens sent to the target for verification
     num_accepted: int = 0  # of which it accepted (counted as each is drawn, before a stop check)
     num_steps: int = 0  # verification steps (each also yields one token of the target's own)
-    acceptance: float = 0.5  # recent share of proposed tokens accepted (exponential average)
+    # Recent share of proposed tokens accepted (exponential average); optimistic at first, so
+    # a sequence's first proposals are verified and measured.
+    acceptance: float = 1.0
+    num_gated: int = 0  # proposals in a row the cost model left unverified
 
 
 def make_state(config: SpeculativeConfig) -> SpecState:
@@ -41,7 +44,8 @@ def make_state(config: SpeculativeConfig) -> SpecState:
                      AdaptiveLength(config.k, config.adaptive))
 
 
-ACCEPTANCE_EMA = 0.3  # weight of the newest verification in a sequence's acceptance average
+ACCEPTANCE_EMA = 0.2  # weight of the newest verification in a sequence's acceptance average
+PROBE_EVERY = 16  # a proposal the cost model refused this many times in a row is verified anyway
 
 
 def expected_accepted(rate: float, length: int) -> float:
@@ -84,9 +88,12 @@ class Speculator:
                 break
             expected = expected_accepted(state.acceptance, len(draft))
             now, after = self.cost.estimate(tokens), self.cost.estimate(tokens + len(draft))
-            if state.config.adaptive and now is not None and after is not None and (num_decodes + gained + expected) / after <= (
-                    num_decodes + gained) / now:
+            probe = state.num_gated >= PROBE_EVERY  # refresh an acceptance the gate keeps unmeasured
+            if (state.config.adaptive and not probe and now is not None and after is not None
+                    and (num_decodes + gained + expected) / after <= (num_decodes + gained) / now):
+                state.num_gated += 1
                 continue  # verifying it would lower the step's output tokens per second
+            state.num_gated = 0
             chosen[seq.seq_id] = draft
             tokens += len(draft)
             gained += expected
