@@ -235,3 +235,23 @@ def test_bundled_model_editing_prompt_same_text_with_stop_strings(smollm_fp32: A
     assert metrics is not None and metrics.num_draft_tokens > 0
     assert metrics.num_accepted_tokens >= metrics.num_draft_tokens // 2
     assert plain_g.metrics is not None and plain_g.metrics.num_draft_tokens == 0
+
+
+@pytest.mark.parametrize(("cache_tokens", "speculates"), [(16, False), (20, True)])
+def test_a_proposal_never_takes_a_decodes_block(loaded: Any, cache_tokens: int, speculates: bool) -> None:
+    """4 blocks of 4: A (7 prompt tokens) holds 2, B (4) holds 1. At the first decode B's token
+    needs a new block, and A's proposal would need one too: with one block free the proposal is
+    dropped (A decodes plainly, nobody is preempted); with two free it is verified."""
+    s = stepper(loaded, kv_cache_tokens=cache_tokens, max_model_len=16)
+    s.speculator.propose = lambda seq, state, limit: [3, 4, 5][:limit]  # type: ignore[method-assign]
+    spec = SpeculativeConfig(k=3, ngram_min=1, adaptive=False)
+    a = s.add(Request([5, 6, 5, 6, 5, 6, 5], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                                                               speculative=spec)))
+    b = s.add(Request([9, 9, 9, 9], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)))
+    s.step()  # both prompts, one token each
+    step = s.step()
+    assert step.preempted == []
+    assert [(int(q.request_id), n) for q, n in step.items] == [(0, 4 if speculates else 1), (1, 1)]
+    assert (a.root.seq_id in step.drafts) is speculates
+    drain(s)
+    assert a.returned and b.returned

@@ -22,6 +22,7 @@ wider than the adaptive cap is admitted when nothing else runs.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -185,13 +186,17 @@ class Scheduler:
         decodes = self._order([s for s in self.running if s.num_uncomputed_tokens == 1])
         drafts = self.speculator.plan([(s, s.spec, self._draft_limit(s)) for s in decodes if s.spec is not None],
                                       len(decodes), self._budget(step) - len(decodes))
+        # Proposals never take the blocks the decodes' own tokens need (no one is preempted for one).
+        released: Counter[int] = Counter()
+        reserve = sum(self.kv.slots_needed(s, s.num_computed_tokens, s.num_computed_tokens + 1, released)
+                      for s in decodes) if drafts else 0
         for seq in decodes:
             if self._budget(step) == 0:
                 break
             if seq not in self.running:
                 continue  # preempted by an earlier decode this step
             draft = drafts.get(seq.seq_id)
-            if draft and self._speculate(seq, step, draft):
+            if draft and self._speculate(seq, step, draft, reserve):
                 continue
             copies = self._grow(seq)
             while copies is None:
@@ -233,13 +238,14 @@ class Scheduler:
         return min(job.request.effective_max_tokens - seq.num_output_tokens - 1,
                    self.max_model_len - seq.num_tokens - 1)
 
-    def _speculate(self, seq: ExecSequence, step: ScheduledStep, draft: list[int]) -> bool:
-        """Schedule ``seq``'s decode with ``draft`` to verify, if its slots are free without
-        preempting anyone (else it decodes plainly)."""
+    def _speculate(self, seq: ExecSequence, step: ScheduledStep, draft: list[int], reserve: int) -> bool:
+        """Schedule ``seq``'s decode with ``draft`` to verify, if its slots are free with
+        ``reserve`` blocks left for the step's decodes (else it decodes plainly)."""
         start = seq.num_computed_tokens
-        copies = self.kv.allocate_slots(seq, start, start + 1 + len(draft))
-        if copies is None:
+        if not self.kv.can_allocate(self.kv.slots_needed(seq, start, start + 1 + len(draft)), reserve):
             return False
+        copies = self.kv.allocate_slots(seq, start, start + 1 + len(draft))
+        assert copies is not None
         step.copies.extend(copies)
         step.drafts[seq.seq_id] = draft
         step.add(seq, 1 + len(draft))
