@@ -255,3 +255,17 @@ def test_a_proposal_never_takes_a_decodes_block(loaded: Any, cache_tokens: int, 
     assert (a.root.seq_id in step.drafts) is speculates
     drain(s)
     assert a.returned and b.returned
+
+
+def test_conversation_sample_refuses_speculation(tiny_models: Any) -> None:
+    from choral.conversation.batched_executor import BatchedExecutor
+    from choral.errors import InvalidRequestError
+
+    directory, _ = tiny_models["llama"]
+    ex = BatchedExecutor(str(directory), dtype="float32", block_size=4, kv_cache_tokens=64, max_model_len=32)
+    c = ex.create()
+    c.prompt([5, 6, 7])
+    ex.infer()
+    with pytest.raises(InvalidRequestError, match="conversations do not speculate"):
+        c.sample(SamplingParams(temperature=0, speculative={"method": "ngram"}))
+    assert isinstance(c.sample(SamplingParams(temperature=0, speculative={"method": "off"})), int)

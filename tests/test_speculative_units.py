@@ -158,3 +158,13 @@ def test_plan_verifies_only_what_pays_for_its_tokens() -> None:
     assert linear.plan(cands, 2, 100) == {}
     fixed = [(s, make_state(SpeculativeConfig(k=3, ngram_min=1, adaptive=False)), 10) for s in seqs]
     assert linear.plan(fixed, 2, 100) == {0: [3, 1, 2], 1: [3, 1, 2]}  # adaptive off: always verified
+
+
+def test_llm_refuses_a_bad_speculative_config_before_loading() -> None:
+    from choral import LLM
+
+    with pytest.raises(ConfigError, match="speculative_config: .*draft model"):
+        LLM(speculative_config={"method": "ngram", "model": "draft.gguf"})
+    with pytest.raises(ConfigError, match="speculative_config: .*unknown option 'n'"):
+        LLM(speculative_config={"n": 3})
+
