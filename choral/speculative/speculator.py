@@ -2,14 +2,14 @@
 
 Each sequence that speculates owns a :class:`SpecState` (its proposer, adaptive length and
 counters), created from the request's ``SamplingParams.speculative`` or the executor's default.
-The scheduler asks :meth:`Speculator.propose` for a decode sequence's proposal when it budgets
+The scheduler asks :meth:`Speculator.plan` for the decodes' proposals (those worth verifying) when it budgets
 the step; the step runner reports how much of it the target accepted with :meth:`record`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from choral.speculative.adaptive import AdaptiveLength
 from choral.speculative.config import SpeculativeConfig
@@ -17,8 +17,14 @@ from choral.speculative.cost import StepCost
 from choral.speculative.ngram import NgramProposer
 from choral.speculative.proposer import Proposer
 
-if TYPE_CHECKING:
-    from choral.engine.sequence import Sequence
+
+class Sequence(Protocol):
+    """What the speculator reads of a sequence (an executor sequence satisfies it)."""
+
+    @property
+    def seq_id(self) -> int: ...
+    @property
+    def token_ids(self) -> list[int]: ...
 
 
 @dataclass
