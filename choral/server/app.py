@@ -254,7 +254,10 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
     def _ignored(body: BaseModel, endpoint: str, response: HttpResponse) -> dict[str, str]:
         """Unknown fields: refused (--strict) or ignored and named in a response header."""
         ignored = check_fields(body, strict, endpoint)
-        headers = {IGNORED_HEADER: ", ".join(ignored)} if ignored else {}
+        # Header values are latin-1 without control characters: field names are sent escaped
+        # (a name like "\\r" or "Ā" was a 500 or a dropped connection).
+        names = ", ".join(name.encode("unicode_escape").decode("ascii") for name in ignored)
+        headers = {IGNORED_HEADER: names} if ignored else {}
         response.headers.update(headers)
         return headers
 
