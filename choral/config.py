@@ -42,6 +42,10 @@ class EngineConfig:
         seed: seed of the engine's default random generator.
         attention_backend: ``auto`` (the C kernel on CPU when it compiles, else torch),
             ``kernel`` or ``torch``.
+        enable_lora: serve LoRA adapters (docs/lora.md): allocates ``max_loras`` device slots.
+        max_loras: adapters one step may use (device slots; others wait, least recently used
+            slots are refilled).
+        max_lora_rank: the largest adapter rank accepted (slots are sized for it).
     """
 
     model: str = DEFAULT_MODEL
@@ -58,6 +62,9 @@ class EngineConfig:
     attention_backend: str = "auto"
     weights: str = "auto"
     quantization: str | None = None
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -92,6 +99,12 @@ class EngineConfig:
             if self.dtype not in ("auto", "float32"):
                 raise ConfigError(f"dtype: native quantized weights compute in float32, not {self.dtype}; "
                                   "pass dtype='float32' or 'auto', or weights='dequantize'")
+        if not isinstance(self.enable_lora, bool):
+            raise ConfigError(f"enable_lora: must be a bool, got {self.enable_lora!r}")
+        _positive("max_loras", self.max_loras)
+        _positive("max_lora_rank", self.max_lora_rank)
+        if self.max_lora_rank > 512:
+            raise ConfigError(f"max_lora_rank: {self.max_lora_rank} is above 512")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"seed: must be an int, got {self.seed!r}")
 

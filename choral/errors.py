@@ -125,3 +125,19 @@ class ExecutorUsageError(ChoralError):
 class ExecutorLoopError(ChoralError, RuntimeError):
     """The executor's loop thread died (a bug; its error is the cause): every request it had not
     finished fails with this, and the executor accepts no more."""
+
+
+class LoraError(ChoralError):
+    """A LoRA adapter could not be used: its files are malformed, or it does not fit the base model
+    (a module choral cannot adapt, a shape or rank that does not match); the message names it."""
+
+
+class LoraLoadError(LoraError, ModelLoadError):
+    """A LoRA adapter's files could not be read or do not describe an adapter of this model."""
+
+
+class UnknownLoraError(LoraError, InvalidRequestError, KeyError):
+    """A request (or an unload) names an adapter that is not loaded; the message lists those that are."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

@@ -23,17 +23,40 @@ import torch
 from choral.engine.model_runner import ModelRunner
 from choral.engine.step import StepOutput, StepPlan
 from choral.kv.kv_cache import KvCache, KvUsage
+from choral.lora.adapter import LoraAdapter
+from choral.lora.registry import LoraRegistry
 from choral.sampling.sampler import Sampler, SampleResult, SamplingRow
 
 
 class EngineCore:
     """Runs steps over one model runner, one KV cache and one sampler, under one lock."""
 
-    def __init__(self, runner: ModelRunner, kv: KvCache, sampler: Sampler):
+    def __init__(self, runner: ModelRunner, kv: KvCache, sampler: Sampler, loras: LoraRegistry | None = None):
         self.lock = threading.RLock()
         self.kv = kv  # bookkeeping: call only while holding ``lock``
         self._runner = runner
         self._sampler = sampler
+        slots = runner.lora_slots
+        # The adapters loaded by name (its own lock: intake resolves names on callers' threads).
+        self.loras = loras or LoraRegistry(runner.spec, slots is not None, slots.max_rank if slots else 0)
+
+    # ---- adapters (choral/lora/) -------------------------------------------------------------
+    def load_lora(self, name: str, path: str) -> LoraAdapter:
+        """Load the PEFT adapter at ``path`` as ``name`` (checked against the model)."""
+        return self.loras.load(name, path)
+
+    def add_lora(self, adapter: LoraAdapter) -> LoraAdapter:
+        """Register an adapter built in memory (see choral.lora.adapter.adapter_from_tensors)."""
+        return self.loras.add(adapter)
+
+    def unload_lora(self, name: str) -> LoraAdapter:
+        """Forget ``name`` and free its device slot; requests already running with it finish
+        with it (they copy it into a slot again if needed)."""
+        adapter = self.loras.unload(name)
+        with self.lock:
+            if self._runner.lora_slots is not None:
+                self._runner.lora_slots.drop(adapter.adapter_id)
+        return adapter
 
     @property
     def device(self) -> torch.device:

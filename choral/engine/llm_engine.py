@@ -54,7 +54,9 @@ class LLMEngine:
             )
         check_fits({"KV cache": self.kv_size.num_bytes}, self.loaded.model.device,
                    "lower kv_cache_tokens (or kv_cache_memory_bytes) or max_model_len")
-        runner = ModelRunner(self.loaded, self.kv_size, config.attention_backend)
+        runner = ModelRunner(self.loaded, self.kv_size, config.attention_backend,
+                             max_loras=config.max_loras if config.enable_lora else 0,
+                             max_lora_rank=config.max_lora_rank)
         self.logits_processors = LogitsProcessorRegistry()
         sampler = Sampler(runner.device, config.seed, self.eos_token_ids, self.logits_processors)
         self.core = EngineCore(runner, KvCache(BlockPool(self.kv_size.num_blocks, config.block_size)), sampler)

@@ -14,6 +14,9 @@ import torch
 from choral.errors import ConfigError
 from choral.kv.block_pool import KvCacheSize
 from choral.loader.load import LoadedModel
+from choral.lora.adapter import LoraAdapter
+from choral.lora.apply import LoraBatch
+from choral.lora.slots import LoraSlots
 from choral.models.attention import AttentionLayout, kv_cache_shapes, make_backend, write_kv
 from choral.models.rope import apply_rotary
 
@@ -30,7 +33,8 @@ class Chunk:
     ``start .. start + len(token_ids) - 1`` through ``block_table``. ``positions`` are the rope
     positions (default: the cache indices). ``logits`` says which rows to return:
     ``"last"``, ``"all"`` (prompt logprobs) or ``"none"``; ``hidden`` which rows' final hidden
-    states (the final norm's output: embeddings) to return, the same way.
+    states (the final norm's output: embeddings) to return, the same way. ``lora`` is the
+    adapter its rows run with.
     """
 
     token_ids: list[int]
@@ -40,6 +44,7 @@ class Chunk:
     logits: str = "last"
     extra: dict[str, object] = field(default_factory=dict)
     hidden: str = "none"
+    lora: LoraAdapter | None = None  # the adapter these tokens run with (None: the base model)
 
 
 def plan_kv_size(loaded: LoadedModel, block_size: int, kv_cache_tokens: int | None,
@@ -71,7 +76,8 @@ def plan_kv_size(loaded: LoadedModel, block_size: int, kv_cache_tokens: int | No
 class ModelRunner:
     """Runs packed batches of chunks through the model over the paged KV cache."""
 
-    def __init__(self, loaded: LoadedModel, kv_size: KvCacheSize, attention_backend: str = "auto"):
+    def __init__(self, loaded: LoadedModel, kv_size: KvCacheSize, attention_backend: str = "auto",
+                 max_loras: int = 0, max_lora_rank: int = 16):
         self.model = loaded.model
         spec = loaded.spec
         self.spec = spec
@@ -86,6 +92,9 @@ class ModelRunner:
                          for _ in range(spec.num_layers)]
         self.attention = make_backend(attention_backend, self.device, spec.num_heads,
                                       spec.num_kv_heads, spec.head_dim, kv_size.block_size)
+        # Device slots of the adapters steps use (enable_lora); None: no chunk may carry one.
+        self.lora_slots = (LoraSlots(spec, max_loras, max_lora_rank, self.model.dtype, self.device)
+                           if max_loras > 0 else None)
 
     def execute(self, chunks: list[Chunk]) -> list[torch.Tensor | None]:
         """One forward for all chunks. Returns per chunk its logits ([1, V] for ``last``,
@@ -139,18 +148,33 @@ class ModelRunner:
                  torch.tensor(offsets, dtype=torch.long, device=dev)),
                 attention, self.k_caches, self.v_caches)
         rows = torch.tensor(logits_rows, dtype=torch.long, device=dev)
+        lora = self._lora_batch(chunks)
         states: torch.Tensor | None = None
         if not hidden_rows:
-            logits = self.model.forward(*args, rows)
+            logits = self.model.forward(*args, rows, lora=lora)
         else:
             with torch.inference_mode():
-                hidden = self.model.hidden_states(*args)  # [T, hidden]
+                hidden = self.model.hidden_states(*args, lora=lora)  # [T, hidden]
                 logits = self.model.logits(hidden, rows)
                 states = self.model.final_hidden(hidden, torch.tensor(hidden_rows, dtype=torch.long, device=dev))
                 states = states.float()
         return ([logits[s : s + n] if span is not None else None for span in spans for (s, n) in [span or (0, 0)]],
                 [states[s : s + n] if span is not None and states is not None else None
                  for span in hidden_spans for (s, n) in [span or (0, 0)]])
+
+    def _lora_batch(self, chunks: list[Chunk]) -> LoraBatch | None:
+        """The step's rows grouped by adapter slot (adapters loaded into slots as needed)."""
+        adapters = [c.lora for c in chunks if c.lora is not None]
+        if not adapters:
+            return None
+        if self.lora_slots is None:
+            raise ConfigError("enable_lora: a step carries a LoRA adapter but the engine has no adapter slots")
+        slot_of = self.lora_slots.assign(adapters)
+        row_slots: list[int | None] = []
+        for c in chunks:
+            slot = slot_of[c.lora.adapter_id] if c.lora is not None else None
+            row_slots.extend([slot] * len(c.token_ids))
+        return LoraBatch(self.lora_slots, row_slots, self.device)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy K/V of block ``src`` into ``dst`` for every (src, dst): copy-on-write."""

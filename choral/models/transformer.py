@@ -25,6 +25,7 @@ from choral.errors import ModelLoadError
 from choral.kernels.rms_norm import RmsNorm
 from choral.kernels.rope_kv import RopeKv
 from choral.kernels.silu_mul import SiluMul
+from choral.lora.apply import LoraBatch
 from choral.models.attention import AttentionBatch, write_kv
 from choral.models.linear import Projection, choose_layout
 from choral.models.rope import RotaryTable, apply_rotary
@@ -279,8 +280,9 @@ class DecoderModel:
         k_caches: list[torch.Tensor],  # per layer [num_blocks, KVH, D, block_size]
         v_caches: list[torch.Tensor],  # per layer [num_blocks, block_size, KVH, D]
         logits_indices: torch.Tensor,  # [L] rows of the batch whose logits are wanted
+        lora: LoraBatch | None = None,  # the rows' adapters (choral/lora/apply.py), if any
     ) -> torch.Tensor:  # [L, vocab] fp32
-        hidden = self.hidden_states(input_ids, positions, kv_index, attention, k_caches, v_caches)
+        hidden = self.hidden_states(input_ids, positions, kv_index, attention, k_caches, v_caches, lora)
         return self.logits(hidden, logits_indices)
 
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -305,6 +307,7 @@ class DecoderModel:
         attention: AttentionBatch,  # already prepared for this batch
         k_caches: list[torch.Tensor],
         v_caches: list[torch.Tensor],
+        lora: LoraBatch | None = None,
     ) -> torch.Tensor:  # [T, hidden], the residual stream after the last layer (before the final norm)
         spec = self.spec
         num_tokens = input_ids.shape[0]
@@ -316,6 +319,8 @@ class DecoderModel:
             cos, sin = local_cos_sin if self._layer_uses_local[i] else cos_sin
             x = self._norm(hidden, w.input_norm)
             qkv = w.qkv(x)  # [T, q + 2kv]
+            if lora is not None:  # LoRA adds to the projections' outputs, before q/k norm and rope
+                lora.add(qkv, x, i, "qkv")
             # q and k sit side by side in qkv: view them as H + KVH heads and rotate them in one go.
             qk = qkv[:, : spec.q_size + spec.kv_size].view(num_tokens, nh + nkv, hd)
             v = qkv[:, spec.q_size + spec.kv_size :].view(num_tokens, nkv, hd)
@@ -331,12 +336,21 @@ class DecoderModel:
                 q = qk[:, :nh]
                 write_kv(k_cache, v_cache, kv_index[0], kv_index[1], qk[:, nh:], v)
             attn = attention.attend(q, k_cache, v_cache, spec.layer_windows[i], self.scale)
-            out = w.o(attn.view(num_tokens, nh * hd))  # [T, hidden]
+            attn = attn.view(num_tokens, nh * hd)
+            out = w.o(attn)  # [T, hidden]
+            if lora is not None:
+                lora.add(out, attn, i, "o")
             if w.attn_out_norm is not None:
                 out = self._norm(out, w.attn_out_norm)
             hidden = hidden + out
             x = self._norm(hidden, w.post_norm)
-            out = w.down(self._act(w.gate_up(x)))  # gate_up: [T, 2 * inter]
+            gate_up = w.gate_up(x)  # [T, 2 * inter]
+            if lora is not None:
+                lora.add(gate_up, x, i, "gate_up")
+            act = self._act(gate_up)  # [T, inter]
+            out = w.down(act)
+            if lora is not None:
+                lora.add(out, act, i, "down")
             if w.mlp_out_norm is not None:
                 out = self._norm(out, w.mlp_out_norm)
             hidden = hidden + out
