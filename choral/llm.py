@@ -107,6 +107,7 @@ class LLM:
         use_tqdm: bool = False,
         lora_request: Any = None,
         priority: Sequence[int] | None = None,
+        lora: str | Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for one prompt or a list. A prompt is text, a list of token ids, a list of
         chat messages (``{"role", "content"}`` dicts, rendered with the model's chat template), or
@@ -115,12 +116,15 @@ class LLM:
         ``priority`` (one int per prompt) orders the work as vLLM's priority scheduling does:
         a lower value runs first. Returns one :class:`RequestOutput` per prompt, in order. Every
         prompt is validated before any work starts: a bad one raises and nothing runs.
+
+        ``lora`` names a loaded adapter (:meth:`load_lora`) for every prompt, or gives one name
+        (or None) per prompt; ``lora_request`` is vLLM's ``LoRARequest`` (or one per prompt),
+        loaded from its ``lora_path`` on first use. Give one of the two (docs/lora.md).
         """
-        if lora_request is not None:
-            raise InvalidRequestError("lora_request: LoRA adapters are not supported")
         items = [prompts] if is_single_prompt(prompts) else list(prompts)
         if not items:
             return []
+        adapters = self._loras_per_prompt(lora, lora_request, len(items))
         params = self._params_per_prompt(sampling_params, len(items))
         priorities = self._priorities(priority, len(items))
         # The executor applies truncate_prompt_tokens. A chat prompt's text is the rendered template (vLLM's).
@@ -135,8 +139,8 @@ class LLM:
                 finished.put(response.request_id)  # poll() returns the Completion or raises the error
 
         # vLLM: a lower priority value runs first; the executor runs higher values first.
-        requests = [Request(ids, sp, priority=-float(pri), callback=on_response)
-                    for (_, ids), sp, pri in zip(encoded, params, priorities, strict=True)]
+        requests = [Request(ids, sp, priority=-float(pri), callback=on_response, lora=name)
+                    for (_, ids), sp, pri, name in zip(encoded, params, priorities, adapters, strict=True)]
         executor = self.executor
         ids = executor.submit_many(requests)
         position = {rid: i for i, rid in enumerate(ids)}
@@ -180,11 +184,56 @@ class LLM:
         messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        lora_request: Any = None,
+        lora: str | Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate replies for one conversation (a list of messages) or a list of them."""
         if messages and all(isinstance(m, dict) for m in messages):
-            return self.generate([messages], sampling_params, use_tqdm)
-        return self.generate(list(messages), sampling_params, use_tqdm)
+            return self.generate([messages], sampling_params, use_tqdm, lora_request=lora_request, lora=lora)
+        return self.generate(list(messages), sampling_params, use_tqdm, lora_request=lora_request, lora=lora)
+
+    # ---- LoRA adapters (docs/lora.md) ----------------------------------------------------------
+    def load_lora(self, name: str, path: str) -> None:
+        """Load the PEFT adapter directory ``path`` as ``name`` (needs ``enable_lora=True``)."""
+        self.engine.core.load_lora(name, str(path))
+
+    def unload_lora(self, name: str) -> None:
+        """Forget adapter ``name``; requests already running with it finish with it."""
+        self.engine.core.unload_lora(name)
+
+    def list_loras(self) -> list[str]:
+        """The names of the loaded adapters."""
+        return self.engine.core.loras.names()
+
+    def _loras_per_prompt(self, lora: str | Sequence[str | None] | None, lora_request: Any,
+                          count: int) -> list[str | None]:
+        if lora is not None and lora_request is not None:
+            raise InvalidRequestError("lora: give lora or lora_request, not both")
+        if lora_request is not None:
+            requests = list(lora_request) if isinstance(lora_request, list | tuple) else [lora_request] * count
+            if len(requests) != count:
+                raise InvalidRequestError(f"lora_request: give one or one per prompt ({count}), got {len(requests)}")
+            return [self._resolve_lora_request(r) for r in requests]
+        if lora is None or isinstance(lora, str):
+            return [lora] * count
+        names = list(lora)
+        if len(names) != count:
+            raise InvalidRequestError(f"lora: give one adapter name or one per prompt ({count}), got {len(names)}")
+        return names
+
+    def _resolve_lora_request(self, request: Any) -> str | None:
+        """vLLM's LoRARequest (lora_name, lora_path): the adapter's name, loaded on first use."""
+        if request is None:
+            return None
+        name, path = getattr(request, "lora_name", None), getattr(request, "lora_path", None)
+        if not isinstance(name, str):
+            raise InvalidRequestError(f"lora_request: expected a LoRARequest (lora_name, lora_path), got "
+                                      f"{type(request).__name__}")
+        if name not in self.engine.core.loras.names():
+            if not path:
+                raise InvalidRequestError(f"lora_request: adapter {name!r} is not loaded and has no lora_path")
+            self.engine.core.load_lora(name, str(path))
+        return name
 
     def _params_per_prompt(
         self, sampling_params: SamplingParams | Sequence[SamplingParams] | None, count: int

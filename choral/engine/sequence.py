@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from choral.kv.sequence_state import SequenceState
+from choral.lora.adapter import LoraAdapter
 from choral.sampling.params import SamplingParams
 from choral.sampling.structured import GrammarMatcher
 
@@ -27,6 +28,7 @@ class Sequence(SequenceState):
     bad_words: list[tuple[int, ...]] = field(default_factory=list)  # token-id form of params.bad_words
     grammar: GrammarMatcher | None = None  # structured output: this sequence's parser state
     cumulative_logprob: float = 0.0  # sum of the chosen tokens' logprobs, when computed
+    lora: LoraAdapter | None = None  # the adapter it runs with (kept across preemption and forks)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

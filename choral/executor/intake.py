@@ -41,6 +41,8 @@ class Intake:
         if not isinstance(request, Request):
             raise InvalidRequestError(f"expected a Request, got {type(request).__name__}")
         engine = self.engine
+        # An unknown adapter (or LoRA off) is refused here, before anything is queued.
+        lora = engine.core.loras.get(request.lora) if request.lora is not None else None
         text, token_ids = to_token_ids(request.prompt, engine.tokenizer)
         keep = request.sampling.truncate_prompt_tokens
         if keep is not None and len(token_ids) > keep:
@@ -76,6 +78,7 @@ class Intake:
                   deadline=None if request.allotted_time is None else now + request.allotted_time, collect=collect,
                   stop_conditions=stop)
         job.bad_words = bad_words
+        job.lora = lora
         if text is None and not request.exclude_input_from_output and engine.tokenizer is not None:
             text = engine.tokenizer.decode(token_ids, params.skip_special_tokens)
         job.prompt_text = text
@@ -142,6 +145,9 @@ class Intake:
         seq.finisher = Finisher(job.stop_conditions, self.engine.tokenizer, num_prompt_tokens=seq.num_prompt_tokens)
         seq.request_id = str(job.request_id)
         seq.bad_words = list(job.bad_words)
+        if job.lora is not None:
+            seq.lora = job.lora
+            seq.cache_salt = job.lora.cache_salt
         if params.structured:
             seq.grammar = self.engine.grammar_compiler().matcher(params)  # each sample parses its own output
         if params.seed is not None and params.beam_width == 1:

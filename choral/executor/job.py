@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from choral.engine.sequence import Sequence
 from choral.executor.request import Request, Response, Timing
 from choral.finish import Finisher, FinishReason, StopConditions
+from choral.lora.adapter import LoraAdapter
 
 if TYPE_CHECKING:
     from choral.executor.beams import BeamGroup
@@ -61,6 +62,7 @@ class Job:
     # prompt itself, or its tokens decoded (token ids, rendered chat messages).
     prompt_text: str | None = None
     unbatched: bool = False  # pin_prefix's own prefill: admitted whatever the batching strategy waits for
+    lora: LoraAdapter | None = None  # resolved from request.lora at intake; every sequence runs with it
 
     @property
     def ended(self) -> bool:

@@ -33,6 +33,7 @@ class Request:
         exclude_input_from_output: False prepends the prompt tokens to the (non-streamed) output.
         client_id: an opaque id echoed in every response.
         callback: called with each Response for this request (from the executor's thread).
+        lora: the name of a loaded LoRA adapter to run with (docs/lora.md); None: the base model.
     """
 
     prompt: str | Sequence[int] | Sequence[dict[str, Any]]
@@ -47,6 +48,7 @@ class Request:
     exclude_input_from_output: bool = True
     client_id: Any = None
     callback: Callable[[Response], None] | None = None
+    lora: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.sampling, SamplingParams):
@@ -76,6 +78,9 @@ class Request:
             object.__setattr__(self, "end_id", as_int("end_id", self.end_id, low=0))
         if self.callback is not None and not callable(self.callback):
             raise InvalidRequestError("callback: must be callable")
+        if self.lora is not None and (not isinstance(self.lora, str) or not self.lora):
+            raise InvalidRequestError(f"lora: must be an adapter name (a non-empty string) or None, got "
+                                      f"{show(self.lora)}")
 
     @property
     def effective_max_tokens(self) -> int:

@@ -75,9 +75,11 @@ class ScheduledStep:
 
 class Scheduler:
     def __init__(self, config: ExecutorConfig, kv: KvCache, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, clock: Callable[[], float], speculator: Speculator | None = None):
+                 max_model_len: int, clock: Callable[[], float], speculator: Speculator | None = None,
+                 max_loras: int = 0):
         self.config = config
         self.speculator = speculator or Speculator()
+        self.max_loras = max_loras  # distinct LoRA adapters the running sequences may use at once
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -221,6 +223,8 @@ class Scheduler:
         for seq in self._order(self._admissible()):
             if self._budget(step) == 0:
                 break
+            if not self._lora_fits(seq, self.running):
+                continue  # its adapter would be one too many for the device slots: later
             if self._try_admit(seq, step, policy):
                 continue
             if self.config.strategy in _BATCHED:
@@ -262,7 +266,7 @@ class Scheduler:
             return []
         if seq.params.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens:
             return []
-        return self.kv.match_prefix(seq.token_ids)
+        return self.kv.match_prefix(seq.token_ids, seq.cache_salt)
 
     def _budget(self, step: ScheduledStep) -> int:
         """Tokens this step can still take (a preemption gives back what its victim had)."""
@@ -322,6 +326,14 @@ class Scheduler:
         if running == 0:
             return True  # intake checked it against max_num_seqs; an adaptive cap must not strand it
         return running + self._slots(seq) <= self.seq_cap
+
+    def _lora_fits(self, seq: ExecSequence, running: list[ExecSequence]) -> bool:
+        """Whether running ``seq`` with ``running`` keeps the step's distinct adapters within
+        ``max_loras`` (the model runner's device slots; see choral/lora/slots.py)."""
+        if seq.lora is None:
+            return True
+        in_use = {s.lora.adapter_id for s in running if s.lora is not None}
+        return seq.lora.adapter_id in in_use or len(in_use) < self.max_loras
 
     def _try_admit(self, seq: ExecSequence, step: ScheduledStep, policy: KvPolicy) -> bool:
         if not self._fits_cap(seq):
@@ -391,7 +403,8 @@ class Scheduler:
         for s in without:
             if s.job is not None and s.job.beam is not None:
                 gone.update(id(b) for b in s.job.beam.live)
-        if not self._fits_cap(seq, [s for s in self.running if id(s) not in gone]):
+        remaining = [s for s in self.running if id(s) not in gone]
+        if not self._fits_cap(seq, remaining) or not self._lora_fits(seq, remaining):
             return False
         freed = self.kv.blocks_freed_by(s for s in self.running if id(s) in gone)
         hits = self._match(seq)

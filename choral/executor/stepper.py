@@ -34,7 +34,8 @@ class Stepper:
         ecfg = engine.config
         self.speculator = Speculator(config.speculative)
         self.scheduler = Scheduler(config, self.kv, ecfg.max_num_seqs, ecfg.max_num_batched_tokens,
-                                   engine.max_model_len, clock, self.speculator)
+                                   engine.max_model_len, clock, self.speculator,
+                                   max_loras=ecfg.max_loras if ecfg.enable_lora else 0)
         self.intake = Intake(engine, config.kv_policy, self.speculator)
         self.responder = Responder(self.scheduler, self.intake, AggregateStats())
         self.step_runner = StepRunner(engine, self.scheduler, self.intake, self.responder,

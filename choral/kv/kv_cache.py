@@ -145,12 +145,13 @@ class KvCache:
         return len({b for s in seqs for b in s.block_table if self.pool.blocks[b].ref_count == 1})
 
     # ---- prefix cache --------------------------------------------------------------------------
-    def match_prefix(self, token_ids: Sequence[int]) -> list[int]:
-        """Cached blocks holding the longest prefix of ``token_ids`` (not yet shared). The last
-        token is always left to compute (its logits are needed)."""
+    def match_prefix(self, token_ids: Sequence[int], salt: int | None = None) -> list[int]:
+        """Cached blocks holding the longest prefix of ``token_ids`` (not yet shared) computed
+        under ``salt`` (a sequence's ``cache_salt``: its adapter). The last token is always left
+        to compute (its logits are needed)."""
         bs = self.block_size
         hits: list[int] = []
-        parent: int | None = None
+        parent: int | None = salt
         for i in range((len(token_ids) - 1) // bs):
             tokens = token_ids[i * bs : (i + 1) * bs]
             h = BlockPool.chain_hash(parent, tokens)
@@ -181,7 +182,7 @@ class KvCache:
             self.pool.stats.prefix_queries += (seq.num_tokens - 1) // self.block_size
             self.pool.stats.prefix_hits += len(hits)
         seq.block_hashes = []
-        parent: int | None = None
+        parent: int | None = seq.cache_salt
         for i in range(len(hits)):
             parent = BlockPool.chain_hash(parent, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             seq.block_hashes.append(parent)
@@ -193,7 +194,7 @@ class KvCache:
         """Offer every block of ``seq`` that is now full and computed to the prefix cache."""
         bs = self.block_size
         full = seq.num_computed_tokens // bs
-        parent = seq.block_hashes[-1] if seq.block_hashes else None
+        parent = seq.block_hashes[-1] if seq.block_hashes else seq.cache_salt
         for i in range(len(seq.block_hashes), full):
             tokens = seq.token_ids[i * bs : (i + 1) * bs]
             parent = BlockPool.chain_hash(parent, tokens)

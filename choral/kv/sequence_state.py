@@ -19,6 +19,9 @@ class SequenceState:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of registered full blocks
+    # Where its prefix-cache hash chain starts: None for the base model; a LoRA adapter's own
+    # value, so two adapters (or an adapter and the base) never share KV blocks.
+    cache_salt: int | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -58,6 +58,11 @@ class LoraAdapter:
     adapter_id: int = field(default_factory=lambda: next(_ids))
 
     @property
+    def cache_salt(self) -> int:
+        """Where its sequences' prefix-cache hash chains start (see SequenceState.cache_salt)."""
+        return hash(("lora", self.adapter_id))
+
+    @property
     def rank(self) -> int:
         """The largest rank of any adapted projection."""
         return max(w.rank for w in self.weights.values())
