@@ -37,13 +37,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "converted to --dtype at load; auto = native for quantized models on the CPU")
     g.add_argument("--quantization", default=None, choices=["q8_0", "q4_0"],
                    help="quantize a float model's weights at load and run them natively (default: off)")
+    g.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (docs/lora.md)")
+    g.add_argument("--max-loras", type=int, default=4, help="adapters one step may use (default: 4)")
+    g.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank accepted (default: 16)")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, object]:
     return dict(model=args.model, dtype=args.dtype, device=args.device, kv_cache_tokens=args.kv_cache_tokens,
                 block_size=args.block_size, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, num_threads=args.threads,
-                weights=args.weights, quantization=args.quantization)
+                weights=args.weights, quantization=args.quantization,
+                enable_lora=args.enable_lora or bool(getattr(args, "lora", None)), max_loras=args.max_loras,
+                max_lora_rank=args.max_lora_rank)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -108,6 +113,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.tool_call_parser:
         format_named(args.tool_call_parser)  # an unknown name fails now, not after loading
     name = args.served_model_name or args.model
+    loras: list[tuple[str, str]] = []
+    for item in (x for group in (args.lora or []) for x in group):
+        lora_name, sep, lora_path = item.partition("=")
+        if not sep or not lora_name or not lora_path:
+            print(f"choral serve: --lora {item!r}: expected NAME=PATH", file=sys.stderr)
+            return 2
+        if lora_name == name or lora_name in (n for n, _ in loras):
+            print(f"choral serve: --lora {item!r}: the name {lora_name!r} is already taken", file=sys.stderr)
+            return 2
+        loras.append((lora_name, lora_path))
 
     from choral.server.limits import ServerLimits
 
@@ -128,6 +143,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.speculative != "off":
             speculative = SpeculativeConfig(method=args.speculative, k=args.spec_k)
         engine = LLMEngine(EngineConfig.from_kwargs(**engine_options(args)))
+        for lora_name, lora_path in loras:
+            engine.core.load_lora(lora_name, lora_path)
         if engine.tokenizer is not None:
             engine.tokenizer.warm_up()  # chat templates need transformers: import it before the first request
         config = ExecutorConfig(strategy=BatchingStrategy(args.strategy), kv_policy=KvPolicy(args.kv_policy),
@@ -385,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
     serve.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
+    serve.add_argument("--lora", "--lora-modules", dest="lora", action="append", nargs="+", metavar="NAME=PATH",
+                       help="load a PEFT LoRA adapter as model id NAME (repeatable; implies --enable-lora)")
     serve.add_argument("--max-queue-size", type=int, default=1024, help="queued requests before 429 (default: 1024)")
     serve.add_argument("--strategy", default="continuous",
                        choices=["continuous", "static", "fixed_size", "dynamic_timeout", "adaptive"],

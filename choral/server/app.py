@@ -10,6 +10,7 @@ ends every prompt's request; a non-streaming request is watched by polling the c
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -27,6 +28,7 @@ from choral.engine.embedder import POOLINGS, Embedder
 from choral.errors import ChoralError, ConfigError, InvalidRequestError
 from choral.executor import Executor, Request, Result
 from choral.executor.completion import Completion, SequenceOutput
+from choral.lora.adapter import LoraAdapter
 from choral.sampling.params import show
 from choral.server.chat import ChatResponder, usage_of
 from choral.server.chat_render import render_chat
@@ -35,6 +37,7 @@ from choral.server.errors import ApiError, ApiKeyGuard, install_error_handlers
 from choral.server.fields import IGNORED_HEADER, check_fields
 from choral.server.limits import BodyLimit, Preparer, ServerLimits, check_count
 from choral.server.logprobs import TextOffsets, TokenBytes
+from choral.server.lora_routes import install_lora_routes
 from choral.server.metrics import ServerMetrics
 from choral.server.protocol import (
     ChatCompletionRequest,
@@ -118,16 +121,16 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card()]}
+        return {"object": "list", "data": [_model_card(), *(_lora_card(a) for a in engine.core.loras.adapters())]}
 
     @app.get("/v1/models/{model:path}")  # :path: a model id may hold slashes (org/name)
     async def model(model: str) -> dict[str, Any]:
-        _check_model(model)
-        return _model_card()
+        lora = _check_model(model, adapters=True)
+        return _model_card() if lora is None else _lora_card(engine.core.loras.get(lora))
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        _check_model(body.model)
+        _check_model(body.model, adapters=True)
         tok = _tokenizer()
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give exactly one of prompt or messages", param="prompt")
@@ -148,7 +151,7 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
-        _check_model(body.model)
+        _check_model(body.model, adapters=True)
         vocab = engine.loaded.spec.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
@@ -159,7 +162,7 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HttpRequest, response: HttpResponse) -> Any:
         headers = _ignored(body, "/v1/completions", response)
-        _check_model(body.model)
+        served = _check_model(body.model, adapters=True) or model_name
         _check_sizes(body)
         if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int):
             check_count("prompt", len(body.prompt), limits.max_prompts, "--max-prompts")
@@ -174,7 +177,7 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             streams = runner.open_streams(requests)
-            return EventStream(_stream_completion(rid, body, streams, echoes), partial(runner.close, streams),
+            return EventStream(_stream_completion(rid, body, streams, echoes, served), partial(runner.close, streams),
                                metrics.observe_abort, headers)
         results = await runner.run_all(requests, http)
         choices = []
@@ -183,18 +186,18 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
                 choices.append({"index": p * body.n + out.index, "text": echoes[p] + out.text,
                                 "logprobs": _completion_logprobs(body, completion, out, echoes[p]),
                                 "finish_reason": out.finish_reason.api_name})
-        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": served,
                 "choices": choices, "usage": _usage(results)}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, http: HttpRequest, response: HttpResponse) -> Any:
         headers = _ignored(body, "/v1/chat/completions", response)
-        _check_model(body.model)
+        served = _check_model(body.model, adapters=True) or model_name
         _check_sizes(body)
         _check_prompt_chars("messages", sum(_chars(m.content) for m in body.messages))
         plan = plan_tools(body, tool_format)
         request, prefill = await preparer.run(partial(_prepare_chat, body, plan))
-        responder = ChatResponder(f"chatcmpl-{uuid.uuid4().hex}", model_name, body, plan, prefill, _token_bytes)
+        responder = ChatResponder(f"chatcmpl-{uuid.uuid4().hex}", served, body, plan, prefill, _token_bytes)
         if body.stream:
             streams = runner.open_streams([request])
             return EventStream(responder.stream(streams[0]), partial(runner.close, streams), metrics.observe_abort,
@@ -261,9 +264,20 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
         response.headers.update(headers)
         return headers
 
-    def _check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
-            raise ApiError(404, f"The model `{name}` does not exist.", param="model")
+    def _check_model(name: str | None, adapters: bool = False) -> str | None:
+        """None for the base model; a loaded LoRA adapter's name where ``adapters`` allows one."""
+        if name is None or name == model_name:
+            return None
+        if name in engine.core.loras.names():
+            if not adapters:
+                raise ApiError(400, f"model: `{name}` is a LoRA adapter; this endpoint serves the base model "
+                                    f"`{model_name}` only", param="model")
+            return name
+        raise ApiError(404, f"The model `{name}` does not exist.", param="model")
+
+    def _lora_card(adapter: LoraAdapter) -> dict[str, Any]:
+        return {"id": adapter.name, "object": "model", "created": created, "owned_by": "choral",
+                "root": adapter.path or adapter.name, "parent": model_name, "max_model_len": engine.max_model_len}
 
     def _model_card() -> dict[str, Any]:
         spec, model = engine.loaded.spec, engine.loaded.model
@@ -303,6 +317,9 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
         try:
             # Metrics see every response on the executor's thread, a cancelled request's too.
             request = to_request(body, ids, max_tokens, logprobs, body.stream, prompt_logprobs, metrics.observe)
+            lora = _check_model(body.model, adapters=True)
+            if lora is not None:
+                request = dataclasses.replace(request, lora=lora)
         except InvalidRequestError as e:
             raise ApiError(400, str(e)) from None
         try:
@@ -345,8 +362,8 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
         return {key: echoed[key] + outputs[key] for key in outputs}
 
     async def _stream_completion(rid: str, body: CompletionRequest, streams: list[AsyncIterator[Result]],
-                                 echoes: list[str]) -> AsyncGenerator[str, None]:
-        base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
+                                 echoes: list[str], served: str) -> AsyncGenerator[str, None]:
+        base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": served}
         offsets: dict[int, TextOffsets | None] = {}  # by choice index, once its first chunk is out
         prompt_tokens, cached_tokens, completion_tokens = [0] * len(streams), [0] * len(streams), 0
         for p, stream in enumerate(streams):  # the executor runs them all; they are sent in turn
@@ -374,7 +391,12 @@ def create_app(executor: Executor, model_name: str, api_key: str | None = None,
 
     embedder = Embedder(engine.loaded, engine.max_model_len, engine.config.block_size,
                         attention_backend=engine.config.attention_backend)
-    install_embeddings(app, embedder, tokenizer, model_name, pooling, _ignored, _check_model)
+    def _check_base(name: str | None) -> None:  # embeddings run the base model only
+        _check_model(name)
+
+    install_embeddings(app, embedder, tokenizer, model_name, pooling, _ignored, _check_base)
+    if engine.config.enable_lora:
+        install_lora_routes(app, engine.core, model_name)
 
     app.state.executor = executor
     app.state.metrics = metrics
