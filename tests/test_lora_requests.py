@@ -174,3 +174,48 @@ def test_unload_while_running(tiny_chat_dir, lora_dirs) -> None:  # type: ignore
         assert done.wait(60)
         assert "".join(pieces) == alone
         assert other.outputs[0].text != alone
+
+
+@pytest.mark.model
+def test_conversations_with_adapters(tiny_chat_dir, lora_dirs) -> None:  # type: ignore[no-untyped-def]
+    """Conversations created with an adapter (forks keep it) give what generate gives with it; a
+    batch takes at most max_loras adapters, the others wait for the next infer()."""
+    from choral.conversation import BatchedExecutor
+    from choral.errors import ConversationStateError
+
+    dirs, _ = lora_dirs
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    with make_llm(tiny_chat_dir, enable_lora=True, max_loras=1) as llm:
+        llm.load_lora("a0", str(dirs[0]))
+        llm.load_lora("a1", str(dirs[1]))
+        ids = llm.get_tokenizer().encode(PROMPTS[1])
+        want = {name: llm.generate([ids], params, lora=name)[0].outputs[0].token_ids for name in ("a0", "a1", None)}
+        assert len({tuple(v) for v in want.values()}) == 3
+        ex = BatchedExecutor(llm)
+        convs = {name: ex.create(lora=name) for name in ("a0", "a1", None)}
+        assert convs["a0"].lora == "a0" and convs[None].lora is None
+        for c in convs.values():
+            c.prompt(ids)
+        ex.infer()  # max_loras 1: a0 and the base model; a1 waits
+        assert not convs["a0"].requires_inference and convs["a1"].requires_inference
+        ex.infer()
+        fork = convs["a0"].fork()
+        assert fork.lora == "a0"
+        got: dict[str | None, list[int]] = {name: [] for name in convs}
+        got_fork: list[int] = []
+        for _ in range(6):
+            for name, c in convs.items():
+                token = c.sample()
+                got[name].append(token)
+                c.prompt(token)
+            token = fork.sample()
+            got_fork.append(token)
+            fork.prompt(token)
+            while ex.batched_token_count:
+                ex.infer()
+        assert got == want
+        assert got_fork == want["a0"]
+        with pytest.raises(ConversationStateError, match="LoRA adapter"):
+            convs["a0"].save()
+        with pytest.raises(UnknownLoraError):
+            ex.create(lora="nope")

@@ -160,11 +160,15 @@ class BatchedExecutor:
             raise ExecutorClosedError("the BatchedExecutor is closed")
 
     # ---- conversations -----------------------------------------------------------------------
-    def create(self, context_shift: ContextShift | None = None) -> Conversation:
-        """A new, empty conversation (optionally with automatic context shift)."""
+    def create(self, context_shift: ContextShift | None = None, lora: str | None = None) -> Conversation:
+        """A new, empty conversation (optionally with automatic context shift), running with the
+        loaded LoRA adapter named ``lora`` (the engine's ``load_lora``); its forks keep it."""
         with self._lock:
             self._check_open()
-            return self._adopt(context_shift)
+            adapter = self._engine.core.loras.get(lora) if lora is not None else None
+            conversation = self._adopt(context_shift)
+            conversation._lora = adapter
+            return conversation
 
     def load(self, source: str | Path | State, context_shift: ContextShift | None = None, *,
              key: bytes | None = None) -> Conversation:
@@ -227,9 +231,15 @@ class BatchedExecutor:
                 return DecodeResult.CANCELLED
             batch: list[tuple[Conversation, int, int]] = []  # (conversation, start, count)
             budget = self.max_batch_tokens
+            adapters: set[int] = set()  # at most max_loras distinct adapters a batch (device slots)
             for conversation in self._queue:
                 if budget == 0:
                     break
+                lora = conversation._lora
+                if lora is not None and lora.adapter_id not in adapters:
+                    if len(adapters) >= self._engine.config.max_loras:
+                        continue  # waits for the next infer()
+                    adapters.add(lora.adapter_id)
                 start, count = conversation._pending_slice(budget)
                 batch.append((conversation, start, count))
                 budget -= count
@@ -248,7 +258,7 @@ class BatchedExecutor:
                 copies.extend(made)
                 chunks.append(Chunk(seq.token_ids[start : start + count], start, list(seq.block_table),
                                     logits=conversation._logits_mode(start, count),
-                                    hidden=conversation._embeddings.mode))
+                                    hidden=conversation._embeddings.mode, lora=conversation._lora))
             output = self._engine.core.step(StepPlan(chunks, copies))
             for (conversation, _, count), logits, states in zip(batch, output.logits, output.hidden, strict=True):
                 conversation._computed(count, logits, states)

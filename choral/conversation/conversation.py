@@ -27,6 +27,7 @@ from choral.conversation.prompt_embeddings import PromptEmbeddings
 from choral.conversation.state import SavedConversation, State, encode_state
 from choral.errors import (
     ConversationClosedError,
+    ConversationStateError,
     InvalidRequestError,
     KvCacheExhaustedError,
     RequiresInferenceError,
@@ -35,6 +36,7 @@ from choral.errors import (
 )
 from choral.kv.kv_cache import KvUsage
 from choral.kv.sequence_state import SequenceState
+from choral.lora.adapter import LoraAdapter
 from choral.sampling.logits_process import check_token_ids
 from choral.sampling.params import SamplingParams
 from choral.sampling.sampler import Row
@@ -67,6 +69,7 @@ class Conversation:
         self._generator: torch.Generator | None = None
         self._generator_seed: int | None = None
         self._closed = False
+        self._lora: LoraAdapter | None = None  # set by BatchedExecutor.create(lora=); forks keep it
 
     # ---- state -------------------------------------------------------------------------------
     @property
@@ -76,6 +79,11 @@ class Conversation:
     @property
     def executor(self) -> BatchedExecutor:
         return self._executor
+
+    @property
+    def lora(self) -> str | None:
+        """The name of the LoRA adapter it runs with (None: the base model)."""
+        return self._lora.name if self._lora is not None else None
 
     @property
     def tokens(self) -> list[int]:
@@ -267,6 +275,7 @@ class Conversation:
             child._all_logits = self._all_logits
             child._logits = self._logits.clone() if self._logits is not None else None
             child._embeddings = self._embeddings.copy()
+            child._lora = self._lora
             if self._generator is not None:
                 child._generator = torch.Generator(device=self._generator.device)
                 child._generator.set_state(self._generator.get_state())
@@ -368,6 +377,9 @@ class Conversation:
         unchanged: its checksum alone detects damage, not tampering."""
         with self._executor._lock:
             self._check_idle("save")
+            if self._lora is not None:
+                raise ConversationStateError(f"save: this conversation runs with LoRA adapter {self._lora.name!r}; "
+                                             "saved states hold no adapter, so it cannot be saved")
             keys, values = self._executor.engine.core.read_tokens(self._seq.block_table, self._seq.num_tokens)
             saved = SavedConversation(list(self._seq.token_ids), keys, values, self._logits)
             state = encode_state(saved, self._executor.fingerprint, key)
