@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
         DecodeResult,
         State,
     )
+    from choral.engine.soft_prompt import SoftPrompt
     from choral.errors import (
         ChoralError,
         ConfigError,
@@ -26,6 +27,8 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
         IncompatibleStateError,
         InvalidRequestError,
         KvCacheExhaustedError,
+        LoraError,
+        LoraLoadError,
         ModelLoadError,
         ModelNotFoundError,
         PromptTooLongError,
@@ -33,6 +36,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
         RequiresPromptError,
         StateLoadError,
         TokenIdOutOfRangeError,
+        UnknownLoraError,
         UnsupportedArchitectureError,
         UnsupportedStateVersionError,
         UnsupportedTensorTypeError,
@@ -56,6 +60,7 @@ _LAZY = {
     "Logprob": "choral.outputs",
     "GuidedDecodingParams": "choral.sampling.guided",
     "StructuredOutputsParams": "choral.sampling.guided",
+    "SoftPrompt": "choral.engine.soft_prompt",
     **dict.fromkeys(("BatchedExecutor", "CancelToken", "ChatSession", "ContextShift", "Conversation",
                      "DecodeResult", "State"), "choral.conversation"),
     **dict.fromkeys((
@@ -63,7 +68,8 @@ _LAZY = {
         "ExecutorClosedError", "IncompatibleStateError", "InvalidRequestError", "KvCacheExhaustedError",
         "ModelLoadError", "ModelNotFoundError", "PromptTooLongError", "RequiresInferenceError",
         "RequiresPromptError", "StateLoadError", "TokenIdOutOfRangeError", "UnsupportedArchitectureError",
-        "UnsupportedStateVersionError", "UnsupportedTensorTypeError"), "choral.errors"),
+        "UnsupportedStateVersionError", "UnsupportedTensorTypeError", "LoraError", "LoraLoadError",
+        "UnknownLoraError"), "choral.errors"),
 }
 
 
@@ -106,6 +112,8 @@ __all__ = [
     "IncompatibleStateError",
     "InvalidRequestError",
     "KvCacheExhaustedError",
+    "LoraError",
+    "LoraLoadError",
     "ModelLoadError",
     "ModelNotFoundError",
     "PromptTooLongError",
@@ -113,9 +121,11 @@ __all__ = [
     "RequiresInferenceError",
     "RequiresPromptError",
     "SamplingParams",
+    "SoftPrompt",
     "State",
     "StateLoadError",
     "TokenIdOutOfRangeError",
+    "UnknownLoraError",
     "UnsupportedArchitectureError",
     "UnsupportedStateVersionError",
     "UnsupportedTensorTypeError",

@@ -14,6 +14,7 @@ from typing import Any
 
 from choral.config import DEFAULT_MODEL
 from choral.engine.prompts import is_single_prompt, is_token_list, to_token_ids
+from choral.engine.soft_prompt import SoftPrompt
 from choral.errors import ConfigError, InvalidRequestError
 from choral.executor.config import ExecutorConfig
 from choral.executor.executor import Executor
@@ -108,6 +109,7 @@ class LLM:
         lora_request: Any = None,
         priority: Sequence[int] | None = None,
         lora: str | Sequence[str | None] | None = None,
+        soft_prompt: SoftPrompt | Sequence[SoftPrompt | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for one prompt or a list. A prompt is text, a list of token ids, a list of
         chat messages (``{"role", "content"}`` dicts, rendered with the model's chat template), or
@@ -120,11 +122,16 @@ class LLM:
         ``lora`` names a loaded adapter (:meth:`load_lora`) for every prompt, or gives one name
         (or None) per prompt; ``lora_request`` is vLLM's ``LoRARequest`` (or one per prompt),
         loaded from its ``lora_path`` on first use. Give one of the two (docs/lora.md).
+
+        ``soft_prompt`` (one, or one per prompt) replaces placeholder positions of the prompt
+        with its vectors (prompt tuning); a ``{"prompt_embeds": tensor [n, hidden]}`` prompt is
+        made of embeddings only (vLLM's prompt_embeds).
         """
         items = [prompts] if is_single_prompt(prompts) else list(prompts)
         if not items:
             return []
         adapters = self._loras_per_prompt(lora, lora_request, len(items))
+        softs = self._soft_prompts(items, soft_prompt)
         params = self._params_per_prompt(sampling_params, len(items))
         priorities = self._priorities(priority, len(items))
         # The executor applies truncate_prompt_tokens. A chat prompt's text is the rendered template (vLLM's).
@@ -139,8 +146,8 @@ class LLM:
                 finished.put(response.request_id)  # poll() returns the Completion or raises the error
 
         # vLLM: a lower priority value runs first; the executor runs higher values first.
-        requests = [Request(ids, sp, priority=-float(pri), callback=on_response, lora=name)
-                    for (_, ids), sp, pri, name in zip(encoded, params, priorities, adapters, strict=True)]
+        requests = [Request(ids, sp, priority=-float(pri), callback=on_response, lora=name, soft_prompt=soft)
+                    for (_, ids), sp, pri, name, soft in zip(encoded, params, priorities, adapters, softs, strict=True)]
         executor = self.executor
         ids = executor.submit_many(requests)
         position = {rid: i for i, rid in enumerate(ids)}
@@ -191,6 +198,28 @@ class LLM:
         if messages and all(isinstance(m, dict) for m in messages):
             return self.generate([messages], sampling_params, use_tqdm, lora_request=lora_request, lora=lora)
         return self.generate(list(messages), sampling_params, use_tqdm, lora_request=lora_request, lora=lora)
+
+    @staticmethod
+    def _soft_prompts(items: list[Any], soft_prompt: SoftPrompt | Sequence[SoftPrompt | None] | None
+                      ) -> list[SoftPrompt | None]:
+        """One soft prompt (or None) per prompt; ``{"prompt_embeds": ...}`` items become an empty
+        prompt (in ``items``) with their embeddings as the soft prompt."""
+        if soft_prompt is None or isinstance(soft_prompt, SoftPrompt):
+            softs: list[SoftPrompt | None] = [soft_prompt] * len(items)
+        else:
+            softs = list(soft_prompt)
+            if len(softs) != len(items):
+                raise InvalidRequestError(f"soft_prompt: give one or one per prompt ({len(items)}), got {len(softs)}")
+        for i, item in enumerate(items):
+            if isinstance(item, dict) and "prompt_embeds" in item:
+                extra = sorted(set(item) - {"prompt_embeds"})
+                if extra:
+                    raise InvalidRequestError(f"prompt_embeds: give it alone in its prompt dict, not with {extra}")
+                if softs[i] is not None:
+                    raise InvalidRequestError("prompt_embeds: a prompt of embeddings takes no soft_prompt")
+                softs[i] = SoftPrompt(item["prompt_embeds"])
+                items[i] = []
+        return softs
 
     # ---- LoRA adapters (docs/lora.md) ----------------------------------------------------------
     def load_lora(self, name: str, path: str) -> None:

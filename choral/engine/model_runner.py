@@ -45,6 +45,9 @@ class Chunk:
     extra: dict[str, object] = field(default_factory=dict)
     hidden: str = "none"
     lora: LoraAdapter | None = None  # the adapter these tokens run with (None: the base model)
+    # Rows embedded from vectors instead of their token ids (soft prompts): (offsets in the
+    # chunk, table [n, hidden] in the model's dtype, the table's row for each offset).
+    embeds: tuple[list[int], torch.Tensor, list[int]] | None = None
 
 
 def plan_kv_size(loaded: LoadedModel, block_size: int, kv_cache_tokens: int | None,
@@ -149,18 +152,34 @@ class ModelRunner:
                 attention, self.k_caches, self.v_caches)
         rows = torch.tensor(logits_rows, dtype=torch.long, device=dev)
         lora = self._lora_batch(chunks)
+        embeds = self._input_embeds(chunks, starts)
         states: torch.Tensor | None = None
         if not hidden_rows:
-            logits = self.model.forward(*args, rows, lora=lora)
+            logits = self.model.forward(*args, rows, lora=lora, input_embeds=embeds)
         else:
             with torch.inference_mode():
-                hidden = self.model.hidden_states(*args, lora=lora)  # [T, hidden]
+                hidden = self.model.hidden_states(*args, lora=lora, input_embeds=embeds)  # [T, hidden]
                 logits = self.model.logits(hidden, rows)
                 states = self.model.final_hidden(hidden, torch.tensor(hidden_rows, dtype=torch.long, device=dev))
                 states = states.float()
         return ([logits[s : s + n] if span is not None else None for span in spans for (s, n) in [span or (0, 0)]],
                 [states[s : s + n] if span is not None and states is not None else None
                  for span in hidden_spans for (s, n) in [span or (0, 0)]])
+
+    def _input_embeds(self, chunks: list[Chunk], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """([R] rows of the batch, [R, hidden] vectors) for the chunks' soft positions, or None."""
+        rows: list[int] = []
+        parts: list[torch.Tensor] = []
+        for chunk, start in zip(chunks, starts, strict=True):
+            if chunk.embeds is None:
+                continue
+            offsets, table, table_rows = chunk.embeds
+            rows.extend(start + o for o in offsets)
+            parts.append(table.index_select(0, torch.tensor(table_rows, dtype=torch.long, device=table.device)))
+        if not rows:
+            return None
+        return (torch.tensor(rows, dtype=torch.long, device=self.device),
+                torch.cat(parts).to(device=self.device, dtype=self.model.dtype))
 
     def _lora_batch(self, chunks: list[Chunk]) -> LoraBatch | None:
         """The step's rows grouped by adapter slot (adapters loaded into slots as needed)."""

@@ -19,7 +19,8 @@ _REFUSED_KEYS = {
     "multi_modal_data": "multi-modal inputs are not supported (text-only models)",
     "mm_processor_kwargs": "multi-modal inputs are not supported (text-only models)",
     "multi_modal_uuids": "multi-modal inputs are not supported (text-only models)",
-    "prompt_embeds": "prompt embeddings are not supported; pass text or token ids",
+    "prompt_embeds": "prompt embeddings go to LLM.generate (a {'prompt_embeds': tensor} prompt) or "
+                     "Request(soft_prompt=SoftPrompt(tensor)); not inside a request's prompt",
     "negative_prompt": "negative prompts are not supported",
 }
 

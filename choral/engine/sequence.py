@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from choral.engine.soft_prompt import SoftTokens
 from choral.kv.sequence_state import SequenceState
 from choral.lora.adapter import LoraAdapter
 from choral.sampling.params import SamplingParams
@@ -29,6 +30,7 @@ class Sequence(SequenceState):
     grammar: GrammarMatcher | None = None  # structured output: this sequence's parser state
     cumulative_logprob: float = 0.0  # sum of the chosen tokens' logprobs, when computed
     lora: LoraAdapter | None = None  # the adapter it runs with (kept across preemption and forks)
+    soft: SoftTokens | None = None  # prompt positions embedded from a soft prompt's vectors
 
     def __post_init__(self) -> None:
         if not self.token_ids:

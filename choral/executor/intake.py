@@ -14,6 +14,7 @@ import torch
 
 from choral.engine.llm_engine import LLMEngine
 from choral.engine.prompts import to_token_ids, validate_token_ids
+from choral.engine.soft_prompt import SoftTokens, place
 from choral.errors import InvalidRequestError
 from choral.executor.beams import BeamGroup, beam_search_for
 from choral.executor.config import KvPolicy
@@ -47,6 +48,11 @@ class Intake:
         keep = request.sampling.truncate_prompt_tokens
         if keep is not None and len(token_ids) > keep:
             token_ids = token_ids[-keep:]  # vLLM's truncate_prompt_tokens: the prompt's last k tokens
+        soft: SoftTokens | None = None
+        if request.soft_prompt is not None:  # its vectors' positions in place (prepended ones added)
+            model = engine.loaded.model
+            token_ids, soft = place(request.soft_prompt, token_ids, engine.loaded.spec.hidden_size, model.dtype,
+                                    model.device)
         vocab = engine.loaded.spec.vocab_size
         validate_token_ids(token_ids, vocab, engine.max_model_len)
         for t in (x for w in request.stop_words for x in w):
@@ -79,6 +85,7 @@ class Intake:
                   stop_conditions=stop)
         job.bad_words = bad_words
         job.lora = lora
+        job.soft = soft
         if text is None and not request.exclude_input_from_output and engine.tokenizer is not None:
             text = engine.tokenizer.decode(token_ids, params.skip_special_tokens)
         job.prompt_text = text
@@ -148,6 +155,9 @@ class Intake:
         if job.lora is not None:
             seq.lora = job.lora
             seq.cache_salt = job.lora.cache_salt
+        if job.soft is not None:  # soft positions are content of their own for the prefix cache
+            seq.soft = job.soft
+            seq.cache_salt = hash(("soft", seq.cache_salt, job.soft.content_hash))
         if params.structured:
             seq.grammar = self.engine.grammar_compiler().matcher(params)  # each sample parses its own output
         if params.seed is not None and params.beam_width == 1:

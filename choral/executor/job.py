@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from choral.engine.sequence import Sequence
+from choral.engine.soft_prompt import SoftTokens
 from choral.executor.request import Request, Response, Timing
 from choral.finish import Finisher, FinishReason, StopConditions
 from choral.lora.adapter import LoraAdapter
@@ -63,6 +64,7 @@ class Job:
     prompt_text: str | None = None
     unbatched: bool = False  # pin_prefix's own prefill: admitted whatever the batching strategy waits for
     lora: LoraAdapter | None = None  # resolved from request.lora at intake; every sequence runs with it
+    soft: SoftTokens | None = None  # request.soft_prompt placed in the prompt; every sequence embeds it
 
     @property
     def ended(self) -> bool:

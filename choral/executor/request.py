@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from choral.engine.soft_prompt import SoftPrompt
 from choral.errors import InvalidRequestError
 from choral.finish.reason import FinishReason
 from choral.sampling.params import SamplingParams, as_int, as_number, as_tuple, show
@@ -34,6 +35,8 @@ class Request:
         client_id: an opaque id echoed in every response.
         callback: called with each Response for this request (from the executor's thread).
         lora: the name of a loaded LoRA adapter to run with (docs/lora.md); None: the base model.
+        soft_prompt: a :class:`~choral.engine.soft_prompt.SoftPrompt` whose vectors replace the
+            prompt's placeholder positions (or go first): prompt tuning, prompt embeddings.
     """
 
     prompt: str | Sequence[int] | Sequence[dict[str, Any]]
@@ -49,6 +52,7 @@ class Request:
     client_id: Any = None
     callback: Callable[[Response], None] | None = None
     lora: str | None = None
+    soft_prompt: SoftPrompt | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.sampling, SamplingParams):
@@ -78,6 +82,9 @@ class Request:
             object.__setattr__(self, "end_id", as_int("end_id", self.end_id, low=0))
         if self.callback is not None and not callable(self.callback):
             raise InvalidRequestError("callback: must be callable")
+        if self.soft_prompt is not None and not isinstance(self.soft_prompt, SoftPrompt):
+            raise InvalidRequestError(f"soft_prompt: must be a SoftPrompt or None, got "
+                                      f"{type(self.soft_prompt).__name__}")
         if self.lora is not None and (not isinstance(self.lora, str) or not self.lora):
             raise InvalidRequestError(f"lora: must be an adapter name (a non-empty string) or None, got "
                                       f"{show(self.lora)}")

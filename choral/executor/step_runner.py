@@ -67,8 +67,12 @@ class StepRunner:
             wants_prompt_lp = (seq.index == 0 and seq.params.prompt_logprobs is not None
                                and len(seq.prompt_logprobs) < seq.num_prompt_tokens)
             mode = "all" if wants_prompt_lp else ("last" if completes else "none")
-            chunks.append(Chunk(seq.token_ids[start : start + n], start, list(seq.block_table), logits=mode,
-                                lora=seq.lora))
+            chunk = Chunk(seq.token_ids[start : start + n], start, list(seq.block_table), logits=mode, lora=seq.lora)
+            if seq.soft is not None:
+                offsets, rows = seq.soft.rows_in(start, start + n)
+                if offsets:
+                    chunk.embeds = (offsets, seq.soft.table, rows)
+            chunks.append(chunk)
         return StepPlan(chunks, list(step.copies))
 
     def update(self, step: ScheduledStep, plan: StepPlan, output: StepOutput) -> None:

@@ -281,8 +281,10 @@ class DecoderModel:
         v_caches: list[torch.Tensor],  # per layer [num_blocks, block_size, KVH, D]
         logits_indices: torch.Tensor,  # [L] rows of the batch whose logits are wanted
         lora: LoraBatch | None = None,  # the rows' adapters (choral/lora/apply.py), if any
+        input_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([R] rows, [R, hidden]) soft prompts
     ) -> torch.Tensor:  # [L, vocab] fp32
-        hidden = self.hidden_states(input_ids, positions, kv_index, attention, k_caches, v_caches, lora)
+        hidden = self.hidden_states(input_ids, positions, kv_index, attention, k_caches, v_caches, lora,
+                                    input_embeds)
         return self.logits(hidden, logits_indices)
 
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -308,6 +310,7 @@ class DecoderModel:
         k_caches: list[torch.Tensor],
         v_caches: list[torch.Tensor],
         lora: LoraBatch | None = None,
+        input_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [T, hidden], the residual stream after the last layer (before the final norm)
         spec = self.spec
         num_tokens = input_ids.shape[0]
@@ -315,6 +318,8 @@ class DecoderModel:
         cos_sin = self.rotary.lookup(positions, self.dtype)  # [T, 1, D] each
         local_cos_sin = self.local_rotary.lookup(positions, self.dtype) if self.local_rotary else cos_sin
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        if input_embeds is not None:  # soft-prompt rows take their vectors instead
+            hidden = hidden.index_copy(0, input_embeds[0], input_embeds[1])
         for i, w in enumerate(self.layers):
             cos, sin = local_cos_sin if self._layer_uses_local[i] else cos_sin
             x = self._norm(hidden, w.input_norm)
