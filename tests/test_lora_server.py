@@ -67,6 +67,8 @@ def test_server_flow_with_openai_client(tiny_chat_dir, tmp_path) -> None:  # typ
         assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "nope"}).status_code == 404
         emb = httpx.post(f"{url}/v1/embeddings", json={"model": "y", "input": "hi"})
         assert emb.status_code == 400 and "LoRA adapter" in emb.json()["error"]["message"]
+        pe = httpx.post(f"{url}/v1/completions", json={"model": "x", "prompt": "hi", "prompt_embeds": "AAAA"})
+        assert pe.status_code == 400 and "prompt embeddings" in pe.json()["error"]["message"]
         assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "y"}).status_code == 200
         with pytest.raises(NotFoundError):
             complete("y")

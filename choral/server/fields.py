@@ -29,6 +29,8 @@ _REFUSED = {
     "web_search_options": "web search is not supported by this server",
     "suffix": "suffix (insertion between a prompt and a suffix) is not supported by this server",
     "guided_grammar": "guided_grammar is not supported by this server's HTTP API; use response_format",
+    "prompt_embeds": "prompt embeddings are not accepted over HTTP; use the Python API "
+                     "(LLM.generate with a {'prompt_embeds': tensor} prompt, docs/lora.md)",
 }
 
 
