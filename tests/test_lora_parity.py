@@ -103,3 +103,23 @@ def test_mixed_batch_rows_equal_alone(adapted, backend: str) -> None:  # type: i
                                    msg=f"{arch} row {i}")
     for t in tables:
         engine.pool.free(t)
+
+
+@pytest.mark.model
+def test_quantized_base_weights(adapted) -> None:  # type: ignore[no-untyped-def]
+    """Adapters over packed q8_0 base weights (the integer-dot projections): the adapter adds no
+    error beyond what quantizing the base already gives."""
+    arch, directory, adapters, base = adapted
+    cfg = EngineConfig(model=str(directory), dtype="float32", block_size=4, kv_cache_tokens=512,
+                       quantization="q8_0", enable_lora=True)
+    engine = LLMEngine(cfg)
+    assert any(k.startswith("q8") or k.startswith("Q8") for k in engine.loaded.model.weight_formats)
+    d, peft_model = adapters[1]  # all seven projections
+    adapter = engine.core.load_lora("all", str(d))
+    for tokens in PROMPTS:
+        base_error = (run_alone(engine, tokens, None) - reference(base, tokens)).abs().max().item()
+        lora_error = (run_alone(engine, tokens, adapter) - reference(peft_model, tokens)).abs().max().item()
+        assert base_error > 0  # really quantized
+        effect = (reference(peft_model, tokens) - reference(base, tokens)).abs().max().item()
+        assert effect > 4 * base_error + 1e-3  # the check below would see a dropped adapter
+        assert lora_error < 2 * base_error + 1e-3, (arch, base_error, lora_error)
