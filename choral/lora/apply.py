@@ -4,8 +4,10 @@ Rows (tokens) of a packed batch that use an adapter are grouped by slot: group g
 of one adapter, padded to the longest group's length L. Each adapted projection then runs, for
 the whole batch, two batched matmuls (Punica's shrink and expand, S-LoRA's segmented update):
 
-    h = x[rows] @ A[slot]          # [G, L, in] x [G, in, P*R]  -> [G, L, P*R]
-    y[rows] += h @ (B[slot] * s)   # [G, L, P*R] x [G, P*R, out] -> [G, L, out]
+    h = x[rows] @ A[slot]                      # [G, L, in] x [G, in, P*R] -> [G, L, P*R]
+    y[rows, part p] += h_p @ (B_p[slot] * s)   # [G, L, R] x [G, R, out_p] -> [G, L, out_p]
+
+(P parts: q, k, v of the fused qkv projection, gate and up of gate_up; one elsewhere.)
 
 Rows with no adapter are in no group and cost nothing; padding rows point at row 0 and are
 zeroed in ``h``, so they add exactly zero. The number of kernel calls per projection does not
@@ -39,6 +41,8 @@ class LoraBatch:
         self._slots = torch.tensor(order, dtype=torch.long, device=device)
         padded = [rows + [0] * (self.length - len(rows)) for rows in groups.values()]
         self._rows = torch.tensor([r for rows in padded for r in rows], dtype=torch.long, device=device)  # [G*L]
+        # One adapter for every row, in order: x and y are used as they are (no gather, no scatter).
+        self._identity = len(groups) == 1 and self.length == len(row_slots)
         self._mask: torch.Tensor | None = None
         if any(len(rows) < self.length for rows in groups.values()):
             mask = [[1.0] * len(rows) + [0.0] * (self.length - len(rows)) for rows in groups.values()]
@@ -52,13 +56,23 @@ class LoraBatch:
         """``y`` [T, out] += each adapted row's low-rank update from ``x`` [T, in], in place."""
         if self.num_groups == 0:
             return
-        a, b = self.stacks.a[layer][site], self.stacks.b[layer][site]  # [S, in, P*R], [S, P*R, out]
+        a, parts = self.stacks.a[layer][site], self.stacks.b[layer][site]  # [S, in, P*R], P x [S, R, out_p]
         if not self._whole:
-            a, b = a.index_select(0, self._slots), b.index_select(0, self._slots)
-        g, n = self.num_groups, self.length
-        xs = x.index_select(0, self._rows).to(a.dtype).view(g, n, -1)  # [G, L, in]
+            a = a.index_select(0, self._slots)
+        g, n, rank = self.num_groups, self.length, self.stacks.max_rank
+        xs = (x if self._identity else x.index_select(0, self._rows)).to(a.dtype).view(g, n, -1)  # [G, L, in]
         h = torch.bmm(xs, a)  # [G, L, P*R]
         if self._mask is not None:
             h.mul_(self._mask)
-        delta = torch.bmm(h, b).view(g * n, -1)  # [G*L, out]
-        y.index_add_(0, self._rows, delta.to(y.dtype))
+        col = 0
+        for p, b in enumerate(parts):
+            if not self._whole:
+                b = b.index_select(0, self._slots)
+            out = b.shape[2]
+            delta = torch.bmm(h[:, :, p * rank : (p + 1) * rank], b).view(g * n, out)  # [G*L, out_p]
+            target = y if len(parts) == 1 else y[:, col : col + out]
+            if self._identity:
+                target.add_(delta.to(y.dtype))
+            else:
+                target.index_add_(0, self._rows, delta.to(y.dtype))
+            col += out

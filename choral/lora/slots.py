@@ -12,11 +12,12 @@ Layout, per layer and per *site* (the fused projections the forward runs: ``qkv`
 - ``a[layer][site]``: [max_loras, in, parts * R], the site's parts' ``A^T`` side by side
   (R = max_lora_rank; an adapter of smaller rank leaves zero columns, a module it does not adapt
   leaves zeros);
-- ``b[layer][site]``: [max_loras, parts * R, out], block diagonal: part p's ``B^T * scale`` in
-  rows ``p*R .. p*R + r`` and the part's own output columns (q | k | v, gate | up).
+- ``b[layer][site][p]``: [max_loras, R, out_p], part p's ``B^T * scale`` (its output columns of
+  the fused projection: q | k | v, gate | up).
 
-So one shrink and one expand matmul per site serve a fused projection: the zero blocks cost a
-few flops but save kernel calls, which dominate at these sizes.
+So one shrink matmul per site serves a fused projection, and one expand per part writes its own
+columns. (A block-diagonal B for the whole site would take one call less but stream zeros: at 16
+adapters the slots are read in full every step, and memory traffic is what they cost.)
 """
 
 from __future__ import annotations
@@ -47,15 +48,15 @@ class LoraSlots:
         self.dtype = dtype
         self.device = device
         self.a: list[dict[str, torch.Tensor]] = []
-        self.b: list[dict[str, torch.Tensor]] = []
+        self.b: list[dict[str, list[torch.Tensor]]] = []
         for _ in range(spec.num_layers):
-            a_layer, b_layer = {}, {}
+            a_layer: dict[str, torch.Tensor] = {}
+            b_layer: dict[str, list[torch.Tensor]] = {}
             for site, parts in SITES.items():
                 fan_in = module_shape(spec, parts[0])[0]
-                fan_out = sum(module_shape(spec, p)[1] for p in parts)
-                width = len(parts) * max_rank
-                a_layer[site] = torch.zeros(max_loras, fan_in, width, dtype=dtype, device=device)
-                b_layer[site] = torch.zeros(max_loras, width, fan_out, dtype=dtype, device=device)
+                a_layer[site] = torch.zeros(max_loras, fan_in, len(parts) * max_rank, dtype=dtype, device=device)
+                b_layer[site] = [torch.zeros(max_loras, max_rank, module_shape(spec, p)[1], dtype=dtype, device=device)
+                                 for p in parts]
             self.a.append(a_layer)
             self.b.append(b_layer)
         self._resident: OrderedDict[int, int] = OrderedDict()  # adapter id -> slot, least recent first
@@ -103,16 +104,14 @@ class LoraSlots:
         spec, rank = self.spec, self.max_rank
         for layer in range(spec.num_layers):
             for site, parts in SITES.items():
-                a, b = self.a[layer][site][slot], self.b[layer][site][slot]  # [in, P*R], [P*R, out]
+                a = self.a[layer][site][slot]  # [in, P*R]
                 a.zero_()
-                b.zero_()
-                col = 0
                 for p, module in enumerate(parts):
-                    out = module_shape(spec, module)[1]
+                    b = self.b[layer][site][p][slot]  # [R, out_p]
+                    b.zero_()
                     w = adapter.weights.get((layer, module))
                     if w is not None:
                         r = w.rank
                         a[:, p * rank : p * rank + r] = w.a.t().to(self.dtype)
-                        b[p * rank : p * rank + r, col : col + out] = (w.b.t() * w.scale).to(self.dtype)
-                    col += out
+                        b[:r] = (w.b.t() * w.scale).to(self.dtype)
         self.num_loads += 1
