@@ -37,9 +37,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "converted to --dtype at load; auto = native for quantized models on the CPU")
     g.add_argument("--quantization", default=None, choices=["q8_0", "q4_0"],
                    help="quantize a float model's weights at load and run them natively (default: off)")
-    g.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (docs/lora.md)")
-    g.add_argument("--max-loras", type=int, default=4, help="adapters one step may use (default: 4)")
-    g.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank accepted (default: 16)")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, object]:
@@ -47,8 +44,9 @@ def engine_options(args: argparse.Namespace) -> dict[str, object]:
                 block_size=args.block_size, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, num_threads=args.threads,
                 weights=args.weights, quantization=args.quantization,
-                enable_lora=args.enable_lora or bool(getattr(args, "lora", None)), max_loras=args.max_loras,
-                max_lora_rank=args.max_lora_rank)
+                # serve's LoRA options (other commands have none: no adapter can be named there)
+                enable_lora=getattr(args, "enable_lora", False) or bool(getattr(args, "lora", None)),
+                max_loras=getattr(args, "max_loras", 4), max_lora_rank=getattr(args, "max_lora_rank", 16))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -404,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
     serve.add_argument("--lora", "--lora-modules", dest="lora", action="append", nargs="+", metavar="NAME=PATH",
                        help="load a PEFT LoRA adapter as model id NAME (repeatable; implies --enable-lora)")
+    serve.add_argument("--enable-lora", action="store_true",
+                       help="accept adapters loaded at run time (POST /v1/load_lora_adapter; docs/lora.md)")
+    serve.add_argument("--max-loras", type=int, default=4, help="adapters one step may use (default: 4)")
+    serve.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank accepted (default: 16)")
     serve.add_argument("--max-queue-size", type=int, default=1024, help="queued requests before 429 (default: 1024)")
     serve.add_argument("--strategy", default="continuous",
                        choices=["continuous", "static", "fixed_size", "dynamic_timeout", "adaptive"],

@@ -132,6 +132,9 @@ def test_refusals(tiny_chat_dir, lora_dirs, tmp_path) -> None:  # type: ignore[n
             llm.load_lora("big", str(dirs[0]))
         with pytest.raises(LoraLoadError, match="not a directory"):
             llm.load_lora("x", str(tmp_path / "missing"))
+        (tmp_path / "adapter.gguf").write_bytes(b"GGUF")
+        with pytest.raises(LoraLoadError, match="GGUF LoRA files .* are not supported yet"):
+            llm.load_lora("g", str(tmp_path / "adapter.gguf"))
         # An adapter of another model (a qwen3 of other sizes) is refused, naming the module.
         qwen = make_tiny_model("qwen3", tmp_path / "qwen")
         make_peft_adapter(qwen, tmp_path / "qwen-lora", seed=0, r=4, lora_alpha=8, target_modules=["q_proj"])

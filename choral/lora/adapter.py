@@ -85,6 +85,9 @@ def module_shape(spec: ModelSpec, module: str) -> tuple[int, int]:
 def load_peft_adapter(name: str, path: str | Path, spec: ModelSpec, max_rank: int) -> LoraAdapter:
     """Read a PEFT adapter directory and check it against ``spec``; raises LoraLoadError."""
     root = Path(path)
+    if root.is_file() and root.suffix == ".gguf":
+        raise LoraLoadError(f"lora {name!r}: GGUF LoRA files (general.type = adapter) are not supported yet; "
+                            "load the adapter's PEFT directory (adapter_config.json + adapter_model.safetensors)")
     if not root.is_dir():
         raise LoraLoadError(f"lora {name!r}: {str(path)!r} is not a directory (a PEFT adapter directory "
                             "holds adapter_config.json and adapter_model.safetensors)")
