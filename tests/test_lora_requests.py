@@ -222,3 +222,6 @@ def test_conversations_with_adapters(tiny_chat_dir, lora_dirs) -> None:  # type:
             convs["a0"].save()
         with pytest.raises(UnknownLoraError):
             ex.create(lora="nope")
+        ex.load_lora("a4", str(dirs[4]))
+        assert "a4" in llm.list_loras()  # one registry for the LLM and its conversations
+        ex.unload_lora("a4")

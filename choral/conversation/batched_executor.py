@@ -159,6 +159,16 @@ class BatchedExecutor:
         if self._closed:
             raise ExecutorClosedError("the BatchedExecutor is closed")
 
+    # ---- adapters (docs/lora.md) ------------------------------------------------------------
+    def load_lora(self, name: str, path: str) -> None:
+        """Load the PEFT adapter at ``path`` as ``name`` (the engine needs ``enable_lora=True``);
+        the same registry as the LLM / executor sharing this engine."""
+        self._engine.core.load_lora(name, str(path))
+
+    def unload_lora(self, name: str) -> None:
+        """Forget adapter ``name``; conversations created with it keep it."""
+        self._engine.core.unload_lora(name)
+
     # ---- conversations -----------------------------------------------------------------------
     def create(self, context_shift: ContextShift | None = None, lora: str | None = None) -> Conversation:
         """A new, empty conversation (optionally with automatic context shift), running with the
