@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,7 +26,6 @@ from choral.errors import ModelLoadError
 from choral.kernels.rms_norm import RmsNorm
 from choral.kernels.rope_kv import RopeKv
 from choral.kernels.silu_mul import SiluMul
-from choral.lora.apply import LoraBatch
 from choral.models.attention import AttentionBatch, write_kv
 from choral.models.linear import Projection, choose_layout
 from choral.models.rope import RotaryTable, apply_rotary
@@ -38,6 +38,16 @@ logger = logging.getLogger(__name__)
 
 AnyProjection = Projection | QuantProjection
 Weight = torch.Tensor | PackedRows  # what the loaders hand over: a tensor, or packed GGUF blocks
+
+
+class ProjectionDeltas(Protocol):
+    """Per-row additions to the projections' outputs (LoRA adapters: choral/lora/apply.py's
+    LoraBatch). The forward calls ``add`` after each projection; the models package knows no
+    more of adapters than this."""
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, layer: int, site: str) -> None:
+        """``y`` [T, out] += the rows' updates computed from the projection's input ``x`` [T, in];
+        ``site`` is ``qkv``, ``o``, ``gate_up`` or ``down``."""
 
 
 @dataclass
@@ -280,7 +290,7 @@ class DecoderModel:
         k_caches: list[torch.Tensor],  # per layer [num_blocks, KVH, D, block_size]
         v_caches: list[torch.Tensor],  # per layer [num_blocks, block_size, KVH, D]
         logits_indices: torch.Tensor,  # [L] rows of the batch whose logits are wanted
-        lora: LoraBatch | None = None,  # the rows' adapters (choral/lora/apply.py), if any
+        lora: ProjectionDeltas | None = None,  # the rows' adapters (choral/lora/apply.py), if any
         input_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([R] rows, [R, hidden]) soft prompts
     ) -> torch.Tensor:  # [L, vocab] fp32
         hidden = self.hidden_states(input_ids, positions, kv_index, attention, k_caches, v_caches, lora,
@@ -309,7 +319,7 @@ class DecoderModel:
         attention: AttentionBatch,  # already prepared for this batch
         k_caches: list[torch.Tensor],
         v_caches: list[torch.Tensor],
-        lora: LoraBatch | None = None,
+        lora: ProjectionDeltas | None = None,
         input_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [T, hidden], the residual stream after the last layer (before the final norm)
         spec = self.spec
