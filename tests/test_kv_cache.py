@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+import torch
+
 from choral.kv.block_pool import BlockPool
 from choral.kv.kv_cache import KvCache
 from choral.kv.sequence_state import SequenceState
@@ -132,3 +135,18 @@ def test_pins_keep_blocks_and_are_counted() -> None:
     kv.unpin(blocks)
     assert kv.num_pinned_blocks == 0
     kv.check_integrity([])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_kv_tensors_are_zeroed_aligned_and_writable(dtype: torch.dtype) -> None:
+    """The model runner's CPU cache tensors come from calloc (no start-up cost): still exact
+    zeros, contiguous, 64-byte aligned for the kernels, and ordinary writable tensors."""
+    from choral.engine.model_runner import _zeros
+
+    for shape in [(3, 2, 8, 4), (1000, 1, 64, 16)]:
+        x = _zeros(shape, dtype, torch.device("cpu"))
+        assert x.shape == shape and x.dtype == dtype and x.is_contiguous()
+        assert x.data_ptr() % 64 == 0
+        assert not x.any()
+        x[-1, -1, -1, -1] = 1.5
+        assert x.sum().item() == 1.5

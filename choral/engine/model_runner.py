@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from choral.errors import ConfigError
@@ -21,6 +22,24 @@ from choral.models.attention import AttentionLayout, kv_cache_shapes, make_backe
 from choral.models.rope import apply_rotary
 
 logger = logging.getLogger(__name__)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed KV cache tensor. On the CPU through numpy, whose zeros come from calloc: fresh
+    pages the OS zeroes on first touch, so a 1 GiB cache costs no time at start (torch.zeros
+    writes every byte: ~1 s) and only the blocks a run uses become resident."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    # numpy has no bfloat16: same-size integer zeros, viewed as the dtype (all-zero bits are 0.0).
+    as_numpy = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
+    if dtype not in as_numpy:
+        return torch.zeros(shape, dtype=dtype)
+    # calloc's pointer is 16-byte aligned; the kernels' vector loads like 64 (a cache line).
+    itemsize = np.dtype(as_numpy[dtype]).itemsize
+    numel = int(np.prod(shape))
+    flat = np.zeros(numel + 64 // itemsize, dtype=as_numpy[dtype])
+    skip = (-flat.ctypes.data % 64) // itemsize
+    return torch.from_numpy(flat[skip : skip + numel].reshape(shape)).view(dtype)
 
 DEFAULT_CPU_KV_BYTES = 1 << 30  # 1 GiB, like vLLM's CPU default of a few GiB scaled to this box
 
@@ -89,10 +108,8 @@ class ModelRunner:
         self.kv_size = kv_size
         k_shape, v_shape = kv_cache_shapes(kv_size.num_blocks, kv_size.block_size, spec.num_kv_heads,
                                            spec.head_dim)
-        self.k_caches = [torch.zeros(k_shape, dtype=self.model.dtype, device=self.device)
-                         for _ in range(spec.num_layers)]
-        self.v_caches = [torch.zeros(v_shape, dtype=self.model.dtype, device=self.device)
-                         for _ in range(spec.num_layers)]
+        self.k_caches = [_zeros(k_shape, self.model.dtype, self.device) for _ in range(spec.num_layers)]
+        self.v_caches = [_zeros(v_shape, self.model.dtype, self.device) for _ in range(spec.num_layers)]
         self.attention = make_backend(attention_backend, self.device, spec.num_heads,
                                       spec.num_kv_heads, spec.head_dim, kv_size.block_size)
         # Device slots of the adapters steps use (enable_lora); None: no chunk may carry one.

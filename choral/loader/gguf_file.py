@@ -15,6 +15,7 @@ from choral.gguf_reader import GGUFReader
 from choral.loader.dequant import dequantize
 from choral.models.registry import Architecture, for_gguf
 from choral.models.spec import ModelSpec, spec_or_error
+from choral.quant.packed_cache import PackedCache
 from choral.quant.repack import GGUF_TYPES, PackedRows, repack
 
 # GGUF tensor name pieces -> HF names (per layer ones get "model.layers.N." in front).
@@ -74,6 +75,7 @@ class GGUFModelFile:
         """HF-named tensors, with llama.cpp's q/k row permutation undone: fp32, or with
         ``keep_packed`` the 2-d tensors of a type in ``repack.GGUF_TYPES`` as PackedRows."""
         spec = self.spec
+        cache = PackedCache.for_file(self.path, self.reader.kv_digest) if keep_packed else None
         for name in self.tensors:
             if name == "rope_freqs.weight":
                 continue
@@ -82,12 +84,15 @@ class GGUFModelFile:
             if self.architecture.gguf_qk_permuted and name.endswith(_PERMUTED):
                 permute_heads = spec.num_heads if "attn_q" in name else spec.num_kv_heads
             info = self.tensors[name]
-            if keep_packed and info.type_name in GGUF_TYPES and len(info.shape) == 2:
+            if cache is not None and info.type_name in GGUF_TYPES and len(info.shape) == 2:
                 rows, cols = info.shape
-                packed = repack(self.reader.raw(name), info.type_name, rows, cols)
-                if permute_heads is not None:  # whole rows move: the same permutation on packed rows
-                    order = _unpermute(np.arange(rows), permute_heads)
-                    packed = replace(packed, data=np.ascontiguousarray(packed.data[order]))
+                packed = cache.get(name, GGUF_TYPES[info.type_name][2], rows, cols, info.type_name)
+                if packed is None:  # first load of this file: repack, and keep it for the next
+                    packed = repack(self.reader.raw(name), info.type_name, rows, cols)
+                    if permute_heads is not None:  # whole rows move: the same permutation on packed rows
+                        order = _unpermute(np.arange(rows), permute_heads)
+                        packed = replace(packed, data=np.ascontiguousarray(packed.data[order]))
+                    cache.put(name, packed)
                 yield hf_name, packed
                 continue
             array = self.dequantize(name)
