@@ -9,7 +9,7 @@ temporary worktree; ``--head`` is this checkout's working tree unless given. Eac
 under test first on ``PYTHONPATH``, so both sides run the same benchmark code.
 
     python benchmarks/bench_ab.py --base <rev> [--head <rev>] [--rounds 3] [--dtype float32]
-        [--requests 32] [--threads N]
+        [--requests 32] [--threads N] [--only engine|executor]
 
 Prints a markdown table: per case, A's and B's median (min-max), and B/A (> 1: B is faster).
 """
@@ -60,6 +60,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=32, help="executor benchmark requests (default 32)")
     parser.add_argument("--steps", type=int, default=32, help="engine benchmark decode steps (default 32)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--only", choices=("engine", "executor"), default=None, help="run one benchmark")
     args = parser.parse_args()
     threads = ["--threads", str(args.threads)] if args.threads else []
     engine_args = ["--dtypes", args.dtype, "--steps", str(args.steps), "--no-hf", *threads]
@@ -74,9 +75,12 @@ def main() -> int:
             for i in range(args.rounds):
                 for side in ("A", "B") if i % 2 == 0 else ("B", "A"):
                     print(f"round {i + 1}/{args.rounds}: {side}", file=sys.stderr, flush=True)
-                    cases = {**_engine_cases(_run(trees[side], "bench_engine.py", engine_args, tmp_path / "e.json")),
-                             **_executor_cases(_run(trees[side], "bench_executor.py", executor_args,
-                                                    tmp_path / "x.json"))}
+                    cases: dict[str, float] = {}
+                    if args.only in (None, "engine"):
+                        cases |= _engine_cases(_run(trees[side], "bench_engine.py", engine_args, tmp_path / "e.json"))
+                    if args.only in (None, "executor"):
+                        cases |= _executor_cases(_run(trees[side], "bench_executor.py", executor_args,
+                                                      tmp_path / "x.json"))
                     for case, value in cases.items():
                         samples[side].setdefault(case, []).append(value)
         finally:
