@@ -401,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
     serve.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
     serve.add_argument("--lora", "--lora-modules", dest="lora", action="append", nargs="+", metavar="NAME=PATH",
-                       help="load a PEFT LoRA adapter as model id NAME (repeatable; implies --enable-lora)")
+                       help="load a LoRA adapter (a PEFT directory or a GGUF LoRA file) as model id NAME "
+                            "(repeatable; implies --enable-lora)")
     serve.add_argument("--enable-lora", action="store_true",
                        help="accept adapters loaded at run time (POST /v1/load_lora_adapter; docs/lora.md)")
     serve.add_argument("--max-loras", type=int, default=4, help="adapters one step may use (default: 4)")

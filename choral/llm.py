@@ -223,7 +223,8 @@ class LLM:
 
     # ---- LoRA adapters (docs/lora.md) ----------------------------------------------------------
     def load_lora(self, name: str, path: str) -> None:
-        """Load the PEFT adapter directory ``path`` as ``name`` (needs ``enable_lora=True``)."""
+        """Load the adapter at ``path`` as ``name`` (needs ``enable_lora=True``): a PEFT directory
+        (adapter_config.json + adapter_model.safetensors) or a GGUF LoRA file (llama.cpp's format)."""
         self.engine.core.load_lora(name, str(path))
 
     def unload_lora(self, name: str) -> None:

@@ -128,7 +128,7 @@ def test_damaged_truncated_and_newer_states_are_refused(executor: BatchedExecuto
     header["__metadata__"]["version"] = "9"
     raw = json.dumps(header).encode()
     newer = struct.pack("<Q", len(raw)) + raw + data[8 + n :]
-    with pytest.raises(UnsupportedStateVersionError, match="version 9.*up to 1"):
+    with pytest.raises(UnsupportedStateVersionError, match="version 9.*up to 2"):
         executor.load(State(newer))
     header["__metadata__"]["format"] = "something-else"
     raw = json.dumps(header).encode()

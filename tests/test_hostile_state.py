@@ -111,13 +111,31 @@ def test_malformed_headers_are_corrupt_state_errors(bx: BatchedExecutor, header:
 @pytest.mark.parametrize("field, value", [
     ("fingerprint", "[1, 2]"), ("fingerprint", "{" * 50_000), ("fingerprint", "nope"), ("version", "-1"),
     ("version", "0"), ("version", "9" * 5000), ("num_tokens", "9" * 30), ("num_tokens", "1e3"),
-    ("checksum", "zz"), ("extra", "1"),
+    ("checksum", "zz"), ("extra", "1"), ("lora", '{"name": "a", "sha256": "00000000000000000000000000000000"}'),
 ])
 def test_forged_metadata_is_refused(bx: BatchedExecutor, saved: State, field: str, value: str) -> None:
     meta, tensors = unpack(saved)
     forged = resign({**meta, field: value}, tensors) if field != "checksum" else \
         State(st_save(tensors, metadata={**meta, field: value}))
     assert_refused(bx, forged)
+
+
+@pytest.mark.parametrize("value", [
+    "nope", "[1]", '{"name": "a"}', '{"name": 5, "sha256": "00000000000000000000000000000000"}',
+    '{"name": "", "sha256": "00000000000000000000000000000000"}', '{"name": "a", "sha256": "xyz"}',
+    '{"name": "a", "sha256": "00000000000000000000000000000000", "extra": 1}',
+])
+def test_forged_adapter_metadata_is_refused(bx: BatchedExecutor, saved: State, value: str) -> None:
+    """A version 2 state's adapter entry: malformed -> CorruptStateError; well formed but naming
+    an adapter this executor has not loaded -> IncompatibleStateError (nothing allocated either way)."""
+    meta, tensors = unpack(saved)
+    assert_refused(bx, resign({**meta, "version": "2", "lora": value}, tensors), CorruptStateError)
+
+
+def test_a_state_naming_an_unloaded_adapter_is_refused(bx: BatchedExecutor, saved: State) -> None:
+    meta, tensors = unpack(saved)
+    value = '{"name": "a", "sha256": "00000000000000000000000000000000"}'
+    assert_refused(bx, resign({**meta, "version": "2", "lora": value}, tensors), IncompatibleStateError)
 
 
 def test_an_hmac_key_detects_tampering(bx: BatchedExecutor) -> None:

@@ -133,7 +133,7 @@ def test_refusals(tiny_chat_dir, lora_dirs, tmp_path) -> None:  # type: ignore[n
         with pytest.raises(LoraLoadError, match="not a directory"):
             llm.load_lora("x", str(tmp_path / "missing"))
         (tmp_path / "adapter.gguf").write_bytes(b"GGUF")
-        with pytest.raises(LoraLoadError, match="GGUF LoRA files .* are not supported yet"):
+        with pytest.raises(LoraLoadError, match="cannot read .* as GGUF"):
             llm.load_lora("g", str(tmp_path / "adapter.gguf"))
         # An adapter of another model (a qwen3 of other sizes) is refused, naming the module.
         qwen = make_tiny_model("qwen3", tmp_path / "qwen")
@@ -184,7 +184,7 @@ def test_conversations_with_adapters(tiny_chat_dir, lora_dirs) -> None:  # type:
     """Conversations created with an adapter (forks keep it) give what generate gives with it; a
     batch takes at most max_loras adapters, the others wait for the next infer()."""
     from choral.conversation import BatchedExecutor
-    from choral.errors import ConversationStateError
+    from choral.errors import IncompatibleStateError
 
     dirs, _ = lora_dirs
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -218,10 +218,30 @@ def test_conversations_with_adapters(tiny_chat_dir, lora_dirs) -> None:  # type:
                 ex.infer()
         assert got == want
         assert got_fork == want["a0"]
-        with pytest.raises(ConversationStateError, match="LoRA adapter"):
-            convs["a0"].save()
+        # Saved with its adapter; loaded back it runs with the same one and goes on identically.
+        state = convs["a0"].save()
+        restored = ex.load(state)
+        assert restored.lora == "a0"
+        for _ in range(2):
+            token = convs["a0"].sample()
+            assert restored.sample() == token
+            convs["a0"].prompt(token)
+            restored.prompt(token)
+            while ex.batched_token_count:
+                ex.infer()
         with pytest.raises(UnknownLoraError):
             ex.create(lora="nope")
         ex.load_lora("a4", str(dirs[4]))
         assert "a4" in llm.list_loras()  # one registry for the LLM and its conversations
         ex.unload_lora("a4")
+        # The adapter must be loaded under its name, with the same weights.
+        ex.unload_lora("a0")
+        with pytest.raises(IncompatibleStateError, match="adapter 'a0', which is not loaded"):
+            ex.load(state)
+        ex.load_lora("a0", str(dirs[2]))
+        with pytest.raises(IncompatibleStateError, match="has other weights"):
+            ex.load(state)
+        ex.unload_lora("a0")
+        ex.load_lora("a0", str(dirs[0]))  # reloaded from the same files: the same digest
+        assert ex.load(state).lora == "a0"
+        assert llm.engine.pool.num_used_blocks > 0

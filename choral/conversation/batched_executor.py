@@ -26,16 +26,18 @@ import torch
 from choral.config import DEFAULT_MODEL, EngineConfig
 from choral.conversation.context_shift import ContextShift
 from choral.conversation.conversation import Conversation
-from choral.conversation.state import State, StateSpec, decode_state, model_fingerprint
+from choral.conversation.state import SavedAdapter, State, StateSpec, decode_state, model_fingerprint
 from choral.engine.llm_engine import LLMEngine
 from choral.engine.model_runner import Chunk
 from choral.engine.step import StepPlan
 from choral.errors import (
     ConfigError,
     ExecutorClosedError,
+    IncompatibleStateError,
     InvalidRequestError,
     KvCacheExhaustedError,
 )
+from choral.lora.adapter import LoraAdapter
 from choral.tokenizer import Tokenizer
 
 
@@ -161,7 +163,8 @@ class BatchedExecutor:
 
     # ---- adapters (docs/lora.md) ------------------------------------------------------------
     def load_lora(self, name: str, path: str) -> None:
-        """Load the PEFT adapter at ``path`` as ``name`` (the engine needs ``enable_lora=True``);
+        """Load the adapter at ``path`` (a PEFT directory or a GGUF LoRA file) as ``name`` (the engine
+        needs ``enable_lora=True``);
         the same registry as the LLM / executor sharing this engine."""
         self._engine.core.load_lora(name, str(path))
 
@@ -196,13 +199,30 @@ class BatchedExecutor:
                                vocab_size=spec.vocab_size, kv_dtype=self._engine.loaded.model.dtype,
                                max_tokens=self.max_context)
             saved = decode_state(state, self.fingerprint, expect, key=key)
+            adapter = self._saved_adapter(saved.lora)
             conversation = self._adopt(context_shift)
+            conversation._lora = adapter
             try:
                 conversation._load(saved)
             except BaseException:
                 conversation.close()
                 raise
             return conversation
+
+    def _saved_adapter(self, saved: SavedAdapter | None) -> LoraAdapter | None:
+        """The loaded adapter a saved conversation ran with: same name, same weights (its K/V
+        were computed with them); IncompatibleStateError otherwise."""
+        if saved is None:
+            return None
+        loras = self._engine.core.loras
+        if not loras.enabled or saved.name not in loras.names():
+            raise IncompatibleStateError(f"saved conversation runs with LoRA adapter {saved.name!r}, which is not "
+                                         "loaded here; load it under that name (load_lora) first")
+        adapter = loras.get(saved.name)
+        if adapter.digest != saved.sha256:
+            raise IncompatibleStateError(f"saved conversation runs with LoRA adapter {saved.name!r}; the adapter "
+                                         "loaded under that name here has other weights")
+        return adapter
 
     def _adopt(self, context_shift: ContextShift | None) -> Conversation:
         if context_shift is not None and not isinstance(context_shift, ContextShift):

@@ -24,10 +24,9 @@ import torch
 
 from choral.conversation.context_shift import ContextShift, plan_shift
 from choral.conversation.prompt_embeddings import PromptEmbeddings
-from choral.conversation.state import SavedConversation, State, encode_state
+from choral.conversation.state import SavedAdapter, SavedConversation, State, encode_state
 from choral.errors import (
     ConversationClosedError,
-    ConversationStateError,
     InvalidRequestError,
     KvCacheExhaustedError,
     RequiresInferenceError,
@@ -377,11 +376,9 @@ class Conversation:
         unchanged: its checksum alone detects damage, not tampering."""
         with self._executor._lock:
             self._check_idle("save")
-            if self._lora is not None:
-                raise ConversationStateError(f"save: this conversation runs with LoRA adapter {self._lora.name!r}; "
-                                             "saved states hold no adapter, so it cannot be saved")
             keys, values = self._executor.engine.core.read_tokens(self._seq.block_table, self._seq.num_tokens)
-            saved = SavedConversation(list(self._seq.token_ids), keys, values, self._logits)
+            lora = SavedAdapter(self._lora.name, self._lora.digest) if self._lora is not None else None
+            saved = SavedConversation(list(self._seq.token_ids), keys, values, self._logits, lora)
             state = encode_state(saved, self._executor.fingerprint, key)
             if path is None:
                 return state

@@ -6,6 +6,10 @@ Layout (one safetensors file, or the same bytes in memory as a :class:`State`):
   :data:`FORMAT_VERSION` is refused), ``fingerprint`` (JSON: architecture, shapes, rope, dtype and
   a hash of sampled weights), ``num_tokens``, ``checksum`` (sha256 over the other metadata and
   every tensor's bytes), and ``hmac`` (HMAC-SHA256 of the checksum) when saved with a key;
+- ``lora`` (version 2, only for a conversation that runs with a LoRA adapter): JSON
+  ``{"name": ..., "sha256": ...}``, the adapter's name and :attr:`LoraAdapter.digest`; loading
+  needs the same adapter (same weights) loaded under that name. States without an adapter are
+  written as version 1, so older readers still take them;
 - tensors ``tokens`` [n] int64, ``k.{layer}`` / ``v.{layer}`` [n, kv_heads, head_dim] in the
   model's dtype (token-major, so the file does not depend on the block size), and ``logits``
   [rows, vocab] fp32 when the conversation was waiting to be sampled.
@@ -34,7 +38,7 @@ from choral.errors import CorruptStateError, IncompatibleStateError, InvalidRequ
 from choral.sampling.params import show
 
 FORMAT = "choral-conversation"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,15 @@ class SavedConversation:
     keys: list[torch.Tensor]  # per layer [n, KVH, D]
     values: list[torch.Tensor]
     logits: torch.Tensor | None  # [rows, vocab] fp32
+    lora: SavedAdapter | None = None
+
+
+@dataclass(frozen=True)
+class SavedAdapter:
+    """The LoRA adapter a saved conversation ran with: its name and weights' digest."""
+
+    name: str
+    sha256: str
 
 
 def _checksum(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
@@ -95,10 +108,12 @@ def encode_state(saved: SavedConversation, fingerprint: dict[str, Any], key: byt
         tensors["logits"] = saved.logits.detach().float().cpu().contiguous()
     meta = {
         "format": FORMAT,
-        "version": str(FORMAT_VERSION),
+        "version": "2" if saved.lora is not None else "1",
         "fingerprint": json.dumps(fingerprint, sort_keys=True),
         "num_tokens": str(len(saved.tokens)),
     }
+    if saved.lora is not None:
+        meta["lora"] = json.dumps({"name": saved.lora.name, "sha256": saved.lora.sha256}, sort_keys=True)
     meta["checksum"] = _checksum(meta, tensors)
     if key is not None:
         meta["hmac"] = _mac(key, meta["checksum"])
@@ -157,7 +172,7 @@ def _read_metadata(header: dict[str, Any]) -> dict[str, str]:
         raise CorruptStateError("saved conversation has no valid metadata (an object of strings)")
     if meta.get("format") != FORMAT:
         raise CorruptStateError(f"not a saved choral conversation (format {show(meta.get('format'))})")
-    unknown = sorted(set(meta) - _META_KEYS - {"hmac"})
+    unknown = sorted(set(meta) - _META_KEYS - {"hmac", "lora"})
     missing = sorted(_META_KEYS - set(meta))
     if unknown or missing:
         raise CorruptStateError(f"saved conversation metadata: missing {missing}, unknown {show(unknown)}")
@@ -239,6 +254,7 @@ def decode_state(state: State, fingerprint: dict[str, Any], spec: StateSpec,
     if version < 1:
         raise CorruptStateError(f"saved conversation metadata: version {version} does not exist")
     _check_fingerprint(meta, fingerprint)
+    lora = _read_lora(meta, version)
     num_tokens = int(meta["num_tokens"])
     if num_tokens > spec.max_tokens:
         raise IncompatibleStateError(f"saved conversation holds {num_tokens} tokens, more than the context "
@@ -257,10 +273,27 @@ def decode_state(state: State, fingerprint: dict[str, Any], spec: StateSpec,
         raise CorruptStateError("saved conversation fails its checksum (the data was changed or damaged)")
     if key is not None and (mac is None or not hmac.compare_digest(mac, _mac(key, checksum))):
         raise CorruptStateError("saved conversation fails its HMAC: it was changed, or signed with another key")
-    return _checked_values(tensors, spec)
+    return _checked_values(tensors, spec, lora)
 
 
-def _checked_values(tensors: dict[str, torch.Tensor], spec: StateSpec) -> SavedConversation:
+def _read_lora(meta: dict[str, str], version: int) -> SavedAdapter | None:
+    if "lora" not in meta:
+        return None
+    if version < 2:
+        raise CorruptStateError("saved conversation metadata: lora appears in a version 1 state")
+    try:
+        value = json.loads(meta["lora"])
+    except (ValueError, RecursionError):
+        raise CorruptStateError("saved conversation metadata: lora is not JSON") from None
+    if not isinstance(value, dict) or set(value) != {"name", "sha256"} or not isinstance(value["name"], str) \
+            or not value["name"] or not isinstance(value["sha256"], str) or not re.fullmatch(r"[0-9a-f]{32}",
+                                                                                            value["sha256"]):
+        raise CorruptStateError("saved conversation metadata: lora is not {\"name\": str, \"sha256\": 32 hex digits}")
+    return SavedAdapter(value["name"], value["sha256"])
+
+
+def _checked_values(tensors: dict[str, torch.Tensor], spec: StateSpec,
+                    lora: SavedAdapter | None = None) -> SavedConversation:
     tokens = tensors["tokens"]
     if tokens.numel() and not bool(((tokens >= 0) & (tokens < spec.vocab_size)).all()):
         bad = tokens[(tokens < 0) | (tokens >= spec.vocab_size)][0].item()
@@ -273,6 +306,7 @@ def _checked_values(tensors: dict[str, torch.Tensor], spec: StateSpec) -> SavedC
         keys=[tensors[f"k.{i}"] for i in range(spec.num_layers)],
         values=[tensors[f"v.{i}"] for i in range(spec.num_layers)],
         logits=tensors.get("logits"),
+        lora=lora,
     )
 
 

@@ -90,14 +90,14 @@ class GGUFModelFile:
                 if packed is None:  # first load of this file: repack, and keep it for the next
                     packed = repack(self.reader.raw(name), info.type_name, rows, cols)
                     if permute_heads is not None:  # whole rows move: the same permutation on packed rows
-                        order = _unpermute(np.arange(rows), permute_heads)
+                        order = unpermute_qk_rows(np.arange(rows), permute_heads)
                         packed = replace(packed, data=np.ascontiguousarray(packed.data[order]))
                     cache.put(name, packed)
                 yield hf_name, packed
                 continue
             array = self.dequantize(name)
             if permute_heads is not None:
-                array = _unpermute(array, permute_heads)
+                array = unpermute_qk_rows(array, permute_heads)
             if self.architecture.gguf_norms_hold_unit_offset and name.endswith("norm.weight"):
                 array = array - 1.0  # back to HF's convention (the forward scales by 1 + weight)
             # Dequantized arrays are fresh; F32 tensors are views of the read-only mapping: copy.
@@ -130,8 +130,10 @@ class GGUFModelFile:
         return sorted(set(ids))
 
 
-def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
-    # llama.cpp interleaves each head's two rotary halves; restore HF's [half0 | half1] order.
+def unpermute_qk_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Rows of a llama-style q or k projection as HF orders them. llama.cpp's converter
+    interleaves each head's two rotary halves; this restores HF's [half0 | half1] order
+    (``w``: [heads * head_dim, ...]; LoRA B matrices get the same treatment)."""
     rows = w.shape[0]
     rest = w.shape[1:]
     return w.reshape(heads, rows // heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)

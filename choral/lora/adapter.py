@@ -14,11 +14,13 @@ belong to the base model.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,17 @@ class LoraAdapter:
         """Where its sequences' prefix-cache hash chains start (see SequenceState.cache_salt)."""
         return hash(("lora", self.adapter_id))
 
+    @cached_property
+    def digest(self) -> str:
+        """sha256 (32 hex digits) over every adapted projection's A, B and scale: names these
+        weights, whatever name or path they were loaded under (saved conversations check it)."""
+        h = hashlib.sha256()
+        for (layer, module), w in sorted(self.weights.items()):
+            h.update(f"{layer}.{module}:{w.scale!r}:{tuple(w.a.shape)}:{tuple(w.b.shape)}".encode())
+            h.update(w.a.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(w.b.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:32]
+
     @property
     def rank(self) -> int:
         """The largest rank of any adapted projection."""
@@ -82,15 +95,28 @@ def module_shape(spec: ModelSpec, module: str) -> tuple[int, int]:
             "down_proj": (inter, h)}[module]
 
 
+def check_pair(name: str, where: str, a: torch.Tensor, b: torch.Tensor, spec: ModelSpec, module: str) -> None:
+    """``a`` [r, in] and ``b`` [out, r] fit the base model's ``module``; raises LoraLoadError."""
+    fan_in, fan_out = module_shape(spec, module)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        raise LoraLoadError(f"lora {name!r}: {where} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
+                            "not [r, in] and [out, r]")
+    if a.shape[1] != fan_in or b.shape[0] != fan_out:
+        raise LoraLoadError(f"lora {name!r}: {where} maps {a.shape[1]} -> {b.shape[0]} features, the base "
+                            f"model's {module} maps {fan_in} -> {fan_out} (an adapter of another model?)")
+
+
+def check_rank(name: str, where: str, rank: int, max_rank: int) -> None:
+    if rank > max_rank:
+        raise LoraLoadError(f"lora {name!r}: rank {rank} ({where}) exceeds max_lora_rank {max_rank}")
+
+
 def load_peft_adapter(name: str, path: str | Path, spec: ModelSpec, max_rank: int) -> LoraAdapter:
     """Read a PEFT adapter directory and check it against ``spec``; raises LoraLoadError."""
     root = Path(path)
-    if root.is_file() and root.suffix == ".gguf":
-        raise LoraLoadError(f"lora {name!r}: GGUF LoRA files (general.type = adapter) are not supported yet; "
-                            "load the adapter's PEFT directory (adapter_config.json + adapter_model.safetensors)")
     if not root.is_dir():
         raise LoraLoadError(f"lora {name!r}: {str(path)!r} is not a directory (a PEFT adapter directory "
-                            "holds adapter_config.json and adapter_model.safetensors)")
+                            "holds adapter_config.json and adapter_model.safetensors; a GGUF LoRA is one .gguf file)")
     config_file = root / "adapter_config.json"
     if not config_file.is_file():
         raise LoraLoadError(f"lora {name!r}: {str(path)!r} has no adapter_config.json")
@@ -179,20 +205,13 @@ def adapter_from_tensors(name: str, config: dict[str, Any], tensors: dict[str, t
         if set(pair) != {"A", "B"}:
             raise LoraLoadError(f"lora {name!r}: {where} has lora_{''.join(pair)} without its other half")
         a, b = pair["A"].float(), pair["B"].float()
-        fan_in, fan_out = module_shape(spec, module)
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise LoraLoadError(f"lora {name!r}: {where} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
-                                "not [r, in] and [out, r]")
-        if a.shape[1] != fan_in or b.shape[0] != fan_out:
-            raise LoraLoadError(f"lora {name!r}: {where} maps {a.shape[1]} -> {b.shape[0]} features, the base "
-                                f"model's {module} maps {fan_in} -> {fan_out} (an adapter of another model?)")
+        check_pair(name, where, a, b, spec, module)
         full = f"model.layers.{layer}.{'mlp' if module in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}" \
                f".{module}"
         rank = int(_pattern(rank_pattern, full, float(config["r"])))
         if a.shape[0] != rank:
             raise LoraLoadError(f"lora {name!r}: {where} has rank {a.shape[0]}, its adapter_config says {rank}")
-        if rank > max_rank:
-            raise LoraLoadError(f"lora {name!r}: rank {rank} ({where}) exceeds max_lora_rank {max_rank}")
+        check_rank(name, where, rank, max_rank)
         alpha = _pattern(alpha_pattern, full, float(config["lora_alpha"]))
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         weights[(layer, module)] = LoraWeights(a.contiguous(), b.contiguous(), scale)

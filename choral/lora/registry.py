@@ -18,6 +18,7 @@ from pathlib import Path
 
 from choral.errors import ConfigError, LoraLoadError, UnknownLoraError
 from choral.lora.adapter import LoraAdapter, load_peft_adapter
+from choral.lora.gguf_adapter import is_gguf_file, load_gguf_adapter
 from choral.models.spec import ModelSpec
 
 MAX_NAME = 128
@@ -39,7 +40,8 @@ class LoraRegistry:
                               "pass enable_lora=True (and max_loras / max_lora_rank) to use adapters")
 
     def load(self, name: str, path: str | Path) -> LoraAdapter:
-        """Read the PEFT adapter at ``path`` as ``name``. Raises LoraLoadError (nothing changed)."""
+        """Read the adapter at ``path`` (a PEFT directory or a GGUF LoRA file) as ``name``.
+        Raises LoraLoadError (nothing changed)."""
         self._check_enabled()
         if not isinstance(name, str) or not name or len(name) > MAX_NAME or name != name.strip():
             raise LoraLoadError(f"lora name: must be a non-empty string of at most {MAX_NAME} characters "
@@ -47,7 +49,11 @@ class LoraRegistry:
         with self._lock:
             if name in self._adapters:
                 raise LoraLoadError(f"lora {name!r} is already loaded; unload it first")
-        adapter = load_peft_adapter(name, path, self.spec, self.max_rank)  # slow: outside the lock
+        # Slow: outside the lock.
+        if is_gguf_file(Path(path)):
+            adapter = load_gguf_adapter(name, path, self.spec, self.max_rank)
+        else:
+            adapter = load_peft_adapter(name, path, self.spec, self.max_rank)
         return self.add(adapter)
 
     def add(self, adapter: LoraAdapter) -> LoraAdapter:

@@ -71,6 +71,15 @@ def for_hf_config(config: Mapping[str, Any]) -> Architecture:
     )
 
 
+def by_name(name: str) -> Architecture:
+    """The architecture a ModelSpec names (``spec.architecture``, e.g. ``"llama"``)."""
+    arch = _architectures().get(name)
+    if arch is None:
+        raise UnsupportedArchitectureError(
+            f"architecture {name!r} is not supported; supported: {', '.join(supported())}")
+    return arch
+
+
 def for_gguf(name: str) -> Architecture:
     for arch in _architectures().values():
         if name in arch.gguf_names:
