@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Speculative decoding (n-gram prompt lookup) against plain decoding, in the same run.
+"""Speculative decoding (n-gram prompt lookup and a draft model) against plain decoding, in the same run.
 
 Two workloads on the bundled SmolLM2-135M-Instruct, greedy, chat-templated prompts:
 
@@ -9,12 +9,15 @@ Two workloads on the bundled SmolLM2-135M-Instruct, greedy, chat-templated promp
 - fresh: open questions, whose answers repeat little: adaptive proposal lengths must keep
   speculation from costing more than a few percent (target: >= 0.95x).
 
-Each (workload, batch) runs plain and n-gram back to back, ``--repeats`` times, alternating the
-order; the table shows the median output tok/s of each, the ratio (with its spread over repeats),
-the acceptance rate, the mean accepted length per verification, and whether the greedy outputs
-were identical. Batch 1 runs the requests one after another; batch 16 submits 16 at once.
+Each (workload, batch) runs plain, n-gram and draft back to back, ``--repeats`` times, alternating
+the order; the draft model is by default a quantized copy of the target (the same GGUF, its
+weights run natively, next to a target whose weights are dequantized to fp32). The table shows
+the median output tok/s of each, the ratio (with its spread over repeats), the acceptance rate,
+the mean accepted length per verification, and whether the greedy outputs were identical.
+Batch 1 runs the requests one after another; batch 16 submits 16 at once.
 
     python benchmarks/bench_speculative.py [--threads 2] [--repeats 3] [--max-tokens 160]
+        [--methods ngram,draft] [--draft-model PATH --draft-weights native]
 """
 
 from __future__ import annotations
@@ -112,6 +115,12 @@ def main() -> None:
     parser.add_argument("--weights", default="auto,dequantize",
                         help="comma-separated EngineConfig.weights to run (default: auto,dequantize: the "
                              "GGUF's native quantized kernels, then the same weights as fp32)")
+    parser.add_argument("--methods", default="ngram,draft",
+                        help="speculation methods measured against plain decoding (default: ngram,draft)")
+    parser.add_argument("--draft-model", default=None,
+                        help="draft model (default: the model itself, its quantized weights run natively: "
+                             "a quantized copy of the target)")
+    parser.add_argument("--draft-weights", default="native")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--k", type=int, default=4, help="most tokens proposed per step (default 4)")
@@ -122,49 +131,63 @@ def main() -> None:
     if args.threads is None:
         args.threads = 2
     apply_threads(parser, args)
-    spec = SpeculativeConfig(k=args.k)
+    methods = {"ngram": SpeculativeConfig(k=args.k), "draft": SpeculativeConfig(method="draft", k=args.k)}
+    chosen = {m: methods[m] for m in args.methods.split(",") if m}
     for weights in args.weights.split(","):
+        draft = args.draft_model or args.model
+        if "draft" in chosen and draft == args.model and args.draft_weights == weights:
+            log(f"weights={weights}: the draft would be the target itself; draft skipped")
+            specs = {m: c for m, c in chosen.items() if m != "draft"}
+        else:
+            specs = chosen
         engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device, seed=0,
-                                        weights=weights))
-        bench(engine, weights, spec, args)
+                                        weights=weights, draft_model=draft if "draft" in specs else None,
+                                        draft_weights=args.draft_weights))
+        bench(engine, weights, specs, args)
 
 
-def bench(engine: LLMEngine, weights: str, spec: SpeculativeConfig, args: argparse.Namespace) -> None:
+def bench(engine: LLMEngine, weights: str, specs: dict[str, SpeculativeConfig], args: argparse.Namespace) -> None:
     load = os.getloadavg()
+    draft = engine.core.draft
     print(f"\n## Speculative decoding: {args.model}, weights={weights} ({engine.loaded.model.dtype}), "
-          f"{device_name(args.device)}, {args.threads} threads, greedy, max_tokens {args.max_tokens}, n-gram "
-          f"k={spec.k} n={spec.ngram_min}..{spec.ngram_max}, adaptive; load average at start {load[0]:.2f}\n")
-    print("| workload | batch | plain tok/s | n-gram tok/s | ratio (min..max) | ratio per CPU-s (min..max) | "
+          f"{device_name(args.device)}, {args.threads} threads, greedy, max_tokens {args.max_tokens}, k={args.k}, "
+          f"adaptive; n-gram n=2..4"
+          + (f"; draft {draft.name} (weights={args.draft_weights}, p_min 0.75)" if draft else "")
+          + f"; load average at start {load[0]:.2f}\n")
+    print("| workload | batch | method | plain tok/s | method tok/s | ratio (min..max) | ratio per CPU-s (min..max) | "
           "acceptance | mean accepted length | identical outputs | target (wall ratio) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.workloads.split(","):
         prompts_all = workload(name)
         for batch in (int(b) for b in args.batches.split(",")):
             prompts = prompts_all[: args.batch_1_prompts] if batch == 1 else prompts_all[:batch]
-            run(engine, prompts[:1], batch, spec, 8)  # warm-up (kernels, caches)
-            plain: list[Run] = []
-            ngram: list[Run] = []
+            for spec in specs.values():
+                run(engine, prompts[:1], batch, spec, 8)  # warm-up (kernels, caches)
+            runs: dict[str, list[Run]] = {"plain": [], **{m: [] for m in specs}}
+            order: list[tuple[str, SpeculativeConfig | None]] = [("plain", None), *specs.items()]
             for r in range(args.repeats):
-                order = [(None, plain), (spec, ngram)]
-                for cfg, into in (order if r % 2 == 0 else order[::-1]):
-                    into.append(run(engine, prompts, batch, cfg, args.max_tokens))
-                log(f"{name} batch {batch} repeat {r + 1}: plain {plain[-1].tok_s:.1f} tok/s, "
-                    f"n-gram {ngram[-1].tok_s:.1f} tok/s")
-            ratios = [n.tok_s / p.tok_s for p, n in zip(plain, ngram, strict=True)]
-            cpu_ratios = [n.tok_cpu_s / p.tok_cpu_s for p, n in zip(plain, ngram, strict=True)]
-            proposed = sum(n.proposed for n in ngram)
-            accepted = sum(n.accepted for n in ngram)
-            verifications = sum(n.verifications for n in ngram)
-            same = all(n.outputs == plain[0].outputs for n in ngram)
-            target = (2.0 if batch == 1 else 1.3) if name == "editing" else 0.95
-            ratio = statistics.median(ratios)
-            print(f"| {name} | {batch} | {statistics.median(p.tok_s for p in plain):.1f} | "
-                  f"{statistics.median(n.tok_s for n in ngram):.1f} | "
-                  f"{ratio:.2f}x ({min(ratios):.2f}..{max(ratios):.2f}) | "
-                  f"{statistics.median(cpu_ratios):.2f}x ({min(cpu_ratios):.2f}..{max(cpu_ratios):.2f}) | "
-                  f"{accepted / proposed if proposed else 0:.2f} | "
-                  f"{accepted / verifications if verifications else 0:.2f} | {'yes' if same else 'NO'} | "
-                  f">= {target}x {'PASS' if ratio >= target else 'FAIL'} |", flush=True)
+                for method, cfg in (order if r % 2 == 0 else order[::-1]):
+                    runs[method].append(run(engine, prompts, batch, cfg, args.max_tokens))
+                log(f"{name} batch {batch} repeat {r + 1}: "
+                    + ", ".join(f"{m} {v[-1].tok_s:.1f} tok/s" for m, v in runs.items()))
+            plain = runs["plain"]
+            for method in specs:
+                got = runs[method]
+                ratios = [n.tok_s / p.tok_s for p, n in zip(plain, got, strict=True)]
+                cpu_ratios = [n.tok_cpu_s / p.tok_cpu_s for p, n in zip(plain, got, strict=True)]
+                proposed = sum(n.proposed for n in got)
+                accepted = sum(n.accepted for n in got)
+                verifications = sum(n.verifications for n in got)
+                same = all(n.outputs == plain[0].outputs for n in got)
+                target = (2.0 if batch == 1 else 1.3) if name == "editing" else 0.95
+                ratio = statistics.median(ratios)
+                print(f"| {name} | {batch} | {method} | {statistics.median(p.tok_s for p in plain):.1f} | "
+                      f"{statistics.median(n.tok_s for n in got):.1f} | "
+                      f"{ratio:.2f}x ({min(ratios):.2f}..{max(ratios):.2f}) | "
+                      f"{statistics.median(cpu_ratios):.2f}x ({min(cpu_ratios):.2f}..{max(cpu_ratios):.2f}) | "
+                      f"{accepted / proposed if proposed else 0:.2f} | "
+                      f"{accepted / verifications if verifications else 0:.2f} | {'yes' if same else 'NO'} | "
+                      f">= {target}x {'PASS' if ratio >= target else 'FAIL'} |", flush=True)
     load = os.getloadavg()
     print(f"\nload average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 

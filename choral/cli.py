@@ -46,7 +46,9 @@ def engine_options(args: argparse.Namespace) -> dict[str, object]:
                 weights=args.weights, quantization=args.quantization,
                 # serve's LoRA options (other commands have none: no adapter can be named there)
                 enable_lora=getattr(args, "enable_lora", False) or bool(getattr(args, "lora", None)),
-                max_loras=getattr(args, "max_loras", 4), max_lora_rank=getattr(args, "max_lora_rank", 16))
+                max_loras=getattr(args, "max_loras", 4), max_lora_rank=getattr(args, "max_lora_rank", 16),
+                # serve's draft model (speculative decoding)
+                draft_model=getattr(args, "draft_model", None), draft_weights=getattr(args, "draft_weights", "auto"))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -111,6 +113,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.tool_call_parser:
         format_named(args.tool_call_parser)  # an unknown name fails now, not after loading
     name = args.served_model_name or args.model
+    if args.speculative == "draft" and not args.draft_model:
+        print("choral serve: --speculative draft needs --draft-model PATH", file=sys.stderr)
+        return 2
     loras: list[tuple[str, str]] = []
     for item in (x for group in (args.lora or []) for x in group):
         lora_name, sep, lora_path = item.partition("=")
@@ -138,8 +143,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from choral.speculative import SpeculativeConfig
 
         speculative = None  # checked before the model loads
-        if args.speculative != "off":
-            speculative = SpeculativeConfig(method=args.speculative, k=args.spec_k)
+        method = args.speculative if args.speculative is not None else "draft" if args.draft_model else "off"
+        if method != "off":
+            speculative = SpeculativeConfig(method=method, k=args.spec_k, p_min=args.spec_p_min)
         engine = LLMEngine(EngineConfig.from_kwargs(**engine_options(args)))
         for lora_name, lora_path in loras:
             engine.core.load_lora(lora_name, lora_path)
@@ -414,10 +420,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-policy", default="max_utilization", choices=["max_utilization", "guaranteed_no_evict"],
                        help="KV admission policy (default: max_utilization)")
     serve.add_argument("--no-prefix-cache", action="store_true", help="disable the automatic prefix cache")
-    serve.add_argument("--speculative", default="off", choices=["off", "ngram", "draft"],
-                       help="speculative decoding for requests that do not choose: ngram = prompt lookup "
-                            "(draft models are not built yet and are refused) (default: off)")
+    serve.add_argument("--speculative", default=None, choices=["off", "ngram", "draft"],
+                       help="speculative decoding for requests that do not choose: ngram = prompt lookup, "
+                            "draft = the --draft-model (default: draft with --draft-model, else off)")
     serve.add_argument("--spec-k", type=int, default=4, help="most tokens proposed per step (default: 4)")
+    serve.add_argument("--spec-p-min", type=float, default=0.75,
+                       help="draft: end a proposal at a token the draft gives less probability (default: 0.75)")
+    serve.add_argument("--draft-model", default=None, metavar="PATH",
+                       help="a draft model for speculative decoding (same tokenizer: a smaller model, or a "
+                            "quantized copy of the model); requests use it with speculative={'method': 'draft'}")
+    serve.add_argument("--draft-weights", default="auto", choices=["auto", "native", "dequantize"],
+                       help="how the draft model's quantized weights run (default: auto)")
     serve.add_argument("--graceful-timeout", type=int, default=10,
                        help="seconds in-flight requests may finish after SIGTERM (default: 10)")
     serve.add_argument("--log-level", default="warning", help="uvicorn log level (default: warning)")

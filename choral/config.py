@@ -46,6 +46,11 @@ class EngineConfig:
         max_loras: adapters one step may use (device slots; others wait, least recently used
             slots are refilled).
         max_lora_rank: the largest adapter rank accepted (slots are sized for it).
+        draft_model: a draft model for speculative decoding (docs/speculative.md): any model
+            choral loads that shares the target's tokenizer (a smaller one, or a quantized copy
+            of the target). Loaded next to the target with its own KV cache of the same size;
+            requests use it with ``speculative={"method": "draft"}``. None: no draft model.
+        draft_weights: ``weights`` for the draft model (``auto``: native for a quantized GGUF).
     """
 
     model: str = DEFAULT_MODEL
@@ -65,6 +70,8 @@ class EngineConfig:
     enable_lora: bool = False
     max_loras: int = 4
     max_lora_rank: int = 16
+    draft_model: str | None = None
+    draft_weights: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -105,6 +112,12 @@ class EngineConfig:
         _positive("max_lora_rank", self.max_lora_rank)
         if self.max_lora_rank > 512:
             raise ConfigError(f"max_lora_rank: {self.max_lora_rank} is above 512")
+        if self.draft_model is not None and (not isinstance(self.draft_model, str) or not self.draft_model):
+            raise ConfigError("draft_model: must be a non-empty string (a model name or path) or None")
+        if self.draft_weights not in WEIGHTS:
+            raise ConfigError(f"draft_weights: {self.draft_weights!r} is not one of {', '.join(WEIGHTS)}")
+        if self.draft_weights == "native" and (self.device != "cpu" or self.dtype not in ("auto", "float32")):
+            raise ConfigError("draft_weights: native quantized weights run on the CPU in float32")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"seed: must be an int, got {self.seed!r}")
 

@@ -75,6 +75,11 @@ class LLM:
                 speculative = SpeculativeConfig.coerce(speculative_config)
             except InvalidRequestError as e:
                 raise ConfigError(f"speculative_config: {e}") from None
+            if speculative.model is not None:  # vLLM's {"model": PATH, ...}: the engine loads that draft
+                if options.get("draft_model", speculative.model) != speculative.model:
+                    raise ConfigError(f"speculative_config: model {speculative.model!r} and draft_model "
+                                      f"{options['draft_model']!r} differ; give one")
+                options = {**options, "draft_model": speculative.model}
         self.config = engine_config(model, dtype, seed, vllm, options)
         self.engine = build_engine(self.config, vllm)
         # generate() queues every prompt at once, and validates them all before queueing any.

@@ -243,7 +243,8 @@ def test_a_proposal_never_takes_a_decodes_block(loaded: Any, cache_tokens: int, 
     needs a new block, and A's proposal would need one too: with one block free the proposal is
     dropped (A decodes plainly, nobody is preempted); with two free it is verified."""
     s = stepper(loaded, kv_cache_tokens=cache_tokens, max_model_len=16)
-    s.speculator.propose = lambda seq, state, limit: [3, 4, 5][:limit]  # type: ignore[method-assign]
+    s.speculator.propose_all = lambda asks, num_decodes=None: [  # type: ignore[method-assign]
+        (seq, state, [3, 4, 5][:limit]) for seq, state, limit in asks if limit > 0]
     spec = SpeculativeConfig(k=3, ngram_min=1, adaptive=False)
     a = s.add(Request([5, 6, 5, 6, 5, 6, 5], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
                                                                speculative=spec)))

@@ -22,13 +22,17 @@ def test_config_accepts_ours_and_vllms_names() -> None:
     assert SpeculativeConfig.coerce({"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 6,
                                      "prompt_lookup_min": 3}) == SpeculativeConfig(k=5, ngram_min=3, ngram_max=6)
     assert SpeculativeConfig.coerce("off").enabled is False
+    assert SpeculativeConfig.coerce({"model": "d.gguf", "num_speculative_tokens": 3}) == \
+        SpeculativeConfig(method="draft", model="d.gguf", k=3)  # vLLM's draft form
     assert ExecutorConfig(speculative={"k": 2}).speculative == SpeculativeConfig(k=2)
 
 
 @pytest.mark.parametrize(("value", "message"), [
-    ({"method": "draft"}, "'draft' (a draft model) is not built"),
-    ({"method": "ngram", "model": "x.gguf"}, "draft model ('model') is not built"),
-    ({"method": "medusa"}, "speculative.method: must be one of ngram, off"),
+    ({"method": "ngram", "model": "x.gguf"}, "a draft model goes with method 'draft', not 'ngram'"),
+    ({"model": ""}, "speculative.model: must be a model name or path"),
+    ({"method": "draft", "p_min": 1.0}, "speculative.p_min: must be a number in [0, 1)"),
+    ({"method": "draft", "p_min": "x"}, "speculative.p_min"),
+    ({"method": "medusa"}, "speculative.method: must be one of ngram, draft, off"),
     ({"k": 0}, "speculative.k: must be an int in [1, 16]"),
     ({"k": 17}, "speculative.k"),
     ({"k": True}, "speculative.k"),
@@ -49,8 +53,12 @@ def test_beams_and_bad_defaults_refused() -> None:
     with pytest.raises(InvalidRequestError, match="beam search"):
         SamplingParams(temperature=0, beam_width=2, speculative={"method": "ngram"})
     SamplingParams(temperature=0, beam_width=2, speculative={"method": "off"})  # off combines with anything
-    with pytest.raises(ConfigError, match="not built"):
-        ExecutorConfig(speculative={"method": "draft"})
+    with pytest.raises(ConfigError, match="speculative.k"):
+        ExecutorConfig(speculative={"method": "draft", "k": 0})
+    from choral.speculative.speculator import Speculator
+
+    with pytest.raises(ConfigError, match="method 'draft' needs a draft model"):
+        Speculator(SpeculativeConfig(method="draft"))  # an executor's default, over an engine without one
 
 
 def test_ngram_prefers_the_longest_then_the_latest_match() -> None:
@@ -136,7 +144,7 @@ def test_step_cost_interpolates_measured_buckets_and_forgets_stale_ones() -> Non
 
 
 def test_plan_verifies_only_what_pays_for_its_tokens() -> None:
-    from choral.speculative.speculator import Speculator, make_state
+    from choral.speculative.speculator import Speculator
 
     class Seq:
         def __init__(self, seq_id: int, tokens: list[int]) -> None:
@@ -144,7 +152,7 @@ def test_plan_verifies_only_what_pays_for_its_tokens() -> None:
 
     sp = Speculator()
     seqs = [Seq(i, [1, 2, 3, 1, 2, 3, 1, 2]) for i in range(2)]
-    states = [make_state(SpeculativeConfig(k=3, ngram_min=1)) for _ in seqs]
+    states = [Speculator().new_state(SpeculativeConfig(k=3, ngram_min=1)) for _ in seqs]
     cands = [(s, st, 10) for s, st in zip(seqs, states, strict=True)]
     assert sp.plan(cands, 2, 100) == {0: [3, 1, 2], 1: [3, 1, 2]}  # no cost known: explore
     assert sp.plan(cands, 2, 4) == {0: [3, 1, 2], 1: [3]}  # the budget cuts the second
@@ -156,8 +164,52 @@ def test_plan_verifies_only_what_pays_for_its_tokens() -> None:
     linear.cost.observe(2, 2.0)
     linear.cost.observe(8, 8.0)
     assert linear.plan(cands, 2, 100) == {}
-    fixed = [(s, make_state(SpeculativeConfig(k=3, ngram_min=1, adaptive=False)), 10) for s in seqs]
+    fixed = [(s, Speculator().new_state(SpeculativeConfig(k=3, ngram_min=1, adaptive=False)), 10) for s in seqs]
     assert linear.plan(fixed, 2, 100) == {0: [3, 1, 2], 1: [3, 1, 2]}  # adaptive off: always verified
+
+
+def test_draft_model_runs_only_when_it_pays_for_itself() -> None:
+    """The draft model proposes for all its sequences in one call, and only when its measured
+    cost plus the verification's is expected to raise the step's output tokens per second."""
+    from choral.engine.draft_model import DraftProposer
+    from choral.speculative.speculator import Speculator
+
+    class Seq:
+        def __init__(self, seq_id: int) -> None:
+            self.seq_id, self.token_ids = seq_id, [1, 2, 3]
+
+    class FakeDraft:
+        name = "fake"
+        calls: list[int] = []
+
+        def proposer(self, p_min: float) -> DraftProposer:
+            return DraftProposer(self, p_min)  # type: ignore[arg-type]
+
+        def propose(self, items):  # type: ignore[no-untyped-def]
+            self.calls.append(len(items))
+            return [[7] * k for _, _, k in items]
+
+    draft = FakeDraft()
+    sp = Speculator(draft=draft)  # type: ignore[arg-type]
+    config = SpeculativeConfig(method="draft", k=2)
+    seqs = [Seq(i) for i in range(4)]
+    cands = [(s, sp.new_state(config), 10) for s in seqs]
+    assert sp.plan(cands, 4, 100) == {i: [7, 7] for i in range(4)}  # nothing measured: explore
+    assert draft.calls == [4]  # one batched call for the four
+    # Flat step cost (verifying is free) and a cheap draft: it drafts.
+    sp.cost.observe(4, 1.0)
+    sp.cost.observe(12, 1.0)
+    sp.draft_cost.observe(8, 0.1)
+    assert len(sp.plan(cands, 4, 100)) == 4 and draft.calls == [4, 4]
+    # A draft as slow as three steps: expected 4 * (1 + 1) = 8 tokens for 4 s > 4 tokens for 1 s? No:
+    # (4 + 8) / (1 + 3) = 3 tokens/s < 4: skipped, the decodes go plain, nothing is drafted.
+    sp.draft_cost.observe(8, 15.0)  # the EMA moves to ~3.1 s
+    assert sp.plan(cands, 4, 100) == {} and draft.calls == [4, 4] and sp.num_draft_skips == 1
+    # The plain step unmeasured while the speculating size is: explore the plain step.
+    fresh = Speculator(draft=draft)  # type: ignore[arg-type]
+    fresh.cost.observe(12, 1.0)
+    fresh.draft_cost.observe(8, 0.1)
+    assert fresh.plan([(s, fresh.new_state(config), 10) for s in seqs], 4, 100) == {}
 
 
 def test_llm_refuses_a_bad_speculative_config_before_loading() -> None:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
+from choral.engine.draft_model import DraftModel
 from choral.engine.model_runner import ModelRunner
 from choral.engine.step import StepOutput, StepPlan
 from choral.kv.kv_cache import KvCache, KvUsage
@@ -31,11 +32,15 @@ from choral.sampling.sampler import Sampler, SampleResult, SamplingRow
 class EngineCore:
     """Runs steps over one model runner, one KV cache and one sampler, under one lock."""
 
-    def __init__(self, runner: ModelRunner, kv: KvCache, sampler: Sampler, loras: LoraRegistry | None = None):
+    def __init__(self, runner: ModelRunner, kv: KvCache, sampler: Sampler, loras: LoraRegistry | None = None,
+                 draft: DraftModel | None = None):
         self.lock = threading.RLock()
         self.kv = kv  # bookkeeping: call only while holding ``lock``
         self._runner = runner
         self._sampler = sampler
+        # Speculative decoding's draft model: its own runner and KV cache (choral/engine/draft_model.py),
+        # driven by the executor's scheduler under ``lock``. None without one.
+        self.draft = draft
         slots = runner.lora_slots
         # The adapters loaded by name (its own lock: intake resolves names on callers' threads).
         self.loras = loras or LoraRegistry(runner.spec, slots is not None, slots.max_rank if slots else 0)

@@ -12,6 +12,7 @@ import logging
 import torch
 
 from choral.config import EngineConfig
+from choral.engine.draft_model import DraftModel, check_same_tokenizer
 from choral.engine.engine_core import EngineCore
 from choral.engine.model_runner import ModelRunner, plan_kv_size
 from choral.errors import ConfigError, InvalidRequestError
@@ -59,11 +60,32 @@ class LLMEngine:
                              max_lora_rank=config.max_lora_rank)
         self.logits_processors = LogitsProcessorRegistry()
         sampler = Sampler(runner.device, config.seed, self.eos_token_ids, self.logits_processors)
-        self.core = EngineCore(runner, KvCache(BlockPool(self.kv_size.num_blocks, config.block_size)), sampler)
+        draft = self._load_draft() if config.draft_model is not None else None
+        self.core = EngineCore(runner, KvCache(BlockPool(self.kv_size.num_blocks, config.block_size)), sampler,
+                               draft=draft)
         self._grammars: GrammarCompiler | None = None
         logger.info("choral: KV cache %d tokens (%d blocks of %d), %.1f MiB; %d CPU threads",
                     self.kv_size.num_tokens, self.kv_size.num_blocks, config.block_size,
                     self.kv_size.num_bytes / 2**20, torch.get_num_threads())
+
+    def _load_draft(self) -> DraftModel:
+        """The draft model (config.draft_model), checked to share the target's tokenizer, with a
+        KV cache of as many tokens as the target's."""
+        config = self.config
+        assert config.draft_model is not None
+        draft = load_model(config.draft_model, config.dtype, config.device, self.max_model_len,
+                           config.draft_weights, None)
+        check_same_tokenizer(self.loaded, draft, config.draft_model)
+        if draft.spec.max_position_embeddings < self.max_model_len:
+            raise ConfigError(f"draft_model: its context {draft.spec.max_position_embeddings} is shorter than "
+                              f"max_model_len {self.max_model_len}")
+        size = plan_kv_size(draft, config.block_size, self.kv_size.num_tokens, None, self.max_model_len)
+        check_fits({"draft KV cache": size.num_bytes}, draft.model.device, "lower kv_cache_tokens or max_model_len")
+        runner = ModelRunner(draft, size, config.attention_backend)
+        logger.info("choral: draft model %s, KV cache %d tokens, %.1f MiB", config.draft_model, size.num_tokens,
+                    size.num_bytes / 2**20)
+        return DraftModel(config.draft_model, runner, KvCache(BlockPool(size.num_blocks, config.block_size)),
+                          self.loaded.spec.vocab_size)
 
     @property
     def pool(self) -> BlockPool:

@@ -23,7 +23,7 @@ from choral.executor.request import Request, Timing
 from choral.executor.scheduler import blocks_to_run_alone
 from choral.finish import Finisher, FinishReason, StopConditions
 from choral.sampling.logits_process import check_token_ids
-from choral.speculative.speculator import Speculator, make_state
+from choral.speculative.speculator import Speculator
 
 
 class Intake:
@@ -166,7 +166,7 @@ class Intake:
             seq.generator.manual_seed(params.seed + index)
         spec = self.speculator.config_for(params.speculative, beam=params.beam_width > 1)
         if spec is not None:
-            seq.spec = make_state(spec)  # each sample proposes from its own output
+            seq.spec = self.speculator.new_state(spec)  # each sample proposes from its own output
         return seq
 
     def output_sequence(self, job: Job, index: int, output_token_ids: list[int], finish: FinishReason,

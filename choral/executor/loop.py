@@ -126,6 +126,8 @@ class Loop:
             for seq in [*self.scheduler.running, *self.scheduler.waiting]:
                 try:
                     self.kv.free(seq)
+                    if seq.spec is not None:
+                        seq.spec.close()
                 except Exception:  # the books may be what broke: keep going, the error is reported
                     logger.exception("choral executor: freeing sequence %d after the failure", seq.seq_id)
             self.scheduler.running.clear()

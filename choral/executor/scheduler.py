@@ -105,6 +105,8 @@ class Scheduler:
             self.waiting.remove(seq)
         if seq.block_table:
             self.kv.free(seq)
+        if seq.spec is not None:
+            seq.spec.close()  # its draft-model KV, if it drafts
 
     @property
     def seq_cap(self) -> int:

@@ -32,7 +32,7 @@ class Stepper:
         self.core = engine.core
         self.kv = self.core.kv
         ecfg = engine.config
-        self.speculator = Speculator(config.speculative)
+        self.speculator = Speculator(config.speculative, self.core.draft)
         self.scheduler = Scheduler(config, self.kv, ecfg.max_num_seqs, ecfg.max_num_batched_tokens,
                                    engine.max_model_len, clock, self.speculator,
                                    max_loras=ecfg.max_loras if ecfg.enable_lora else 0)

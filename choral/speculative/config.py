@@ -15,7 +15,7 @@ from typing import Any
 
 from choral.errors import InvalidRequestError
 
-METHODS = ("ngram", "off")
+METHODS = ("ngram", "draft", "off")
 MAX_K = 16  # proposals per step: beyond this the rejected tail of a chunk costs more than it saves
 
 
@@ -25,10 +25,15 @@ class SpeculativeConfig:
 
     Attributes:
         method: "ngram" (prompt lookup: continue the latest earlier occurrence of the
-            sequence's last n tokens) or "off". "draft" (a draft model) is not built yet and
-            is refused.
+            sequence's last n tokens), "draft" (the engine's draft model proposes its argmax
+            tokens; the engine must have one: EngineConfig.draft_model) or "off".
         k: the most tokens proposed per step (1..16).
         ngram_min / ngram_max: the n-gram lengths matched, longest first (1 <= min <= max <= 16).
+        p_min: draft only: the draft's proposal ends at the first token it gives a probability
+            below this (llama.cpp's --draft-p-min), in [0, 1).
+        model: draft only: the draft model's name or path (vLLM's ``model`` key). In an engine's
+            default (LLM's speculative_config) it loads that draft model; in a request it must
+            name the engine's draft model, or be left out.
         adaptive: shrink k per sequence while its proposals are rejected (down to off for a
             while), and verify a proposal only when the measured cost of the step's extra
             tokens is expected to pay off, so speculation never costs much on text that does not
@@ -41,12 +46,10 @@ class SpeculativeConfig:
     ngram_min: int = 2
     ngram_max: int = 4
     adaptive: bool = True
+    p_min: float = 0.75
+    model: str | None = None
 
     def __post_init__(self) -> None:
-        if self.method == "draft":
-            raise InvalidRequestError(
-                "speculative: method 'draft' (a draft model) is not built in choral yet; use 'ngram' "
-                "(prompt lookup) or 'off'")
         if not isinstance(self.method, str) or self.method not in METHODS:
             raise InvalidRequestError(f"speculative.method: must be one of {', '.join(METHODS)}, got {self.method!r}")
         _check_int("k", self.k, 1, MAX_K)
@@ -57,6 +60,14 @@ class SpeculativeConfig:
                 f"speculative.ngram_min: {self.ngram_min} is larger than ngram_max {self.ngram_max}")
         if not isinstance(self.adaptive, bool):
             raise InvalidRequestError(f"speculative.adaptive: must be a bool, got {self.adaptive!r}")
+        if isinstance(self.p_min, bool) or not isinstance(self.p_min, int | float) or not 0 <= self.p_min < 1:
+            raise InvalidRequestError(f"speculative.p_min: must be a number in [0, 1), got {self.p_min!r}")
+        if self.model is not None:
+            if not isinstance(self.model, str) or not self.model:
+                raise InvalidRequestError(f"speculative.model: must be a model name or path, got {self.model!r}")
+            if self.method != "draft":
+                raise InvalidRequestError(f"speculative.model: a draft model goes with method 'draft', "
+                                          f"not {self.method!r}")
 
     @property
     def enabled(self) -> bool:
@@ -64,7 +75,7 @@ class SpeculativeConfig:
 
     @classmethod
     def coerce(cls, value: Any) -> SpeculativeConfig:
-        """A SpeculativeConfig, a dict of its fields, or a method name ("ngram", "off")."""
+        """A SpeculativeConfig, a dict of its fields, or a method name ("ngram", "draft", "off")."""
         if isinstance(value, SpeculativeConfig):
             return value
         if isinstance(value, str):
@@ -72,9 +83,6 @@ class SpeculativeConfig:
         if not isinstance(value, Mapping):
             raise InvalidRequestError(
                 f"speculative: must be a dict like {{'method': 'ngram', 'k': 4}}, got {type(value).__name__}")
-        if "model" in value:
-            raise InvalidRequestError("speculative: a draft model ('model') is not built in choral yet; "
-                                      "use {'method': 'ngram'}")
         known = {f.name for f in dataclasses.fields(cls)}
         options: dict[str, Any] = {}
         for key, item in value.items():
@@ -85,6 +93,8 @@ class SpeculativeConfig:
             if name in options:
                 raise InvalidRequestError(f"speculative: {name} given twice (as {key!r} and its other name)")
             options[name] = item
+        if "model" in options and "method" not in options:
+            options["method"] = "draft"  # vLLM's {"model": ..., "num_speculative_tokens": ...}
         return cls(**options)
 
 

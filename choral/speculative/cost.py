@@ -36,6 +36,10 @@ class StepCost:
         for key in [k for k, (_, _, last) in self._buckets.items() if self._steps - last > STALE_STEPS]:
             del self._buckets[key]
 
+    def measured(self, num_tokens: int) -> bool:
+        """Whether steps of about ``num_tokens`` tokens (its power-of-two bucket) were measured."""
+        return num_tokens > 0 and num_tokens.bit_length() in self._buckets
+
     def estimate(self, num_tokens: int) -> float | None:
         """Seconds a step of ``num_tokens`` tokens is expected to take: piecewise linear through
         the buckets' averages; None beyond the largest measured (unknown: explore)."""
