@@ -258,7 +258,7 @@ def test_a_proposal_never_takes_a_decodes_block(loaded: Any, cache_tokens: int, 
     assert a.returned and b.returned
 
 
-def test_conversation_sample_refuses_speculation(tiny_models: Any) -> None:
+def test_conversation_sample_points_to_prompt_speculation(tiny_models: Any) -> None:
     from choral.conversation.batched_executor import BatchedExecutor
     from choral.errors import InvalidRequestError
 
@@ -267,6 +267,6 @@ def test_conversation_sample_refuses_speculation(tiny_models: Any) -> None:
     c = ex.create()
     c.prompt([5, 6, 7])
     ex.infer()
-    with pytest.raises(InvalidRequestError, match="conversations do not speculate"):
+    with pytest.raises(InvalidRequestError, match="speculates with prompt"):
         c.sample(SamplingParams(temperature=0, speculative={"method": "ngram"}))
     assert isinstance(c.sample(SamplingParams(temperature=0, speculative={"method": "off"})), int)

@@ -8,6 +8,10 @@ A conversation is in one of three states, derived from its tokens:
 - *requires sampling*: its last prompt was computed, so ``logits()`` / ``sample()`` work;
 - *idle*: nothing pending and no logits (new, or just edited): prompt it.
 
+A prompt made with ``speculative=`` carries a proposal (speculation.py): after its infer(),
+``verify()`` draws the accepted tokens and one more, and every other call but ``close()`` raises
+a ConversationStateError until it does.
+
 Every method takes the engine core's lock (the executor's ``_lock`` is the core's), so calls
 from several threads, and an Executor sharing the core, are serialized. The tokens, the computed
 count and the block table are one :class:`~choral.kv.sequence_state.SequenceState`, edited only
@@ -18,15 +22,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 
 from choral.conversation.context_shift import ContextShift, plan_shift
 from choral.conversation.prompt_embeddings import PromptEmbeddings
+from choral.conversation.speculation import ConversationSpeculation
 from choral.conversation.state import SavedAdapter, SavedConversation, State, encode_state
 from choral.errors import (
     ConversationClosedError,
+    ConversationStateError,
     InvalidRequestError,
     KvCacheExhaustedError,
     RequiresInferenceError,
@@ -39,6 +45,7 @@ from choral.lora.adapter import LoraAdapter
 from choral.sampling.logits_process import check_token_ids
 from choral.sampling.params import SamplingParams
 from choral.sampling.sampler import Row
+from choral.speculative.config import SpeculativeConfig
 
 if TYPE_CHECKING:
     from choral.conversation.batched_executor import BatchedExecutor
@@ -69,6 +76,8 @@ class Conversation:
         self._generator_seed: int | None = None
         self._closed = False
         self._lora: LoraAdapter | None = None  # set by BatchedExecutor.create(lora=); forks keep it
+        self._spec: ConversationSpeculation | None = None  # the last prompt(speculative=)'s, if any
+        self._spec_rows = 0  # rows the pending proposal needs: its prompted token's and one per proposed token
 
     # ---- state -------------------------------------------------------------------------------
     @property
@@ -125,30 +134,70 @@ class Conversation:
                 f"cannot {action} conversation {self._id}: {self.num_pending_tokens} token(s) wait for "
                 "BatchedExecutor.infer()"
             )
+        if self._spec_rows:
+            raise ConversationStateError(f"cannot {action} conversation {self._id}: its speculative proposal "
+                                         "waits for verify(params)")
+
+    @property
+    def awaits_verification(self) -> bool:
+        """A prompt(speculative=...) proposal was computed and waits for :meth:`verify`."""
+        return self._spec_rows > 0 and not self.requires_inference
 
     # ---- prompting ---------------------------------------------------------------------------
     def prompt(self, prompt: str | Sequence[int] | int, all_logits: bool = False,
-               add_special_tokens: bool | None = None, embeddings: bool = False) -> None:
+               add_special_tokens: bool | None = None, embeddings: bool = False,
+               speculative: SpeculativeConfig | dict[str, Any] | str | None = None) -> None:
         """Queue text, token ids or one token for the next ``infer()``.
 
         ``all_logits`` keeps the logits of every prompted token (``logits(offset)`` then reaches
         back ``offset`` tokens). ``embeddings`` keeps the prompt's final hidden states for
         :meth:`embedding`. Text gets the tokenizer's special tokens (BOS) only when the
         conversation is empty, unless ``add_special_tokens`` says otherwise.
+
+        ``speculative`` (``{"method": "ngram" | "draft", "k": ...}``, see docs/speculative.md)
+        appends a proposal of up to ``k`` tokens that the same ``infer()`` verifies; then
+        :meth:`verify` (not :meth:`sample`) draws the accepted tokens and one more.
         """
         with self._executor._lock:
             self._check_idle("prompt")
             new = self._to_token_ids(prompt, add_special_tokens)
+            spec = self._speculation(speculative, all_logits, embeddings)
             fed_back = new == [self._last_sampled]  # before a context shift forgets it
             self._make_room(len(new))
             self._seq.token_ids.extend(new)
             self._sampled.extend([fed_back] * len(new))
+            proposal: list[int] = []
+            if spec is not None:
+                proposal = spec.propose(self._seq.token_ids, self._executor.max_context - self._seq.num_tokens)
+                proposal = [t for t in proposal if 0 <= t < self._executor.vocab_size]
+                self._seq.token_ids.extend(proposal)
+                self._sampled.extend([False] * len(proposal))  # outputs once accepted (verify)
+                spec.proposal = proposal
+            if self._spec is not None and self._spec is not spec:
+                self._spec.close()  # its draft blocks: a new config, or no speculation now
+            self._spec = spec
+            self._spec_rows = 1 + len(proposal) if proposal else 0
             self._last_sampled = None
             self._logits = None
             self._all_logits = bool(all_logits)
             self._logit_chunks = []
             self._embeddings.start(bool(embeddings))
             self._executor._enqueue(self)
+
+    def _speculation(self, speculative: Any, all_logits: bool, embeddings: bool) -> ConversationSpeculation | None:
+        """The conversation's speculation for this prompt (kept across prompts with the same
+        config, so its adaptive length carries on), or None; nothing changed on an error."""
+        if speculative is None:
+            return None
+        config = SpeculativeConfig.coerce(speculative)
+        if not config.enabled:
+            return None
+        if all_logits or embeddings:
+            raise InvalidRequestError("speculative: a prompt with all_logits or embeddings cannot carry a proposal")
+        if self._spec is not None and self._spec.config == config:
+            return self._spec
+        return ConversationSpeculation(config, self._executor.engine.core.draft)
+
 
     def _to_token_ids(self, prompt: str | Sequence[int] | int, add_special_tokens: bool | None) -> list[int]:
         if isinstance(prompt, str):
@@ -222,44 +271,105 @@ class Conversation:
         with self._executor._lock:
             row = self.logits(offset)
             params = params or GREEDY
-            if not isinstance(params, SamplingParams):
-                raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
-            n = self._seq.num_tokens
-            if num_output_tokens is not None and not (_is_int(num_output_tokens) and 0 <= num_output_tokens <= n):
-                raise InvalidRequestError(f"num_output_tokens: must be an int in [0, {n}], got {num_output_tokens!r}")
-            if params.structured or params.n > 1 or params.num_samples > 1:
-                raise InvalidRequestError(
-                    "Conversation.sample draws one token: structured output, n, best_of and beams run in "
-                    "the Executor or LLM.generate")
-            if params.truncate_prompt_tokens is not None:
-                raise InvalidRequestError("truncate_prompt_tokens: a conversation's tokens are fed with prompt(); "
-                                          "it applies to the Executor and LLM.generate")
+            self._check_sampling(params, num_output_tokens)
             if params.speculative is not None and params.speculative.enabled:
-                raise InvalidRequestError("speculative: Conversation.sample draws one token; speculative "
-                                          "decoding runs in the Executor, LLM.generate and the server "
-                                          "(conversations do not speculate yet)")
-            engine = self._executor.engine
-            engine.logits_processors.check(params.logits_processors)
-            bad_words = check_token_ids(params, self._executor.vocab_size, engine.tokenizer)
-            generator = None  # set up once the params are known good: a rejected call changes nothing
-            if params.seed is not None:
-                if self._generator is None or self._generator_seed != params.seed:
-                    self._generator = torch.Generator(device=row.device)
-                    self._generator.manual_seed(params.seed)
-                    self._generator_seed = params.seed
-                generator = self._generator
-            tokens = self._seq.token_ids
-            if num_output_tokens is not None:
-                output = tokens[n - num_output_tokens :]
-            else:
-                output = [t for t, sampled in zip(tokens, self._sampled, strict=True) if sampled]
-            # num_prompt_tokens = all of them: min_tokens counts no output here (see above).
-            sample_row = Row(params, token_ids=list(tokens), num_prompt_tokens=n, generator=generator,
-                             request_id=str(self.id), bad_words=bad_words, output_token_ids=output)
-            result = self._executor.engine.core.sample(row[None, :], [sample_row])
-            token = int(result.token_ids[0])
+                raise InvalidRequestError("speculative: Conversation.sample draws one token; a conversation "
+                                          "speculates with prompt(..., speculative=...) and verify()")
+            token = self._draw(row, params, self._seq.num_tokens, num_output_tokens)
             self._last_sampled = token
             return token
+
+    def _check_sampling(self, params: SamplingParams, num_output_tokens: int | None) -> None:
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
+        n = self._seq.num_tokens
+        if num_output_tokens is not None and not (_is_int(num_output_tokens) and 0 <= num_output_tokens <= n):
+            raise InvalidRequestError(f"num_output_tokens: must be an int in [0, {n}], got {num_output_tokens!r}")
+        if params.structured or params.n > 1 or params.num_samples > 1:
+            raise InvalidRequestError(
+                "Conversation.sample draws one token: structured output, n, best_of and beams run in "
+                "the Executor or LLM.generate")
+        if params.truncate_prompt_tokens is not None:
+            raise InvalidRequestError("truncate_prompt_tokens: a conversation's tokens are fed with prompt(); "
+                                      "it applies to the Executor and LLM.generate")
+
+    def _draw(self, row: torch.Tensor, params: SamplingParams, n: int, num_output_tokens: int | None) -> int:
+        """One token from ``row`` (logits [V]) after the first ``n`` tokens, as :meth:`sample` draws."""
+        engine = self._executor.engine
+        engine.logits_processors.check(params.logits_processors)
+        bad_words = check_token_ids(params, self._executor.vocab_size, engine.tokenizer)
+        generator = None  # set up once the params are known good: a rejected call changes nothing
+        if params.seed is not None:
+            if self._generator is None or self._generator_seed != params.seed:
+                self._generator = torch.Generator(device=row.device)
+                self._generator.manual_seed(params.seed)
+                self._generator_seed = params.seed
+            generator = self._generator
+        tokens = self._seq.token_ids[:n]
+        if num_output_tokens is not None:
+            output = tokens[n - num_output_tokens :]
+        else:
+            output = [t for t, sampled in zip(tokens, self._sampled, strict=False) if sampled]
+        # num_prompt_tokens = all of them: min_tokens counts no output here (see sample()).
+        sample_row = Row(params, token_ids=tokens, num_prompt_tokens=n, generator=generator,
+                         request_id=str(self.id), bad_words=bad_words, output_token_ids=output)
+        result = engine.core.sample(row[None, :], [sample_row])
+        return int(result.token_ids[0])
+
+    def verify(self, params: SamplingParams | None = None, *, num_output_tokens: int | None = None) -> list[int]:
+        """Draw the tokens of a speculative prompt's verified rows (greedy by default): each
+        accepted proposed token, then one more token drawn where the proposal was rejected (or
+        after it, when all of it was accepted). Without a proposal (none was found, or the
+        prompt did not speculate) it is ``[sample(params)]``. The accepted tokens stay in the conversation,
+        computed; the rejected ones and their K/V go; the last token is returned unprompted, as
+        :meth:`sample` returns one. The same draws as sampling token by token (exact: the
+        proposals are point masses), so greedy output is plain decoding's.
+
+        ``num_output_tokens`` counts the conversation's last tokens as output (as for
+        :meth:`sample`), the accepted ones added as they are drawn."""
+        with self._executor._lock:
+            self._check_open()
+            if self.requires_inference:
+                raise RequiresInferenceError(f"cannot verify conversation {self._id}: its proposal waits for "
+                                             "BatchedExecutor.infer()")
+            spec = self._spec
+            if not self._spec_rows or spec is None:  # no proposal this time (none found): one token
+                return [self.sample(params, num_output_tokens=num_output_tokens)]
+            assert self._logits is not None  # computed: infer() left the verification rows
+            params = params or GREEDY
+            self._check_sampling(params, num_output_tokens)
+            if params.speculative is not None:
+                raise InvalidRequestError("speculative: verify() draws from the rows prompt(..., speculative=...) "
+                                          "asked for; the setting belongs to prompt()")
+            proposal = spec.proposal
+            rows = self._logits  # [1 + len(proposal), V]: row i follows proposal[:i]
+            base = self._seq.num_tokens - len(proposal)  # tokens before the proposal
+            drawn: list[int] = []
+            for depth in range(len(proposal) + 1):
+                outputs = None if num_output_tokens is None else num_output_tokens + depth
+                token = self._draw(rows[depth], params, base + depth, outputs)
+                drawn.append(token)
+                if depth == len(proposal) or token != proposal[depth]:
+                    break
+                self._sampled[base + depth] = True  # accepted: an output token, fed back
+            accepted = len(drawn) - 1
+            spec.record(len(proposal), accepted)
+            self._executor.engine.core.kv.truncate(self._seq, base + accepted)  # the rejected tokens' K/V
+            del self._seq.token_ids[base + accepted:]
+            del self._sampled[base + accepted:]
+            self._seq.num_computed_tokens = base + accepted
+            self._logits = rows[accepted : accepted + 1].clone()  # logits() = what the last token came from
+            self._all_logits = False
+            self._spec_rows = 0
+            spec.proposal = []
+            self._last_sampled = drawn[-1]
+            return drawn
+
+    @property
+    def speculation_stats(self) -> tuple[int, int]:
+        """(proposed, accepted) tokens of its speculative prompts so far (under the current config)."""
+        spec = self._spec
+        return (spec.num_proposed, spec.num_accepted) if spec is not None else (0, 0)
 
     # ---- structure ---------------------------------------------------------------------------
     def fork(self) -> Conversation:
@@ -392,6 +502,10 @@ class Conversation:
                 return
             self._executor._forget(self)
             self._executor.engine.core.kv.free(self._seq)
+            if self._spec is not None:
+                self._spec.close()  # its draft model blocks
+                self._spec = None
+            self._spec_rows = 0
             self._seq.token_ids = []
             self._sampled = []
             self._logits = None
@@ -416,16 +530,22 @@ class Conversation:
     def _logits_mode(self, start: int, count: int) -> str:
         if self._all_logits:
             return "all"
+        if self._spec_rows and start + count > self._seq.num_tokens - self._spec_rows:
+            return "all"  # the chunk holds rows the proposal's verification needs
         return "last" if start + count == self._seq.num_tokens else "none"
 
     def _computed(self, count: int, logits: torch.Tensor | None, hidden: torch.Tensor | None = None) -> None:
+        start = self._seq.num_computed_tokens
         self._seq.num_computed_tokens += count
         self._embeddings.add(hidden, prompt_done=not self.requires_inference)
-        if logits is not None and self._all_logits:
+        if logits is not None and self._spec_rows and not self._all_logits:
+            # Keep the verification rows only: the prompted token's and the proposed tokens'.
+            logits = logits[max(0, self._seq.num_tokens - self._spec_rows - start):]
+        if logits is not None and (self._all_logits or self._spec_rows):
             self._logit_chunks.append(logits)
         if not self.requires_inference:
             # A copy made outside inference mode: an ordinary tensor the caller may edit in place.
-            if self._all_logits:
+            if self._all_logits or self._spec_rows:
                 self._logits = torch.cat(self._logit_chunks)
                 self._logit_chunks = []
             else:
@@ -437,6 +557,9 @@ class Conversation:
             del self._seq.token_ids[self._seq.num_computed_tokens :]
             del self._sampled[self._seq.num_computed_tokens :]
             self._logit_chunks = []
+            self._spec_rows = 0
+            if self._spec is not None:
+                self._spec.proposal = []
             self._executor._dequeue(self)
 
     def _load(self, saved: SavedConversation) -> None:
