@@ -32,11 +32,13 @@ def scores(llm: LLM, windows: list[list[int]]) -> list[tuple[float, int]]:
     """(log p(actual next token), greedy token) for every position after each window's first."""
     outs = llm.generate(windows, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1))
     result = []
-    for out in outs:
+    for window, out in zip(windows, outs, strict=True):
         assert out.prompt_logprobs is not None
-        for entry in out.prompt_logprobs[1:]:
+        for pos in range(1, len(window)):
+            entry = out.prompt_logprobs[pos]  # {token: Logprob}: the actual token and the top-1
             assert entry is not None
-            result.append((entry[0], entry[1][0][0]))
+            greedy = max(entry, key=lambda token: entry[token].logprob)  # noqa: B023 (used at once)
+            result.append((entry[window[pos]].logprob, greedy))
     return result
 
 
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for weights in ("native", "dequantize"):
         options = dict(max_num_batched_tokens=args.chunk) if weights == "native" else dict(dtype="float32")
-        llm = LLM(args.model, weights=weights, kv_cache_tokens=4 * WINDOW, max_model_len=WINDOW,
+        llm = LLM(args.model, weights=weights, kv_cache_tokens=4 * WINDOW, max_model_len=WINDOW + 1,
                   num_threads=args.threads, **options)
         assert llm.tokenizer is not None
         ids = llm.tokenizer.encode(text)[: args.tokens]
