@@ -78,6 +78,9 @@ class ReplicaConfig:
     to it (``EngineConfig.num_threads`` None), so replicas on one host do not oversubscribe it.
     ``gpus_per_replica``: GPUs Ray reserves for each (0 on a CPU cluster).
     ``max_ongoing_requests``: requests Serve sends one replica at once (more wait in the router).
+    ``health_check_period_s`` / ``health_check_timeout_s``: how often Serve asks each replica's engine
+    whether its loop runs, and how long an answer may take before the replica is replaced.
+    ``graceful_timeout_s``: how long a stopping replica lets its requests finish.
     """
 
     num_replicas: int
@@ -90,6 +93,7 @@ class ReplicaConfig:
     max_ongoing_requests: int = 256
     health_check_period_s: float = 5.0
     health_check_timeout_s: float = 30.0
+    graceful_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_replicas, int) or isinstance(self.num_replicas, bool) or self.num_replicas < 1:
@@ -106,8 +110,10 @@ class ReplicaConfig:
             raise ConfigError("cpus_per_replica must be > 0 and gpus_per_replica >= 0")
         if self.max_ongoing_requests < 1:
             raise ConfigError(f"max_ongoing_requests: must be >= 1, got {self.max_ongoing_requests}")
-        if self.health_check_period_s <= 0 or self.health_check_timeout_s <= 0:
-            raise ConfigError("health_check_period_s and health_check_timeout_s must be positive")
+        for name in ("health_check_period_s", "health_check_timeout_s", "graceful_timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name}: must be a positive number of seconds, got {value!r}")
 
     @property
     def num_threads(self) -> int:

@@ -73,6 +73,7 @@ def application(config: ReplicaConfig) -> Application:
     replica = cast(Deployment, serve.deployment(ChoralReplica)).options(
         name=REPLICA_DEPLOYMENT, num_replicas=config.num_replicas, max_ongoing_requests=config.max_ongoing_requests,
         health_check_period_s=config.health_check_period_s, health_check_timeout_s=config.health_check_timeout_s,
+        graceful_shutdown_timeout_s=config.graceful_timeout_s,
         ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": config.gpus_per_replica},
         request_router_config=router)
     # The ingress only hashes and relays: it takes no CPU of the replicas' reservation.
@@ -83,23 +84,28 @@ def application(config: ReplicaConfig) -> Application:
     return ingress.bind(replica.bind(config), config)
 
 
-def run(config: ReplicaConfig, host: str, port: int, address: str | None = None,
-        num_cpus: int | None = None) -> int:
+def run(config: ReplicaConfig, host: str, port: int, address: str | None = None, num_cpus: int | None = None,
+        log_level: str = "warning") -> int:
     """``choral serve --replicas N``: start Ray (a local cluster, or join ``address``), serve
-    ``config`` on ``host:port`` until SIGINT/SIGTERM, then stop Serve and Ray. Returns the exit code."""
+    ``config`` on ``host:port`` until SIGINT/SIGTERM, then stop Serve and Ray (and with them every
+    process Ray started here). ``log_level`` is Serve's (uvicorn's names). Returns the exit code."""
     import ray
 
     if address is None:
         cpus = num_cpus or os.cpu_count() or 1
         needed = config.num_replicas * config.cpus_per_replica
-        if needed > cpus:
+        if needed > cpus + 1e-9:
             raise ConfigError(f"{config.num_replicas} replicas x {config.cpus_per_replica:g} CPUs need {needed:g} "
                               f"CPUs; this machine has {cpus} (lower --replica-cpus or --replicas)")
     with _stop_on_signals():
         try:
             ray.init(address=address, num_cpus=None if address else cpus, include_dashboard=False,
                      configure_logging=False)
-            serve.start(http_options={"host": host, "port": port})
+            # ray.init installs its own SIGTERM handler (which exits at once, leaving its
+            # processes behind): ours again, so SIGTERM shuts everything down below.
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            level = {"trace": "DEBUG"}.get(log_level.lower(), log_level.upper())
+            serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": level})
             print(f"choral: starting {config.num_replicas} replicas of {config.engine.model!r} "
                   f"({config.routing.policy} routing) ...", flush=True)
             serve.run(application(config), name=APP_NAME, route_prefix="/")
