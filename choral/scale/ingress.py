@@ -31,8 +31,8 @@ from choral.server.errors import ApiKeyGuard, error_body, error_response
 from choral.server.limits import BodyLimit, Preparer
 from choral.server.sse import DONE, event
 
-# How long /metrics waits for the replicas' texts (a replica that does not answer is left out).
-_METRICS_TIMEOUT_S = 10.0
+# How long /metrics waits for each replica's text (a replica that does not answer is left out).
+_METRICS_TIMEOUT_S = 5.0
 # The context length assumed for the hashing limits when the config leaves it to the model.
 _DEFAULT_MODEL_LEN = 32768
 
@@ -111,15 +111,14 @@ class ChoralIngress:
 
     # ---- /metrics ------------------------------------------------------------------------------
     async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
-        calls = [self.replicas.metrics_text.remote(hint=RouteHint(target=i))
-                 for i in range(self.config.num_replicas)]
-        answers: list[Any] = []
-        with contextlib.suppress(asyncio.TimeoutError):
-            answers = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), _METRICS_TIMEOUT_S)
         texts: dict[str, str] = {}
-        for answer in answers:
-            if isinstance(answer, tuple):
-                texts.setdefault(answer[0], answer[1])  # a replica reached twice (during a restart) counts once
+        # One call at a time: calls made while serving one HTTP request share its request id, and
+        # Serve's router matches a routed replica to its pending call by that id.
+        for i in range(self.config.num_replicas):
+            with contextlib.suppress(Exception):  # a replica that does not answer is left out
+                replica, text = await asyncio.wait_for(
+                    self.replicas.metrics_text.remote(hint=RouteHint(target=i)), _METRICS_TIMEOUT_S)
+                texts.setdefault(replica, text)  # a replica reached twice (during a restart) counts once
         if not texts:
             await error_response(503, "no replica answered for /metrics")(scope, receive, send)
             return
