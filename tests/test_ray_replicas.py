@@ -105,7 +105,7 @@ def test_prefix_routing_keeps_a_shared_prefix_on_one_replica(url: str) -> None:
     before = _served(url)
     hosts: Counter[str] = Counter()
     cached = []
-    for i in range(20):
+    for _request in range(20):
         body = {"prompt": prefix + [rng.randrange(1000, 20000) for _ in range(8)], "max_tokens": 2}
         r = httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=60)
         assert r.status_code == 200, r.text

@@ -296,3 +296,19 @@ def test_configs_validate_every_field() -> None:
     config = ReplicaConfig(2, EngineConfig(), ExecutorConfig(), server, cpus_per_replica=3.0)
     assert config.num_threads == 3
     assert ReplicaConfig(2, EngineConfig(num_threads=1), ExecutorConfig(), server).num_threads == 1
+
+
+# ---- the command line --------------------------------------------------------------------------
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--routing", "pow2"], "--routing only apply with --replicas N > 1"),
+    (["--replica-cpus", "1", "--ray-address", "auto"], "--replica-cpus, --ray-address only apply"),
+    (["--replicas", "0"], "--replicas 0: must be at least 1"),
+    (["--replicas", "2", "--lora", "a=/x"], "--lora / --enable-lora are not supported with --replicas"),
+    (["--replicas", "2", "--enable-lora"], "--lora / --enable-lora are not supported with --replicas"),
+])
+def test_serve_refuses_what_replicas_do_not_support(argv: list[str], message: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from choral.cli import main
+
+    assert main(["serve", *argv]) == 2
+    assert message in capsys.readouterr().err
