@@ -294,8 +294,8 @@ def test_configs_validate_every_field() -> None:
     with pytest.raises(ConfigError, match="model_name"):
         ServerOptions(model_name="")
     config = ReplicaConfig(2, EngineConfig(), ExecutorConfig(), server, cpus_per_replica=3.0)
-    assert config.num_threads == 3
-    assert ReplicaConfig(2, EngineConfig(num_threads=1), ExecutorConfig(), server).num_threads == 1
+    assert config.max_threads == 3
+    assert ReplicaConfig(2, EngineConfig(num_threads=1), ExecutorConfig(), server).max_threads == 1
 
 
 # ---- the command line --------------------------------------------------------------------------

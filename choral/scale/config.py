@@ -116,6 +116,7 @@ class ReplicaConfig:
                 raise ConfigError(f"{name}: must be a positive number of seconds, got {value!r}")
 
     @property
-    def num_threads(self) -> int:
-        """The engine's CPU threads in each replica."""
+    def max_threads(self) -> int:
+        """The most CPU threads each replica's engine uses: ``EngineConfig.num_threads`` when set,
+        else the CPUs reserved for it (the replica may use fewer on a loaded host, see replica.py)."""
         return self.engine.num_threads or max(1, math.floor(self.cpus_per_replica))

@@ -26,6 +26,7 @@ from choral.scale.kv_index import KvEventIndex
 from choral.scale.metrics_merge import label_value
 from choral.scale.router import RouteHint
 from choral.server.app import create_app
+from choral.threads import default_num_threads
 
 REPLICA_HEADER = b"x-choral-replica"
 
@@ -34,7 +35,10 @@ class ChoralReplica:
     """A Serve replica serving one engine (see the module docstring)."""
 
     def __init__(self, config: ReplicaConfig):
-        engine = LLMEngine(dataclasses.replace(config.engine, num_threads=config.num_threads))
+        # Threads: the caller's, else the load-aware default (choral/threads.py) within the CPUs
+        # Ray reserved for this replica (replicas on one host must not oversubscribe it).
+        threads = config.engine.num_threads or min(config.max_threads, default_num_threads())
+        engine = LLMEngine(dataclasses.replace(config.engine, num_threads=threads))
         if engine.tokenizer is not None:
             engine.tokenizer.warm_up()
         # KV events feed the routers (record_routing_stats); nothing else here reads them.
@@ -44,6 +48,7 @@ class ChoralReplica:
                               strict=server.strict, tool_call_parser=server.tool_call_parser,
                               pooling=server.pooling)
         self.replica_id = str(serve.get_replica_context().replica_id.unique_id)
+        self.num_threads = threads
         self.kv_index = KvEventIndex()
         self.kv_version = 0
 
@@ -70,7 +75,8 @@ class ChoralReplica:
         """(replica id, this replica's /metrics text, with a ``choral_replica_info`` line first)."""
         text = (await asyncio.to_thread(self.app.state.metrics.render)).decode()
         info = (f"# HELP choral_replica_info This replica's process\n# TYPE choral_replica_info gauge\n"
-                f'choral_replica_info{{pid="{os.getpid()}",host="{label_value(socket.gethostname())}"}} 1\n')
+                f'choral_replica_info{{pid="{os.getpid()}",host="{label_value(socket.gethostname())}",'
+                f'threads="{self.num_threads}"}} 1\n')
         return self.replica_id, info + text
 
     def __del__(self) -> None:
