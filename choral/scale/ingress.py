@@ -103,8 +103,8 @@ class ChoralIngress:
         relay = asyncio.ensure_future(_relay(stream, send, is_sse))
         gone = asyncio.ensure_future(_disconnected(receive))
         await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not relay.done():  # the client left: stop the replica's work on it
-            stream.cancel()
+        if not relay.done() or relay.cancelled() or relay.exception() is not None:
+            stream.cancel()  # the client left (or could not be written to): stop the replica's work on it
             relay.cancel()
         gone.cancel()
         await asyncio.gather(relay, gone, return_exceptions=True)
