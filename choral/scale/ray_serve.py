@@ -108,7 +108,11 @@ def run(config: ReplicaConfig, host: str, port: int, address: str | None = None,
             serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": level})
             print(f"choral: starting {config.num_replicas} replicas of {config.engine.model!r} "
                   f"({config.routing.policy} routing) ...", flush=True)
-            serve.run(application(config), name=APP_NAME, route_prefix="/")
+            try:
+                serve.run(application(config), name=APP_NAME, route_prefix="/")
+            except RuntimeError as e:  # a replica that cannot start (its error is in the message and the logs)
+                print(f"choral serve: the replicas did not start: {e}", file=sys.stderr, flush=True)
+                return 1
             print(f"choral: serving {config.server.model_name!r} on http://{host}:{port}/v1 with "
                   f"{config.num_replicas} replicas; Ctrl-C stops", flush=True)
             threading.Event().wait()  # until a signal raises KeyboardInterrupt
