@@ -1,8 +1,9 @@
-"""Two choral replicas behind Ray Serve on this machine (one Ray cluster and one Serve app for the
-whole module): the official openai client (stream and not) and the API key, prefix-aware routing
-(20 prompts sharing a 256-token prefix land on one replica, counted from /metrics and response
-headers), and a killed replica: its in-flight stream ends with a clear 503 error, Serve replaces it
-and the service keeps answering. Skipped when Ray is not installed (pip install choral[ray])."""
+"""``choral serve --replicas 2`` on this machine (one local Ray cluster and one Serve app for the
+whole module, started as a user starts it): the official openai client (stream and not) and the
+API key, prefix-aware routing (20 prompts sharing a 256-token prefix land on one replica, counted
+from /metrics and response headers), a killed replica (its in-flight stream ends with a clear 503
+error, Serve replaces it and the service keeps answering), and SIGTERM (Serve and Ray stop, no
+process left behind). Skipped when Ray is not installed (pip install choral[ray])."""
 
 from __future__ import annotations
 
@@ -11,15 +12,19 @@ import random
 import re
 import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
+pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
@@ -36,22 +41,75 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def url() -> Iterator[str]:
-    from choral.scale.ray_serve import build_app
+@dataclass
+class Service:
+    url: str
+    process: subprocess.Popen[str]
 
+
+def _children() -> dict[int, list[int]]:
+    """ppid -> pids, from /proc."""
+    out: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return out
+
+
+def _descendants(pid: int) -> set[int]:
+    children, found, todo = _children(), set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    return {p for p in pids if Path(f"/proc/{p}").exists() and
+            not Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"}
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[Service]:
+    """``choral serve --replicas 2`` (a local Ray cluster on this machine's 2 CPUs), as a user runs it."""
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, configure_logging=False,
-             log_to_driver=False)
+    log = tempfile.TemporaryFile("w+")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "choral.cli", "serve", "--replicas", "2", "--port", str(port), "--api-key", KEY,
+         "--model", MODEL, "--kv-cache-tokens", "4096", "--max-model-len", "2048"],
+        stdout=log, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parent.parent)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
-        app = build_app(model=MODEL, replicas=2, api_key=KEY, cpus_per_replica=1.0, kv_cache_tokens=4096,
-                        max_model_len=2048)
-        serve.run(app, name="choral", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            log.seek(0)
+            if "Ctrl-C stops" in log.read():
+                break
+            time.sleep(0.5)
+        else:
+            log.seek(0)
+            pytest.fail(f"choral serve --replicas 2 did not start:\n{log.read()[-3000:]}")
+        yield Service(f"http://127.0.0.1:{port}", process)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if process.poll() is None:  # a test failed before the shutdown test: still stop everything
+            left = _descendants(process.pid)
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            for pid in _alive(left):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def url(service: Service) -> str:
+    return service.url
 
 
 def _replicas(url: str) -> dict[str, int]:
@@ -151,3 +209,27 @@ def test_a_killed_replica_fails_its_requests_clearly_and_is_replaced(url: str) -
     for _ in range(4):
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, headers=AUTH, timeout=60)
         assert r.status_code == 200
+
+
+def test_sigterm_stops_serve_and_ray_with_no_process_left(service: Service) -> None:
+    started = _descendants(service.process.pid)
+    assert len(started) >= 5  # Ray's head processes, the Serve controller and proxy, 3 replicas
+    service.process.send_signal(signal.SIGTERM)
+    assert service.process.wait(90) == 0
+    deadline = time.monotonic() + 30
+    while _alive(started) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive(started), [Path(f"/proc/{p}/cmdline").read_text() for p in _alive(started)]
+
+
+def test_build_app_validates_before_anything_starts() -> None:
+    from ray.serve import Application
+
+    from choral.errors import ConfigError
+    from choral.scale.ray_serve import build_app
+
+    assert isinstance(build_app(model=MODEL, replicas=3, routing="pow2", kv_cache_tokens=4096), Application)
+    with pytest.raises(ConfigError, match="unknown engine option"):
+        build_app(model=MODEL, replicas=2, kv_tokens=4096)
+    with pytest.raises(ConfigError, match="num_replicas"):
+        build_app(model=MODEL, replicas=0)
