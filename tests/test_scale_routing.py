@@ -9,7 +9,9 @@ import asyncio
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi import FastAPI, Request
@@ -312,3 +314,80 @@ def test_serve_refuses_what_replicas_do_not_support(argv: list[str], message: st
 
     assert main(["serve", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+# ---- the Serve router's glue, with stand-in replicas (no cluster) -----------------------------------
+@dataclass(frozen=True)
+class FakeId:
+    unique_id: str
+
+
+@dataclass
+class FakeReplica:
+    replica_id: FakeId
+    routing_stats: dict[str, object]
+
+
+@dataclass
+class FakeMeta:
+    internal_request_id: str
+
+
+@dataclass
+class FakePending:
+    kwargs: dict[str, object]
+    metadata: FakeMeta
+
+
+def _router(**routing: object) -> Any:
+    router_module = pytest.importorskip("choral.scale.router")
+    router = router_module.PrefixAwareRouter.__new__(router_module.PrefixAwareRouter)
+    router.initialize_state(**routing)
+    router._replicas = {}
+    return router
+
+
+def test_router_follows_reports_routed_prompts_loads_and_targets() -> None:
+    from choral.scale.router import RouteHint
+
+    router = _router(imbalance_threshold=1)
+    a, b = FakeReplica(FakeId("a"), {}), FakeReplica(FakeId("b"), {"kv_version": 1, "kv_hashes": [7, 8]})
+    router._replicas = {a.replica_id: a, b.replica_id: b}
+
+    def pick(hint: RouteHint, request_id: str = "r") -> str:
+        ranks = asyncio.run(router.choose_replicas([a, b], FakePending({"hint": hint}, FakeMeta(request_id))))
+        return str(ranks[0][0].replica_id.unique_id)
+
+    assert pick(RouteHint((7, 8, 9))) == "b"  # b reported 7 and 8
+    assert pick(RouteHint((1, 2))) == "a"  # nobody has it: the emptier cache
+    router.on_request_routed(FakePending({"hint": RouteHint((1, 2))}, FakeMeta("r1")), a.replica_id, None)
+    assert pick(RouteHint((1, 2, 3))) == "a"  # routed there a moment ago: assumed cached
+    router.on_request_routed(FakePending({"hint": RouteHint()}, FakeMeta("r2")), a.replica_id, None)
+    assert pick(RouteHint((1, 2, 3))) == "b"  # a has 2 in flight, b none: above the threshold of 1
+    router.on_request_completed(a.replica_id, "r2")
+    assert pick(RouteHint((1, 2, 3))) == "a"
+    assert [pick(RouteHint(target=i)) for i in range(3)] == ["a", "b", "a"]  # by position, ids sorted
+    b.routing_stats = {"kv_version": 2, "kv_hashes": []}  # b evicted its blocks
+    router._replicas = {a.replica_id: a, b.replica_id: b}
+    assert pick(RouteHint((7, 8))) == "b"  # nobody holds 7, 8 now: the least loaded (a still has r1)
+
+
+class FakeExecutor:
+    def __init__(self, running: bool) -> None:
+        self.is_running, self.shut_down = running, False
+
+    def shutdown(self, wait: bool = True) -> None:
+        self.shut_down = True
+
+
+def test_replica_health_check_fails_once_the_engine_loop_stopped() -> None:
+    replica_module = pytest.importorskip("choral.scale.replica")
+    replica = replica_module.ChoralReplica.__new__(replica_module.ChoralReplica)
+    replica.replica_id, replica.executor = "r1", FakeExecutor(True)
+    replica.check_health()
+    replica.executor = FakeExecutor(False)
+    with pytest.raises(RuntimeError, match="r1: the executor's loop is not running"):
+        replica.check_health()
+    executor = replica.executor
+    replica.__del__()  # Serve stopping the replica stops its engine
+    assert executor.shut_down
