@@ -15,7 +15,7 @@ threads) and 2 replicas get C/2 each, so the comparison is replicas at equal CPU
   ignored), ``--concurrency`` at a time; output tokens per second, repeated ``--repeats`` times.
 
     python benchmarks/bench_replicas.py [--groups 4] [--per-group 8] [--requests 32]
-        [--concurrency 8] [--repeats 2] [--cpus N]
+        [--concurrency 8] [--repeats 2] [--cpus N] [--threads N]
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="engine threads in every replica (default: the load-aware default within its CPUs)")
     args = parser.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -102,7 +104,8 @@ def main() -> None:
         for setup in SETUPS:
             load_before = os.getloadavg()[0]
             app = build_app(model=MODEL, replicas=setup.replicas, routing=setup.routing,
-                            cpus_per_replica=args.cpus / setup.replicas, kv_cache_tokens=8192, max_model_len=2048)
+                            cpus_per_replica=args.cpus / setup.replicas, kv_cache_tokens=8192, max_model_len=2048,
+                            num_threads=args.threads)
             serve.run(app, name="bench", route_prefix="/")
             threads = re.findall(r'choral_replica_info\{[^}]*threads="(\d+)"', httpx.get(f"{url}/metrics").text)
             hit, best = prefix_hit_rate(url, args.groups, args.per_group, seed=1)
