@@ -129,31 +129,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from choral.server.limits import ServerLimits
 
+    scale_flags = [flag for flag, value in (("--routing", args.routing), ("--replica-cpus", args.replica_cpus),
+                                            ("--ray-address", args.ray_address)) if value is not None]
+    if args.replicas < 1:
+        print(f"choral serve: --replicas {args.replicas}: must be at least 1", file=sys.stderr)
+        return 2
+    if args.replicas == 1 and scale_flags:
+        print(f"choral serve: {', '.join(scale_flags)} only apply with --replicas N > 1", file=sys.stderr)
+        return 2
+
     limits = ServerLimits(
         max_request_bytes=args.max_request_bytes, max_json_items=args.max_json_items,
         max_prompt_chars=args.max_prompt_chars, max_prompts=args.max_prompts, max_n=args.max_n,
         max_logit_bias=args.max_logit_bias, max_stop=args.max_stop, max_template_chars=args.max_template_chars,
         template_timeout_s=args.template_timeout, prep_workers=args.prep_workers)
 
+    if args.replicas > 1:
+        return _serve_replicas(args, name, limits, loras)
+
     def build() -> object:
         from choral.config import EngineConfig
         from choral.engine.llm_engine import LLMEngine
-        from choral.executor import BatchingStrategy, Executor, ExecutorConfig, KvPolicy
+        from choral.executor import Executor
         from choral.server.app import create_app
-        from choral.speculative import SpeculativeConfig
 
-        speculative = None  # checked before the model loads
-        method = args.speculative if args.speculative is not None else "draft" if args.draft_model else "off"
-        if method != "off":
-            speculative = SpeculativeConfig(method=method, k=args.spec_k, p_min=args.spec_p_min)
+        config = _executor_config(args)  # checked before the model loads
         engine = LLMEngine(EngineConfig.from_kwargs(**engine_options(args)))
         for lora_name, lora_path in loras:
             engine.core.load_lora(lora_name, lora_path)
         if engine.tokenizer is not None:
             engine.tokenizer.warm_up()  # chat templates need transformers: import it before the first request
-        config = ExecutorConfig(strategy=BatchingStrategy(args.strategy), kv_policy=KvPolicy(args.kv_policy),
-                                max_queue_size=args.max_queue_size, enable_prefix_cache=not args.no_prefix_cache,
-                                speculative=speculative)
         executor = Executor(engine, config)
         app = create_app(executor, name, api_key=args.api_key, limits=limits, strict=args.strict,
                          tool_call_parser=args.tool_call_parser, pooling=args.pooling)
@@ -181,6 +186,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if app.app is not None:
         app.app.state.executor.shutdown(wait=False)
     return 1 if app.error is not None else 0
+
+
+def _executor_config(args: argparse.Namespace) -> Any:
+    """serve's executor options as an ExecutorConfig (validated now, before any model loads)."""
+    from choral.executor import BatchingStrategy, ExecutorConfig, KvPolicy
+    from choral.speculative import SpeculativeConfig
+
+    speculative = None
+    method = args.speculative if args.speculative is not None else "draft" if args.draft_model else "off"
+    if method != "off":
+        speculative = SpeculativeConfig(method=method, k=args.spec_k, p_min=args.spec_p_min)
+    return ExecutorConfig(strategy=BatchingStrategy(args.strategy), kv_policy=KvPolicy(args.kv_policy),
+                          max_queue_size=args.max_queue_size, enable_prefix_cache=not args.no_prefix_cache,
+                          speculative=speculative)
+
+
+def _serve_replicas(args: argparse.Namespace, name: str, limits: Any, loras: list[tuple[str, str]]) -> int:
+    """``choral serve --replicas N``: N engines as Ray Serve replicas (docs/scale-out.md)."""
+    import os
+
+    if importlib.util.find_spec("ray") is None:
+        print("choral serve: --replicas needs Ray Serve, which is not installed: pip install 'choral[ray]'",
+              file=sys.stderr)
+        return 2
+    if loras or args.enable_lora:
+        print("choral serve: --lora / --enable-lora are not supported with --replicas yet (an adapter loaded at "
+              "run time would reach one replica only)", file=sys.stderr)
+        return 2
+    from choral.config import EngineConfig
+    from choral.scale.config import ReplicaConfig, RoutingConfig, ServerOptions
+    from choral.scale.ray_serve import run
+
+    cpus = args.replica_cpus
+    if cpus is None:  # a local cluster: the machine shared out; an existing cluster: one CPU each
+        cpus = 1.0 if args.ray_address else (os.cpu_count() or 1) / args.replicas
+    config = ReplicaConfig(
+        num_replicas=args.replicas, engine=EngineConfig.from_kwargs(**engine_options(args)),
+        executor=_executor_config(args),
+        server=ServerOptions(model_name=name, api_key=args.api_key, limits=limits, strict=args.strict,
+                             tool_call_parser=args.tool_call_parser, pooling=args.pooling),
+        routing=RoutingConfig(policy=args.routing or "prefix"), cpus_per_replica=cpus,
+        graceful_timeout_s=float(args.graceful_timeout))
+    return run(config, args.host, args.port, address=args.ray_address, log_level=args.log_level)
 
 
 class _GracefulServer:
@@ -431,6 +479,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "quantized copy of the model); requests use it with speculative={'method': 'draft'}")
     serve.add_argument("--draft-weights", default="auto", choices=["auto", "native", "dequantize"],
                        help="how the draft model's quantized weights run (default: auto)")
+    rep = serve.add_argument_group("replicas (Ray Serve; docs/scale-out.md)")
+    rep.add_argument("--replicas", type=int, default=1,
+                     help="serve N engines as Ray Serve replicas behind this one endpoint, with prefix-aware "
+                          "routing; needs choral[ray] (default: 1, a single process without Ray)")
+    rep.add_argument("--routing", default=None, choices=["prefix", "pow2"],
+                     help="prefix = to the replica caching the prompt's prefix, the least loaded when loads "
+                          "differ by more than 8 requests; pow2 = Serve's power of two choices (default: prefix)")
+    rep.add_argument("--replica-cpus", type=float, default=None,
+                     help="CPUs Ray reserves per replica; the engine's threads default to it (default: this "
+                          "machine's CPUs / N, or 1 on an existing cluster)")
+    rep.add_argument("--ray-address", default=None,
+                     help="join this Ray cluster (e.g. auto) instead of starting a local one")
     serve.add_argument("--graceful-timeout", type=int, default=10,
                        help="seconds in-flight requests may finish after SIGTERM (default: 10)")
     serve.add_argument("--log-level", default="warning", help="uvicorn log level (default: warning)")

@@ -37,6 +37,15 @@ def test_help_is_light() -> None:
     assert not _imported_after(code).intersection(HEAVY)
 
 
+def test_the_plain_server_does_not_import_ray() -> None:
+    """Ray is the optional extra of ``choral serve --replicas``; the single server never loads it."""
+    assert "ray" not in _imported_after("import choral.server.app, choral.server.loading, choral.scale.config")
+    code = ("import contextlib, io\nfrom choral.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "    main(['serve', '--help'])")
+    assert "ray" not in _imported_after(code)
+
+
 def test_lazy_names_resolve() -> None:
     import choral
 

@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 
 from choral.errors import KvCacheExhaustedError
 
+# The parent of a chain's first block (no salt): any fixed int; not None, whose hash varies per process.
+ROOT_HASH = 0x63686F72616C  # "choral" in ASCII; any fixed int would do
+
 
 def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
     """ceil(num_tokens / block_size): blocks a sequence of ``num_tokens`` holds."""
@@ -168,8 +171,13 @@ class BlockPool:
     # ---- prefix cache ---------------------------------------------------------------------
     @staticmethod
     def chain_hash(parent_hash: int | None, token_ids: Sequence[int]) -> int:
-        """Hash of a full block given the hash of the block before it (None for the first)."""
-        return hash((parent_hash, tuple(token_ids)))
+        """Hash of a full block given the hash of the block before it (None for the first).
+
+        Python's tuple hash over ints only: ints are not salted by PYTHONHASHSEED, so every
+        process of one Python version computes the same chain (a replica router hashes prompts
+        exactly as the replicas' pools do, docs/scale-out.md). ``hash(None)`` is an address in
+        Python 3.11, so the first block's parent is the constant ``ROOT_HASH`` instead."""
+        return hash((ROOT_HASH if parent_hash is None else parent_hash, tuple(token_ids)))
 
     def register(self, block_id: int, block_hash: int, token_ids: Sequence[int]) -> None:
         """Record that full block ``block_id`` holds ``token_ids`` after prefix ``block_hash``."""

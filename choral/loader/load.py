@@ -111,16 +111,8 @@ def load_model(model: str, dtype: str, device: str, max_model_len: int | None, w
             decoder.load_weights(source.iter_tensors(keep_packed=native))
         else:
             decoder.load_weights(source.iter_tensors())
-    digest = None
-    if isinstance(source, GGUFModelFile):
-        has_vocab = "tokenizer.ggml.model" in source.metadata
-        digest = source.reader.kv_digest
-    else:
-        has_vocab = True
     with step("loading the tokenizer"):
-        arch = source.architecture
-        tokenizer = Tokenizer.from_model_path(path, source.eos_token_ids, digest, arch.stop_tokens,
-                                              arch.default_chat_template) if has_vocab else None
+        tokenizer = _tokenizer_of(path, source)
     eos = tokenizer.eos_token_ids if tokenizer else tuple(source.eos_token_ids)
     if native:
         _return_freed_memory()
@@ -131,6 +123,29 @@ def load_model(model: str, dtype: str, device: str, max_model_len: int | None, w
     logger.info("loaded %s (%s, %s, %s weights) in %.1f s", path, spec.architecture, torch_dtype,
                 "native" if native else "dequantized", time.perf_counter() - start)
     return LoadedModel(path, spec, decoder, tokenizer, eos, digest)
+
+
+def load_tokenizer(model: str) -> Tokenizer | None:
+    """``model``'s tokenizer and chat template exactly as :func:`load_model` builds them, without
+    the weights (a replica router tokenizes prompts as its replicas do); None when it has none."""
+    path = resolve_model_path(model)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"{path}: a model file must be .gguf (or pass an HF model directory)")
+        return _tokenizer_of(path, GGUFModelFile(path))
+    return _tokenizer_of(path, HFModelDir(path))
+
+
+def _tokenizer_of(path: Path, source: GGUFModelFile | HFModelDir) -> Tokenizer | None:
+    digest = None
+    if isinstance(source, GGUFModelFile):
+        has_vocab = "tokenizer.ggml.model" in source.metadata
+        digest = source.reader.kv_digest
+    else:
+        has_vocab = True
+    arch = source.architecture
+    return Tokenizer.from_model_path(path, source.eos_token_ids, digest, arch.stop_tokens,
+                                     arch.default_chat_template) if has_vocab else None
 
 
 def _native_weights(source: GGUFModelFile | HFModelDir, weights: str, quantization: str | None, dtype: str,
