@@ -32,6 +32,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="tokens per forward, prompt chunks + decodes (default: 2048)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split the model over N processes (CPU: gloo; CUDA: one GPU each, NCCL) (default: 1)")
     g.add_argument("--weights", default="auto", choices=["auto", "native", "dequantize"],
                    help="quantized weights: native = kept packed (CPU integer kernels), dequantize = "
                         "converted to --dtype at load; auto = native for quantized models on the CPU")
@@ -44,6 +46,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, object]:
                 block_size=args.block_size, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, num_threads=args.threads,
                 weights=args.weights, quantization=args.quantization,
+                tensor_parallel_size=args.tensor_parallel_size,
                 # serve's LoRA options (other commands have none: no adapter can be named there)
                 enable_lora=getattr(args, "enable_lora", False) or bool(getattr(args, "lora", None)),
                 max_loras=getattr(args, "max_loras", 4), max_lora_rank=getattr(args, "max_lora_rank", 16),
@@ -185,6 +188,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server.run()
     if app.app is not None:
         app.app.state.executor.shutdown(wait=False)
+        app.app.state.executor.engine.close()  # tensor-parallel workers, if any
     return 1 if app.error is not None else 0
 
 

@@ -51,6 +51,11 @@ class EngineConfig:
             of the target). Loaded next to the target with its own KV cache of the same size;
             requests use it with ``speculative={"method": "draft"}``. None: no draft model.
         draft_weights: ``weights`` for the draft model (``auto``: native for a quantized GGUF).
+        tensor_parallel_size: ranks (processes) one forward is split over (docs/scale-out.md):
+            each holds a share of the attention heads and MLP columns and its own K/V for them,
+            on the CPU (gloo) or one GPU each (``cuda``: NCCL, ranks on cuda:0 .. N-1). 1: one
+            process, today's path. Above 1 weights are dequantized (not ``native``, no
+            ``quantization``) and LoRA is not available.
     """
 
     model: str = DEFAULT_MODEL
@@ -72,6 +77,7 @@ class EngineConfig:
     max_lora_rank: int = 16
     draft_model: str | None = None
     draft_weights: str = "auto"
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -118,8 +124,31 @@ class EngineConfig:
             raise ConfigError(f"draft_weights: {self.draft_weights!r} is not one of {', '.join(WEIGHTS)}")
         if self.draft_weights == "native" and (self.device != "cpu" or self.dtype not in ("auto", "float32")):
             raise ConfigError("draft_weights: native quantized weights run on the CPU in float32")
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
+        if self.tensor_parallel_size > 1:
+            self._check_tensor_parallel()
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"seed: must be an int, got {self.seed!r}")
+
+    def _check_tensor_parallel(self) -> None:
+        n = self.tensor_parallel_size
+        if self.weights == "native" or self.quantization is not None:
+            raise ConfigError(f"tensor_parallel_size={n}: quantized weights kept packed cannot be split over "
+                              "ranks yet; use weights='dequantize' (or 'auto') and no quantization")
+        if self.enable_lora:
+            raise ConfigError(f"tensor_parallel_size={n}: LoRA adapters are not supported under tensor "
+                              "parallelism; use tensor_parallel_size=1 to serve adapters")
+        if self.draft_model is not None:
+            raise ConfigError(f"tensor_parallel_size={n}: a draft model is not supported under tensor "
+                              "parallelism (n-gram speculation is); use tensor_parallel_size=1 for draft_model")
+        if self.device.startswith("cuda:") and self.device != "cuda:0":
+            raise ConfigError(f"tensor_parallel_size={n}: ranks run on cuda:0 .. cuda:{n - 1}; pass device='cuda'")
+
+    @property
+    def load_weights(self) -> str:
+        """How the weights are loaded: ``weights``, except that tensor parallelism always
+        dequantizes (``auto`` would keep a quantized GGUF packed on the CPU)."""
+        return "dequantize" if self.tensor_parallel_size > 1 else self.weights
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

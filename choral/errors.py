@@ -127,6 +127,12 @@ class ExecutorLoopError(ChoralError, RuntimeError):
     finished fails with this, and the executor accepts no more."""
 
 
+class TensorParallelError(ChoralError):
+    """A tensor-parallel worker process died, failed to start, or stopped answering within the
+    timeout: the engine cannot run another step (requests in flight fail with this as the cause);
+    the message names the rank and how it ended. Start a new engine."""
+
+
 class LoraError(ChoralError):
     """A LoRA adapter could not be used: its files are malformed, or it does not fit the base model
     (a module choral cannot adapt, a shape or rank that does not match); the message names it."""

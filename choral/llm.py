@@ -45,7 +45,8 @@ class LLM:
             KV cache is sized by ``kv_cache_tokens`` / ``kv_cache_memory_bytes`` (a warning says so).
         enforce_eager: accepted; choral always runs eagerly (no graph capture).
         trust_remote_code: accepted; choral never runs code from a model's files.
-        tensor_parallel_size, pipeline_parallel_size: 1 (one device).
+        tensor_parallel_size: split the model over this many processes (docs/scale-out.md); 1 by default.
+        pipeline_parallel_size: 1 (pipeline parallelism is not supported).
         quantization: ``q8_0`` or ``q4_0`` (EngineConfig.quantization: quantize at load, run natively).
         device, kv_cache_tokens, kv_cache_memory_bytes, num_threads, attention_backend: choral's own
             :class:`~choral.config.EngineConfig` fields. An unknown keyword is an error.
@@ -301,10 +302,14 @@ class LLM:
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the executor (what still runs is cancelled). A later ``generate`` starts a new one."""
+        """Stop the executor (what still runs is cancelled). A later ``generate`` starts a new one,
+        except under tensor parallelism: there ``close`` also stops the worker processes, and the
+        LLM cannot generate afterwards."""
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=False)
+        if self.engine.config.tensor_parallel_size > 1:
+            self.engine.close()
 
     def __enter__(self) -> LLM:
         return self

@@ -53,9 +53,9 @@ class VllmOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name}: must be a positive int, got {value!r}")
-            if value > 1:
-                raise ConfigError(f"{name}={value}: choral runs a model on one device; multi-device "
-                                  "parallelism is not supported yet (use 1)")
+        if self.pipeline_parallel_size > 1:
+            raise ConfigError(f"pipeline_parallel_size={self.pipeline_parallel_size}: pipeline parallelism is not "
+                              "supported (use 1; tensor_parallel_size splits a model over processes)")
         if self.quantization is not None and "quantization" not in _engine_fields():
             raise ConfigError(f"quantization={self.quantization!r}: choral has no quantized weight path to "
                               "choose yet; GGUF weights are dequantized to dtype at load (leave quantization unset)")
@@ -98,6 +98,8 @@ def engine_config(model: str, dtype: Any, seed: int | None, vllm: VllmOptions, o
         raise ConfigError("gpu_memory_utilization: give it or kv_cache_tokens / kv_cache_memory_bytes, not both")
     if seed is not None:
         options = {**options, "seed": seed}
+    if vllm.tensor_parallel_size != 1:
+        options = {**options, "tensor_parallel_size": vllm.tensor_parallel_size}
     if vllm.quantization is not None:  # EngineConfig checks the method (it exists since it has the field)
         options = {**options, "quantization": vllm.quantization}
     config = EngineConfig.from_kwargs(model=model, dtype=_dtype_name(dtype), **options)
@@ -128,8 +130,10 @@ def build_engine(config: EngineConfig, vllm: VllmOptions) -> LLMEngine:
     from choral.engine.llm_engine import LLMEngine
     from choral.loader.load import load_model
 
+    tp = config.tensor_parallel_size  # rank 0's shard; one process: the call as it always was
+    split = {"tp_rank": 0, "tp_size": tp} if tp > 1 else {}
     loaded = load_model(config.model, config.dtype, config.device, config.max_model_len,
-                        config.weights, config.quantization)
+                        config.load_weights, config.quantization, **split)
     if vllm.skip_tokenizer_init:
         loaded = dataclasses.replace(loaded, tokenizer=None)
     elif vllm.tokenizer is not None:

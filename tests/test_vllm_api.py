@@ -75,8 +75,9 @@ def test_gpu_memory_utilization_on_cpu_warns(tiny_models, caplog) -> None:  # ty
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"tensor_parallel_size": 2}, "tensor_parallel_size=2: choral runs a model on one device"),
-    ({"pipeline_parallel_size": 4}, "pipeline_parallel_size=4"),
+    ({"tensor_parallel_size": 2, "quantization": "q8_0"}, "tensor_parallel_size=2: quantized weights kept packed"),
+    ({"tensor_parallel_size": 8}, "tensor_parallel_size: 8 ranks for 4 attention heads"),
+    ({"pipeline_parallel_size": 4}, "pipeline_parallel_size=4: pipeline parallelism is not supported"),
     ({"quantization": "awq"}, "quantization: 'awq'|quantization='awq'"),
     ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype: 'fp8' is not supported"),
     ({"revision": "main"}, "revision: choral never downloads"),

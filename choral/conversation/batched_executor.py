@@ -79,6 +79,9 @@ def _build_engine(model: Any, options: dict[str, Any]) -> LLMEngine:
     if not options:
         return model  # share its pool, runner and sampler
     EngineConfig.from_kwargs(**options)  # unknown names are an error
+    if model.loaded.tensor_parallel_size > 1 or options.get("tensor_parallel_size", 1) > 1:
+        raise ConfigError(f"{', '.join(sorted(options))}: a BatchedExecutor over a tensor-parallel engine shares "
+                          "its KV cache and workers; pass no options (or load a new engine with them)")
     fixed = sorted(set(options) & set(_WEIGHT_OPTIONS))
     if fixed:
         raise ConfigError(f"{', '.join(fixed)}: fixed by the loaded model; load a new one to change it")
@@ -101,6 +104,8 @@ class BatchedExecutor:
 
     def __init__(self, model: Any = DEFAULT_MODEL, **options: Any):
         self._engine = _build_engine(model, options)
+        # An engine built here is ours to close (its tensor-parallel workers, if any).
+        self._owns_engine = isinstance(model, str)
         self._lock = self._engine.core.lock  # shared with every other client of the core
         self._conversations: dict[int, Conversation] = {}
         self._queue: list[Conversation] = []  # conversations with pending tokens, in prompt order
@@ -339,6 +344,8 @@ class BatchedExecutor:
             for conversation in list(self._conversations.values()):
                 conversation.close()
             self._closed = True
+        if self._owns_engine:
+            self._engine.close()
 
     def __enter__(self) -> BatchedExecutor:
         return self

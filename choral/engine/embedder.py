@@ -45,6 +45,9 @@ class Embedder:
     def embed(self, inputs: Sequence[Sequence[int]], pooling: str = "last",
               normalize: bool = True) -> list[torch.Tensor]:
         """One [hidden] fp32 vector per input. InvalidRequestError names a bad input."""
+        if self.loaded.tensor_parallel_size > 1:
+            raise InvalidRequestError("embeddings: not available under tensor parallelism (the weights here are "
+                                      "one rank's shard); serve embeddings from a tensor_parallel_size=1 engine")
         if pooling not in POOLINGS:
             raise InvalidRequestError(f"pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
         vocab = self.loaded.spec.vocab_size

@@ -33,12 +33,50 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.config = config
-        if config.num_threads is not None:
-            torch.set_num_threads(config.num_threads)
-        elif torch.device(config.device).type == "cpu":
-            torch.set_num_threads(default_num_threads())  # fewer when other processes hold the cores
+        tp = config.tensor_parallel_size
+        threads = config.num_threads
+        if threads is None and torch.device(config.device).type == "cpu":
+            # fewer when other processes hold the cores; tensor-parallel ranks share them
+            threads = max(1, default_num_threads() // tp)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        # Rank 0 loads first: a model the ranks cannot split is refused before any process starts.
+        split = {"tp_rank": 0, "tp_size": tp} if tp > 1 else {}
         self.loaded = loaded or load_model(config.model, config.dtype, config.device, config.max_model_len,
-                                             config.weights, config.quantization)
+                                           config.load_weights, config.quantization, **split)
+        self._check_split(config)
+        self._size_kv(config)
+        if tp > 1:  # imported here: one process never loads torch.distributed
+            from choral.engine.tp_runner import TensorParallelLaunch
+
+            launch = TensorParallelLaunch(config, self.kv_size, torch.get_num_threads())
+            try:
+                runner: ModelRunner = launch.finish(self.loaded, self.kv_size)
+            except BaseException:
+                launch.abort()
+                raise
+        else:
+            runner = ModelRunner(self.loaded, self.kv_size, config.attention_backend,
+                                 max_loras=config.max_loras if config.enable_lora else 0,
+                                 max_lora_rank=config.max_lora_rank)
+        self.logits_processors = LogitsProcessorRegistry()
+        sampler = Sampler(runner.device, config.seed, self.eos_token_ids, self.logits_processors)
+        draft = self._load_draft() if config.draft_model is not None else None
+        self.core = EngineCore(runner, KvCache(BlockPool(self.kv_size.num_blocks, config.block_size)), sampler,
+                               draft=draft)
+        self._grammars: GrammarCompiler | None = None
+        logger.info("choral: KV cache %d tokens (%d blocks of %d), %.1f MiB; %d CPU threads",
+                    self.kv_size.num_tokens, self.kv_size.num_blocks, config.block_size,
+                    self.kv_size.num_bytes / 2**20, torch.get_num_threads())
+
+    def _check_split(self, config: EngineConfig) -> None:
+        if self.loaded.tensor_parallel_size != config.tensor_parallel_size:
+            raise ConfigError(f"tensor_parallel_size: the loaded weights are split for "
+                              f"{self.loaded.tensor_parallel_size} rank(s), the engine is configured for "
+                              f"{config.tensor_parallel_size}; load the model again")
+
+    def _size_kv(self, config: EngineConfig) -> None:
+        """The context limit and the KV pool's size (every rank's pool has as many blocks)."""
         spec = self.loaded.spec
         self.max_model_len = config.max_model_len or spec.max_position_embeddings
         if self.max_model_len > spec.max_position_embeddings:
@@ -55,18 +93,11 @@ class LLMEngine:
             )
         check_fits({"KV cache": self.kv_size.num_bytes}, self.loaded.model.device,
                    "lower kv_cache_tokens (or kv_cache_memory_bytes) or max_model_len")
-        runner = ModelRunner(self.loaded, self.kv_size, config.attention_backend,
-                             max_loras=config.max_loras if config.enable_lora else 0,
-                             max_lora_rank=config.max_lora_rank)
-        self.logits_processors = LogitsProcessorRegistry()
-        sampler = Sampler(runner.device, config.seed, self.eos_token_ids, self.logits_processors)
-        draft = self._load_draft() if config.draft_model is not None else None
-        self.core = EngineCore(runner, KvCache(BlockPool(self.kv_size.num_blocks, config.block_size)), sampler,
-                               draft=draft)
-        self._grammars: GrammarCompiler | None = None
-        logger.info("choral: KV cache %d tokens (%d blocks of %d), %.1f MiB; %d CPU threads",
-                    self.kv_size.num_tokens, self.kv_size.num_blocks, config.block_size,
-                    self.kv_size.num_bytes / 2**20, torch.get_num_threads())
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (the engine cannot step afterwards). With one
+        process there is nothing to release: the engine lives until garbage collection."""
+        self.core.runner.close()
 
     def _load_draft(self) -> DraftModel:
         """The draft model (config.draft_model), checked to share the target's tokenizer, with a

@@ -212,6 +212,10 @@ class ModelRunner:
             row_slots.extend([slot] * len(c.token_ids))
         return LoraBatch(self.lora_slots, row_slots, self.device)
 
+    def close(self) -> None:
+        """Release what lives outside this process: nothing for one process (a tensor-parallel
+        runner stops its workers)."""
+
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy K/V of block ``src`` into ``dst`` for every (src, dst): copy-on-write."""
         if not pairs:

@@ -58,6 +58,8 @@ class Executor:
             self.engine = model
         else:
             self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **engine_options))
+        # An engine built here is ours to close at shutdown (its tensor-parallel workers, if any).
+        self._owns_engine = not isinstance(model, LLMEngine)
         core = self.engine.core
         with core.lock:
             core.kv.pool.record_events = self.config.record_kv_events
@@ -215,6 +217,8 @@ class Executor:
             q.cond.notify_all()
         if threading.current_thread() is not self._loop.thread:  # a callback: the loop ends after it returns
             self._loop.thread.join()
+            if self._owns_engine:
+                self.engine.close()
 
     def __enter__(self) -> Executor:
         return self

@@ -5,18 +5,20 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from choral.distributed.shard import plan_shards
 from choral.errors import ConfigError, ModelLoadError
 from choral.loader.gguf_file import GGUFModelFile
 from choral.loader.hf_dir import HFModelDir
 from choral.loader.memory import check_fits
 from choral.loader.resolve import resolve_model_path
 from choral.models.spec import ModelSpec
-from choral.models.transformer import DecoderModel
+from choral.models.transformer import DecoderModel, Weight
 from choral.progress import step
 from choral.quant.kernels import kernel_available
 from choral.quant.quantize import quantize_tensors
@@ -38,6 +40,9 @@ class LoadedModel:
     tokenizer: Tokenizer | None
     eos_token_ids: tuple[int, ...]
     weights_digest: str  # identifies the weights (file size + mtime + spec) for fingerprints
+    # > 1: ``model`` holds one tensor-parallel rank's shard (its spec is the shard's, ``spec`` the
+    # whole model's); its forward is only right inside the group (choral/engine/tp_runner.py).
+    tensor_parallel_size: int = 1
 
     @property
     def weights_mode(self) -> str:
@@ -83,10 +88,12 @@ def _check_memory(path: Path, source: GGUFModelFile | HFModelDir, spec: ModelSpe
 
 
 def load_model(model: str, dtype: str, device: str, max_model_len: int | None, weights: str = "auto",
-               quantization: str | None = None) -> LoadedModel:
+               quantization: str | None = None, tp_rank: int = 0, tp_size: int = 1) -> LoadedModel:
     """Resolve and load ``model`` (a bundled name, a .gguf file or an HF directory).
 
-    ``weights`` and ``quantization`` as in EngineConfig (already validated against each other)."""
+    ``weights`` and ``quantization`` as in EngineConfig (already validated against each other).
+    ``tp_size`` > 1: load only tensor-parallel rank ``tp_rank``'s slices (choral/distributed/shard.py;
+    dequantized weights only)."""
     start = time.perf_counter()
     path = resolve_model_path(model)
     dev = pick_device(device)
@@ -100,17 +107,24 @@ def load_model(model: str, dtype: str, device: str, max_model_len: int | None, w
     native = _native_weights(source, weights, quantization, dtype, dev)
     torch_dtype = torch.float32 if native else pick_dtype(dtype, dev)
     spec = source.spec
+    shard = plan_shards(spec, tp_size)[tp_rank] if tp_size > 1 else None
     max_positions = max_model_len or spec.max_position_embeddings
     _check_memory(path, source, spec, torch_dtype, dev, max_positions)
     mode = "native" if native else "dequantized"
     with step(f"loading {path.name} ({spec.architecture}, {torch_dtype}, {mode} weights)"):
-        decoder = DecoderModel(spec, torch_dtype, dev, max_positions, native=native)
+        if shard is not None and native:
+            raise ConfigError("tensor_parallel_size: quantized weights kept packed cannot be split over ranks; "
+                              "use weights='dequantize'")
+        decoder = DecoderModel(spec if shard is None else shard.local_spec(spec), torch_dtype, dev, max_positions,
+                               native=native)
+        tensors: Iterable[tuple[str, Weight]]
         if quantization is not None:
-            decoder.load_weights(quantize_tensors(source.iter_tensors(), quantization))
+            tensors = quantize_tensors(source.iter_tensors(), quantization)
         elif isinstance(source, GGUFModelFile):
-            decoder.load_weights(source.iter_tensors(keep_packed=native))
+            tensors = source.iter_tensors(keep_packed=native)
         else:
-            decoder.load_weights(source.iter_tensors())
+            tensors = source.iter_tensors()
+        decoder.load_weights(tensors if shard is None else shard.select(spec, tensors))
     with step("loading the tokenizer"):
         tokenizer = _tokenizer_of(path, source)
     eos = tokenizer.eos_token_ids if tokenizer else tuple(source.eos_token_ids)
@@ -122,7 +136,7 @@ def load_model(model: str, dtype: str, device: str, max_model_len: int | None, w
         digest += f":{quantization}"
     logger.info("loaded %s (%s, %s, %s weights) in %.1f s", path, spec.architecture, torch_dtype,
                 "native" if native else "dequantized", time.perf_counter() - start)
-    return LoadedModel(path, spec, decoder, tokenizer, eos, digest)
+    return LoadedModel(path, spec, decoder, tokenizer, eos, digest, shard.world if shard is not None else 1)
 
 
 def load_tokenizer(model: str) -> Tokenizer | None:

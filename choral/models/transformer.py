@@ -14,7 +14,7 @@ GeGLU, scaled embeddings, its query scale and (1 + weight) norms (folded into th
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -99,6 +99,10 @@ class DecoderModel:
         self._norm_kernel = RmsNorm.load(dtype) if cpu else None
         self._rope_kv_kernel = RopeKv.load(dtype) if cpu and RopeKv.supports(spec.head_dim) else None
         self._act_kernel = SiluMul.load(dtype) if cpu and spec.hidden_act == "silu" else None
+        # Tensor parallelism (choral/distributed/shard.py): this model holds one rank's heads and MLP
+        # columns, so o_proj's and down's outputs are partial sums; this sums them over the ranks,
+        # in place. None: the whole model, nothing to sum.
+        self.all_reduce: Callable[[torch.Tensor], None] | None = None
 
     # ---- loading -------------------------------------------------------------------------
     def load_weights(self, tensors: Iterable[tuple[str, Weight]]) -> None:
@@ -355,6 +359,8 @@ class DecoderModel:
             out = w.o(attn)  # [T, hidden]
             if lora is not None:
                 lora.add(out, attn, i, "o")
+            if self.all_reduce is not None:
+                self.all_reduce(out)  # [T, hidden]: the ranks' partial o_proj sums -> the full output
             if w.attn_out_norm is not None:
                 out = self._norm(out, w.attn_out_norm)
             hidden = hidden + out
@@ -366,6 +372,8 @@ class DecoderModel:
             out = w.down(act)
             if lora is not None:
                 lora.add(out, act, i, "down")
+            if self.all_reduce is not None:
+                self.all_reduce(out)  # the ranks' partial down sums
             if w.mlp_out_norm is not None:
                 out = self._norm(out, w.mlp_out_norm)
             hidden = hidden + out
