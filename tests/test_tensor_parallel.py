@@ -288,3 +288,83 @@ def test_close_stops_every_worker(tiny_models) -> None:  # type: ignore[no-untyp
     with pytest.raises(TensorParallelError, match="closed"):
         with ex.engine.core.lock:
             ex.engine.runner.execute([Chunk([1], 0, [0])])
+
+
+# ---- the shared-memory all-reduce (CHORAL_TP_ALLREDUCE=shm) --------------------------------------------
+def test_shm_all_reduce_sums_bitwise_alike_on_every_rank() -> None:
+    from choral.distributed.shm_all_reduce import ShmAllReduce, create_segment
+
+    world, slot = 3, 4096
+    path = create_segment(world, slot)
+    ranks = [ShmAllReduce(path, r, world, slot, timeout_s=30) for r in range(world)]
+    os.unlink(path)
+    g = torch.Generator().manual_seed(0)
+    rounds = [[torch.randn(5, 7, generator=g).to(dtype) for _ in range(world)]
+              for dtype in (torch.float32, torch.bfloat16, torch.float32)]
+    results: list[list[torch.Tensor]] = [[] for _ in range(world)]
+
+    def run(rank: int) -> None:
+        for inputs in rounds:  # several rounds: the slots are reused only after every rank read them
+            t = inputs[rank].clone()
+            ranks[rank].all_reduce(t)
+            results[rank].append(t)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for i, inputs in enumerate(rounds):
+        expected = inputs[0] + inputs[1] + inputs[2]  # rank order, as every rank sums
+        for rank in range(world):
+            assert torch.equal(results[rank][i], expected)
+    assert ranks[0].fits(torch.empty(1024)) and not ranks[0].fits(torch.empty(1025))
+    for r in ranks:
+        r.close()
+
+
+def test_shm_all_reduce_wait_runs_the_liveness_check() -> None:
+    from choral.distributed.shm_all_reduce import ShmAllReduce, create_segment
+
+    path = create_segment(2, 256)
+    calls = []
+
+    def peer_is_gone() -> None:
+        calls.append(1)
+        raise RuntimeError("peer gone")
+
+    alone = ShmAllReduce(path, 0, 2, 256, timeout_s=30, check=peer_is_gone)
+    os.unlink(path)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="peer gone"):
+        alone.all_reduce(torch.ones(4))
+    assert calls and time.monotonic() - started < 5
+    alone.close()
+
+
+def test_unknown_all_reduce_is_refused(tiny_models, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("CHORAL_TP_ALLREDUCE", "mpi")
+    with pytest.raises(ConfigError, match="CHORAL_TP_ALLREDUCE: 'mpi' is not one of gloo, shm"):
+        LLM(str(tiny_models["llama"][0]), dtype="float32", max_model_len=64, tensor_parallel_size=2)
+
+
+def test_shm_engine_matches_tp1_and_fails_clearly_when_a_worker_dies(tiny_pairs, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    one, _ = tiny_pairs["qwen3"]
+    monkeypatch.setenv("CHORAL_TP_ALLREDUCE", "shm")
+    many = LLM(str(tiny_pairs["qwen3"][0].engine.loaded.path), dtype="float32", kv_cache_tokens=512,
+               max_model_len=128, block_size=4, tensor_parallel_size=2, max_num_batched_tokens=64)
+    try:
+        assert many.engine.runner._group.shm is not None
+        assert (_logits(one) - _logits(many)).abs().max().item() <= TOL
+        expected = [o.outputs[0].token_ids for o in one.generate(PROMPTS, GREEDY)]
+        assert [o.outputs[0].token_ids for o in many.generate(PROMPTS, GREEDY)] == expected
+        (pid,) = many.engine.runner.worker_pids
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        started = time.monotonic()
+        with pytest.raises(TensorParallelError, match="was killed by signal 9"):
+            with many.engine.core.lock:
+                many.engine.runner.execute([Chunk([1, 2], 0, [0])])
+        assert time.monotonic() - started < 10
+    finally:
+        many.close()

@@ -5,7 +5,10 @@ Built directly from a store (``ProcessGroupGloo(store, rank, world)``) rather th
 can live (one after another, or side by side) in one process, and a test can tear one down and
 start the next.
 
-- ``all_reduce``: the per-layer sums. Gloo on the CPU; NCCL on CUDA (one GPU per rank).
+- ``all_reduce``: the per-layer sums. Gloo on the CPU; NCCL on CUDA (one GPU per rank). On the
+  CPU, with a :class:`~choral.distributed.shm_all_reduce.ShmAllReduce` given, through shared
+  memory instead for every tensor that fits its slot (CHORAL_TP_ALLREDUCE=shm; gloo otherwise: the
+  size is the same on every rank, so all ranks choose alike).
 - ``broadcast_object``: rank 0's step plan to every worker, as pickled bytes in a uint8 tensor,
   always over gloo (the plan is plain Python on the host, as vLLM's CPU group carries its
   metadata). One broadcast of a fixed 64 KiB buffer carries a whole decode or prefill plan; a
@@ -22,6 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from choral.distributed.shm_all_reduce import ShmAllReduce
+
 _FIRST = 1 << 16  # bytes of the first broadcast: length (8 bytes) + the start of the payload
 _LEN = 8
 
@@ -29,8 +34,10 @@ _LEN = 8
 class CommGroup:
     """One rank's end of the group: ``rank`` of ``world``, over ``store`` (a TCPStore)."""
 
-    def __init__(self, store: dist.Store, rank: int, world: int, device: torch.device, timeout_s: float):
+    def __init__(self, store: dist.Store, rank: int, world: int, device: torch.device, timeout_s: float,
+                 shm: ShmAllReduce | None = None):
         self.rank = rank
+        self.shm = shm
         self.world = world
         timeout = timedelta(seconds=timeout_s)
         # Typed Any: torch's stubs declare these backends without their collectives.
@@ -45,7 +52,10 @@ class CommGroup:
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
         """Sum ``tensor`` over the ranks, in place (contiguous, same shape on every rank)."""
-        self._data.allreduce([tensor]).wait()
+        if self.shm is not None and self.shm.fits(tensor):
+            self.shm.all_reduce(tensor)
+        else:
+            self._data.allreduce([tensor]).wait()
 
     def broadcast_object(self, obj: object = None) -> Any:
         """Rank 0: send ``obj`` to every rank and return it; the others: return what rank 0 sent."""

@@ -49,7 +49,7 @@ class LLMEngine:
         if tp > 1:  # imported here: one process never loads torch.distributed
             from choral.engine.tp_runner import TensorParallelLaunch
 
-            launch = TensorParallelLaunch(config, self.kv_size, torch.get_num_threads())
+            launch = TensorParallelLaunch(config, self.loaded, self.kv_size, torch.get_num_threads())
             try:
                 runner: ModelRunner = launch.finish(self.loaded, self.kv_size)
             except BaseException:

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from choral.config import EngineConfig
 from choral.distributed.group import CommGroup
 from choral.distributed.shard import plan_shards
+from choral.distributed.shm_all_reduce import ShmAllReduce, create_segment
 from choral.distributed.workers import WorkerProcesses
 from choral.engine.model_runner import Chunk, ModelRunner
 from choral.engine.tp_worker import WireChunk, WorkerInit, select_heads
@@ -58,6 +59,20 @@ def _timeout_s() -> float:
     return seconds
 
 
+ALL_REDUCES = ("gloo", "shm")
+
+
+def _all_reduce_kind(device: str) -> str:
+    """CHORAL_TP_ALLREDUCE: ``gloo`` (default) or ``shm`` (CPU only; benchmarks/bench_tp.py)."""
+    kind = os.environ.get("CHORAL_TP_ALLREDUCE", "gloo")
+    if kind not in ALL_REDUCES:
+        raise ConfigError(f"CHORAL_TP_ALLREDUCE: {kind!r} is not one of {', '.join(ALL_REDUCES)}")
+    if kind == "shm" and device != "cpu":
+        raise ConfigError("CHORAL_TP_ALLREDUCE=shm: the shared-memory all-reduce is for CPU ranks; on CUDA the "
+                          "ranks all-reduce with NCCL (unset it)")
+    return kind
+
+
 def _set(store: dist.Store, key: str, value: bytes) -> None:
     store.set(key, value)  # type: ignore[arg-type]  # the stubs say str; bytes are stored as they are
 
@@ -66,8 +81,9 @@ class TensorParallelLaunch:
     """Ranks 1 .. N-1 started (each loads its own shard of the weights); ``finish`` waits for
     them and makes rank 0's runner."""
 
-    def __init__(self, config: EngineConfig, kv_size: KvCacheSize, num_threads: int):
+    def __init__(self, config: EngineConfig, loaded: LoadedModel, kv_size: KvCacheSize, num_threads: int):
         world = config.tensor_parallel_size
+        shm_kind = _all_reduce_kind(config.device) == "shm"
         if config.device != "cpu" and torch.cuda.device_count() < world:  # pragma: no cover - GPU hosts
             raise ConfigError(f"tensor_parallel_size: {world} ranks need {world} GPUs, this host has "
                               f"{torch.cuda.device_count()}")
@@ -76,8 +92,18 @@ class TensorParallelLaunch:
         # Port 0: the OS picks a free one; the workers learn it from their command line.
         self.store = dist.TCPStore("127.0.0.1", 0, None, True, datetime.timedelta(seconds=self.timeout_s),
                                    wait_for_workers=False)
-        _set(self.store, "init", pickle.dumps(WorkerInit(config, kv_size, num_threads, self.timeout_s)))
-        self.workers = WorkerProcesses("choral.engine.tp_worker", "127.0.0.1", self.store.port, world)
+        # The shared-memory slots hold the largest all-reduce of a step: [tokens, hidden].
+        self.shm: tuple[str, int] | None = None
+        if shm_kind:
+            slot = config.max_num_batched_tokens * loaded.spec.hidden_size * loaded.model.dtype.itemsize
+            self.shm = (create_segment(world, slot), slot)
+        try:
+            init = WorkerInit(config, kv_size, num_threads, self.timeout_s, self.shm)
+            _set(self.store, "init", pickle.dumps(init))
+            self.workers = WorkerProcesses("choral.engine.tp_worker", "127.0.0.1", self.store.port, world)
+        except BaseException:
+            self._unlink()
+            raise
 
     def finish(self, loaded: LoadedModel, kv_size: KvCacheSize) -> TensorParallelRunner:
         """Wait until each worker has loaded its shard, then join the group."""
@@ -99,11 +125,29 @@ class TensorParallelLaunch:
                                           f"in {self.timeout_s:.0f} s (CHORAL_TP_TIMEOUT_S)")
             if waiting:
                 time.sleep(_POLL_S)
-        group = CommGroup(self.store, 0, world, loaded.model.device, self.timeout_s)
+        shm = None
+        if self.shm is not None:
+            shm = ShmAllReduce(self.shm[0], 0, world, self.shm[1], self.timeout_s, self._check_workers)
+            self._unlink()  # every rank has it mapped: the name is no longer needed
+        group = CommGroup(self.store, 0, world, loaded.model.device, self.timeout_s, shm)
         return TensorParallelRunner(loaded, kv_size, self.config.attention_backend, group, self.workers)
+
+    def _check_workers(self) -> None:
+        """Raised into a shared-memory wait: the rank it waits for is gone (gloo notices by itself)."""
+        exited = self.workers.exited()
+        if exited:
+            raise RuntimeError(exited[0].describe())
+
+    def _unlink(self) -> None:
+        if self.shm is not None:
+            try:
+                os.unlink(self.shm[0])
+            except FileNotFoundError:
+                pass
 
     def abort(self) -> None:
         """Stop the workers (rank 0 failed to start)."""
+        self._unlink()
         self.workers.close(timeout_s=5.0)
 
 

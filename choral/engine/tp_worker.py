@@ -28,6 +28,7 @@ import torch.distributed as dist
 from choral.config import EngineConfig
 from choral.distributed.group import CommGroup
 from choral.distributed.shard import TensorShard, plan_shards
+from choral.distributed.shm_all_reduce import ShmAllReduce
 from choral.engine.model_runner import Chunk, ModelRunner
 from choral.kv.block_pool import KvCacheSize
 from choral.loader.load import load_model
@@ -46,6 +47,7 @@ class WorkerInit:
     kv_size: KvCacheSize  # every rank's pool has the same blocks (rank 0 keeps the books)
     num_threads: int
     timeout_s: float
+    shm: tuple[str, int] | None  # (path, slot bytes) of the shared-memory all-reduce, or None: gloo
 
 
 def rank_device(device: str, rank: int) -> torch.device:
@@ -116,11 +118,12 @@ def main(argv: list[str]) -> int:
         shard = plan_shards(loaded.spec, world)[rank]
         runner = ModelRunner(dataclasses.replace(loaded, spec=loaded.model.spec), init.kv_size,
                              config.attention_backend)
+        shm = ShmAllReduce(init.shm[0], rank, world, init.shm[1], init.timeout_s) if init.shm else None
     except BaseException:
         store.set(f"failed/{rank}", traceback.format_exc())
         return 1
     store.set(f"ready/{rank}", "1")
-    group = CommGroup(store, rank, world, device, init.timeout_s)
+    group = CommGroup(store, rank, world, device, init.timeout_s, shm)
     loaded.model.all_reduce = group.all_reduce
     try:
         serve(group, runner, shard)
