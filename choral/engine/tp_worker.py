@@ -134,7 +134,11 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
+    try:
+        code = main(sys.argv[1:])
+    except BaseException:  # a bug: say where, then go (rank 0 sees the closed connection)
+        traceback.print_exc()
+        code = 1
     # No interpreter teardown: the stdin watcher may call os._exit at the same moment, and the
     # process group's destructors would wait on peers that are already gone.
     sys.stdout.flush()
