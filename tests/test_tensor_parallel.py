@@ -397,3 +397,37 @@ def test_shm_engine_matches_tp1_and_fails_clearly_when_a_worker_dies(tiny_pairs,
         assert time.monotonic() - started < 10
     finally:
         many.close()
+
+
+def _tp_children() -> list[int]:
+    """Worker processes of this process still around (zombies included: not yet reaped)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().split(") ", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == os.getpid() and b"choral.engine.tp_worker" in cmd:
+            found.append(int(entry))
+    return found
+
+
+def test_workers_that_do_not_start_in_time_fail_the_engine_and_are_stopped(tiny_models, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("CHORAL_TP_TIMEOUT_S", "0.3")  # no interpreter imports torch that fast
+    with pytest.raises(TensorParallelError, match=r"workers \[1\] did not load their shards in 0 s"):
+        LLM(str(tiny_models["llama"][0]), dtype="float32", max_model_len=64, tensor_parallel_size=2)
+    assert _tp_children() == []
+
+
+def test_cli_takes_tensor_parallel_size() -> None:
+    from choral.cli import build_parser, engine_options
+
+    for command in (["serve"], ["generate", "hi"]):
+        args = build_parser().parse_args([*command, "--tensor-parallel-size", "2"])
+        assert engine_options(args)["tensor_parallel_size"] == 2
+    assert engine_options(build_parser().parse_args(["serve"]))["tensor_parallel_size"] == 1
