@@ -178,7 +178,8 @@ def test_bundled_model_tp2_matches_tp1(smollm_fp32, smollm_tp2) -> None:  # type
 
 
 def _conversation_tokens(executor: BatchedExecutor, prompt: list[int]) -> tuple[list[int], list[int], list[int]]:
-    """Greedy tokens of a conversation, of its fork, and of a copy saved and loaded back."""
+    """Greedy tokens of a conversation, of its fork, and of a copy saved and loaded back (then
+    shifted left: the context shift)."""
     def run() -> None:
         while executor.batched_token_count:
             assert executor.infer() is DecodeResult.OK
@@ -200,9 +201,13 @@ def _conversation_tokens(executor: BatchedExecutor, prompt: list[int]) -> tuple[
     state = c.save()  # K/V read from every rank
     loaded = executor.load(state)  # and written back to each rank's heads
     after_load = greedy(loaded, 4)
+    loaded.shift_left(2, 5)  # K/V moved and re-rotated on every rank
+    loaded.prompt(after_load[-1])
+    run()
+    after_shift = greedy(loaded, 3)
     for conv in (c, fork, loaded):
         conv.close()
-    return first, forked, after_load
+    return first, forked, after_load + after_shift
 
 
 def test_bundled_model_conversations_match_tp1(smollm_fp32, smollm_tp2) -> None:  # type: ignore[no-untyped-def]
