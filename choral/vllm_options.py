@@ -131,7 +131,7 @@ def build_engine(config: EngineConfig, vllm: VllmOptions) -> LLMEngine:
     from choral.loader.load import load_model
 
     tp = config.tensor_parallel_size  # rank 0's shard; one process: the call as it always was
-    split = {"tp_rank": 0, "tp_size": tp} if tp > 1 else {}
+    split: dict[str, Any] = {"tp_rank": 0, "tp_size": tp} if tp > 1 else {}
     loaded = load_model(config.model, config.dtype, config.device, config.max_model_len,
                         config.load_weights, config.quantization, **split)
     if vllm.skip_tokenizer_init:

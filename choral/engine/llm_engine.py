@@ -8,6 +8,7 @@ core (``LLM.generate`` and the server both run there), and BatchedExecutor
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
@@ -41,7 +42,7 @@ class LLMEngine:
         if threads is not None:
             torch.set_num_threads(threads)
         # Rank 0 loads first: a model the ranks cannot split is refused before any process starts.
-        split = {"tp_rank": 0, "tp_size": tp} if tp > 1 else {}
+        split: dict[str, Any] = {"tp_rank": 0, "tp_size": tp} if tp > 1 else {}
         self.loaded = loaded or load_model(config.model, config.dtype, config.device, config.max_model_len,
                                            config.load_weights, config.quantization, **split)
         self._check_split(config)

@@ -114,7 +114,7 @@ def main(argv: list[str]) -> int:
         if device.type == "cuda":  # pragma: no cover - needs a multi-GPU host
             torch.cuda.set_device(device)
         loaded = load_model(config.model, config.dtype, str(device), config.max_model_len, config.load_weights,
-                            None, tp_rank=rank, tp_size=world)
+                            None, tp_rank=rank, tp_size=world, with_tokenizer=False)
         shard = plan_shards(loaded.spec, world)[rank]
         runner = ModelRunner(dataclasses.replace(loaded, spec=loaded.model.spec), init.kv_size,
                              config.attention_backend)

@@ -88,12 +88,14 @@ def _check_memory(path: Path, source: GGUFModelFile | HFModelDir, spec: ModelSpe
 
 
 def load_model(model: str, dtype: str, device: str, max_model_len: int | None, weights: str = "auto",
-               quantization: str | None = None, tp_rank: int = 0, tp_size: int = 1) -> LoadedModel:
+               quantization: str | None = None, tp_rank: int = 0, tp_size: int = 1,
+               with_tokenizer: bool = True) -> LoadedModel:
     """Resolve and load ``model`` (a bundled name, a .gguf file or an HF directory).
 
     ``weights`` and ``quantization`` as in EngineConfig (already validated against each other).
     ``tp_size`` > 1: load only tensor-parallel rank ``tp_rank``'s slices (choral/distributed/shard.py;
-    dequantized weights only)."""
+    dequantized weights only). ``with_tokenizer=False``: weights only (a tensor-parallel worker,
+    which never sees text)."""
     start = time.perf_counter()
     path = resolve_model_path(model)
     dev = pick_device(device)
@@ -126,7 +128,7 @@ def load_model(model: str, dtype: str, device: str, max_model_len: int | None, w
             tensors = source.iter_tensors()
         decoder.load_weights(tensors if shard is None else shard.select(spec, tensors))
     with step("loading the tokenizer"):
-        tokenizer = _tokenizer_of(path, source)
+        tokenizer = _tokenizer_of(path, source) if with_tokenizer else None
     eos = tokenizer.eos_token_ids if tokenizer else tuple(source.eos_token_ids)
     if native:
         _return_freed_memory()
