@@ -47,7 +47,7 @@ class LLMEngine:
                                            config.load_weights, config.quantization, **split)
         self._check_split(config)
         self._size_kv(config)
-        if tp > 1:  # imported here: one process never loads torch.distributed
+        if tp > 1:  # imported here: one process never loads the process-group code
             from choral.engine.tp_runner import TensorParallelLaunch
 
             launch = TensorParallelLaunch(config, self.loaded, self.kv_size, torch.get_num_threads())
