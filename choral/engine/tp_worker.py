@@ -17,6 +17,7 @@ import datetime
 import logging
 import os
 import pickle
+import signal
 import sys
 import threading
 import traceback
@@ -103,6 +104,9 @@ def _exit_when_orphaned() -> None:
 
 def main(argv: list[str]) -> int:
     host, port, rank = argv[0], int(argv[1]), int(argv[2])
+    # Ctrl-C in a terminal reaches the whole process group: rank 0 decides (a server drains its
+    # requests first), and the worker goes when rank 0 says stop or its stdin closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_when_orphaned, name="choral-tp-orphan-watch", daemon=True).start()
     store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=300))
     init: WorkerInit = pickle.loads(store.get("init"))
