@@ -85,6 +85,7 @@ def test_bad_tensor_parallel_size_is_refused_by_the_config(size: Any, message: s
     ({"weights": "native"}, "tensor_parallel_size=2: quantized weights kept packed cannot be split"),
     ({"quantization": "q8_0"}, "tensor_parallel_size=2: quantized weights kept packed cannot be split"),
     ({"enable_lora": True}, "tensor_parallel_size=2: LoRA adapters are not supported"),
+    ({"draft_model": "smollm2-135m-instruct"}, "tensor_parallel_size=2: a draft model is not supported"),
     ({"device": "cuda:1"}, "pass device='cuda'"),
 ])
 def test_options_tensor_parallelism_cannot_honour_are_refused(options: dict[str, Any], message: str) -> None:
