@@ -55,7 +55,7 @@ class EngineConfig:
             each holds a share of the attention heads and MLP columns and its own K/V for them,
             on the CPU (gloo) or one GPU each (``cuda``: NCCL, ranks on cuda:0 .. N-1). 1: one
             process, today's path. Above 1 weights are dequantized (not ``native``, no
-            ``quantization``) and LoRA is not available.
+            ``quantization``); LoRA and a draft model are not available.
     """
 
     model: str = DEFAULT_MODEL
