@@ -153,8 +153,9 @@ class Loop:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        expired = {rid for rid, j in list(self.queue.jobs.items())
-                   if not j.done and j.deadline is not None and now >= j.deadline}
+        with self.queue.cond:  # callers add and take jobs under it: copy the table whole
+            jobs = list(self.queue.jobs.items())
+        expired = {rid for rid, j in jobs if not j.done and j.deadline is not None and now >= j.deadline}
         self._end_jobs(expired, FinishReason.TIMED_OUT)
 
     def _deliver(self) -> None:
