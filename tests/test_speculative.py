@@ -118,6 +118,22 @@ def chi_square_p(observed: list[int], expected: list[float]) -> tuple[float, flo
                                                torch.tensor(stat / 2, dtype=torch.float64)))
 
 
+def chi_square_three_tokens(hf, prompt: list[int], allowed: list[int],  # type: ignore[no-untyped-def]
+                            counts: dict[tuple[int, ...], int]) -> tuple[float, float]:
+    """Chi-square of drawn (t1, t2, t3) counts over the 27 cells of ``allowed`` against their
+    exact probabilities from the HF model after ``prompt``."""
+    cells = [(a, b, c) for a in allowed for b in allowed for c in allowed]
+    with torch.no_grad():
+        batch = torch.tensor([prompt + [a, b] for a, b, _ in cells])
+        logits = hf(batch).logits[:, -3:, allowed].double()  # [27, 3, 3]: rows predicting t1, t2, t3
+    logp = logits.log_softmax(-1)
+    index = {t: i for i, t in enumerate(allowed)}
+    total = sum(counts.values())
+    expected = [total * float(torch.exp(sum(logp[r, j, index[t]] for j, t in enumerate(cell))))
+                for r, cell in enumerate(cells)]
+    return chi_square_p([counts.get(c, 0) for c in cells], expected)
+
+
 def test_sampled_tokens_follow_the_target_distribution(loaded: Any, tiny_models: Any) -> None:
     """(t1, t2, t3) drawn with speculation vs their exact probabilities from the HF model, over
     three allowed tokens (27 cells). The prompt repeats those tokens, so every t2 and t3 is
@@ -137,16 +153,7 @@ def test_sampled_tokens_follow_the_target_distribution(loaded: Any, tiny_models:
             counts[tuple(q.output_token_ids)] = counts.get(tuple(q.output_token_ids), 0) + 1
     assert s.speculator.num_accepted > 5000  # t3 was verified at depth 1 in most draws
     _, hf = tiny_models["llama"]
-    cells = [(a, b, c) for a in allowed for b in allowed for c in allowed]
-    with torch.no_grad():
-        batch = torch.tensor([prompt + [a, b] for a, b, _ in cells])
-        logits = hf(batch).logits[:, -3:, allowed].double()  # [27, 3, 3]: rows predicting t1, t2, t3
-    logp = logits.log_softmax(-1)
-    index = {t: i for i, t in enumerate(allowed)}
-    total = sum(counts.values())
-    expected = [total * float(torch.exp(sum(logp[r, j, index[t]] for j, t in enumerate(cell))))
-                for r, cell in enumerate(cells)]
-    stat, p = chi_square_p([counts.get(c, 0) for c in cells], expected)
+    stat, p = chi_square_three_tokens(hf, prompt, allowed, counts)
     assert p > 1e-3, f"chi-square {stat:.1f} on 26 degrees of freedom: p = {p:.2g}"
 
 

@@ -23,7 +23,7 @@ from choral.executor.job import Job
 from choral.finish import FinishReason
 from choral.speculative import SpeculativeConfig
 from tests.conftest import hf_class, tiny_config
-from tests.test_speculative import ENGINE, OFF, chi_square_p, drain, outputs, prompts, stepper
+from tests.test_speculative import ENGINE, OFF, chi_square_three_tokens, drain, outputs, prompts, stepper
 
 DRAFT = SpeculativeConfig(method="draft", k=4, p_min=0.0, adaptive=False)  # deterministic: no timing
 
@@ -126,16 +126,7 @@ def test_sampled_tokens_follow_the_target_distribution(loaded: Any, tiny_models:
         for q in job.returned:
             counts[tuple(q.output_token_ids)] = counts.get(tuple(q.output_token_ids), 0) + 1
     assert s.speculator.num_accepted > 2000  # t2 proposed in every draw, accepted when drawn as the greedy pick
-    cells = [(a, b, c) for a in allowed for b in allowed for c in allowed]
-    with torch.no_grad():
-        batch = torch.tensor([prompt + [a, b] for a, b, _ in cells])
-        logits = hf(batch).logits[:, -3:, allowed].double()  # [27, 3, 3]: rows predicting t1, t2, t3
-    logp = logits.log_softmax(-1)
-    index = {t: i for i, t in enumerate(allowed)}
-    total = sum(counts.values())
-    expected = [total * float(torch.exp(sum(logp[r, j, index[t]] for j, t in enumerate(cell))))
-                for r, cell in enumerate(cells)]
-    stat, p = chi_square_p([counts.get(c, 0) for c in cells], expected)
+    stat, p = chi_square_three_tokens(hf, prompt, allowed, counts)
     assert p > 1e-3, f"chi-square {stat:.1f} on 26 degrees of freedom: p = {p:.2g}"
 
 
